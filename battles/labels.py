@@ -1,0 +1,60 @@
+"""Label order and the one swap rule every part of the stack shares.
+
+Label order is always ``[a, b, tie]``. Swapping responses A and B swaps columns 0 and 1 of any
+per-battle array (labels, probabilities, logits) and leaves the tie column alone.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+LABEL_COLUMNS = ["winner_model_a", "winner_model_b", "winner_tie"]
+CLASS_NAMES = ["a", "b", "tie"]
+SWAP_PERMUTATION = [1, 0, 2]
+
+# Columns of the battle table that describe side A and side B; swap exchanges each pair.
+_SIDE_PAIRS = [("response_a", "response_b"), ("model_a", "model_b"), ("winner_model_a", "winner_model_b")]
+
+
+def swap_columns(values: np.ndarray) -> np.ndarray:
+    """Return ``(n, 3)`` values with the A and B columns exchanged (tie column unchanged)."""
+    values = np.asarray(values)
+    if values.ndim != 2 or values.shape[1] != 3:
+        raise ValueError(f"swap_columns expects an (n, 3) array in [a, b, tie] order, got shape {values.shape}")
+    return values[:, SWAP_PERMUTATION]
+
+
+def swap_battles(battles: pd.DataFrame) -> pd.DataFrame:
+    """Return a copy of a battle table with sides A and B exchanged.
+
+    Responses, model names and the A/B label columns (and soft-label columns, if present) trade
+    places; prompt, id, source and the tie label stay. This is the only place the swap rule is
+    written for tables; arrays use :func:`swap_columns`.
+    """
+    out = battles.copy()
+    pairs = list(_SIDE_PAIRS) + [("soft_a", "soft_b")]
+    for left, right in pairs:
+        if left in out.columns and right in out.columns:
+            out[left], out[right] = battles[right].values, battles[left].values
+    return out
+
+
+def has_labels(battles: pd.DataFrame) -> bool:
+    return all(c in battles.columns for c in LABEL_COLUMNS)
+
+
+def label_index(battles: pd.DataFrame) -> np.ndarray:
+    """Hard class index (0=a, 1=b, 2=tie) per battle."""
+    if not has_labels(battles):
+        raise ValueError(f"battle table has no label columns {LABEL_COLUMNS}")
+    return battles[LABEL_COLUMNS].to_numpy().argmax(axis=1)
+
+
+def label_matrix(battles: pd.DataFrame) -> np.ndarray:
+    """Per-battle target distribution ``(n, 3)``: soft labels where given, else one-hot."""
+    if all(c in battles.columns for c in ("soft_a", "soft_b", "soft_tie")):
+        soft = battles[["soft_a", "soft_b", "soft_tie"]].to_numpy(dtype=float)
+        hard = np.eye(3)[label_index(battles)] if has_labels(battles) else np.full_like(soft, np.nan)
+        use_soft = ~np.isnan(soft).any(axis=1)
+        return np.where(use_soft[:, None], soft, hard)
+    return np.eye(3)[label_index(battles)]

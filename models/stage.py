@@ -1,0 +1,91 @@
+"""The stage contract: anything that turns battles into ``(n, 3)`` logits in ``[a, b, tie]`` order.
+
+A stage is built from a plain-JSON params dict, optionally ``prepare``s label-free resources on all
+texts of the run (e.g. Word2Vec, an embedding cache), is ``fit`` on one fold's training battles
+(with that fold's validation battles for early stopping), returns logits with ``predict_logits``,
+and round-trips through ``save(dir)`` / ``load(dir)`` with no pickles.
+
+Logits are log-probabilities up to a per-row constant; ``predict_logits`` returns the stage's final
+answer, which for every stage in this repo is averaged over both A/B orders (:func:`swap_tta`), so
+``predict_logits(swap_battles(x)) == swap_columns(predict_logits(x))``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from scipy.special import log_softmax
+
+from battles.labels import swap_battles, swap_columns
+
+# Stage type name -> "module:Class". Imported lazily so a LightGBM-only run never imports torch.
+STAGE_TYPES: dict[str, str] = {
+    "lgbm": "models.lgbm:LightGBMStage",
+    "length_lr": "models.length_baseline:LengthLogisticStage",
+}
+
+
+@dataclass
+class StageContext:
+    """What the pipeline hands every stage besides data: where to cache, how loud to be."""
+
+    resource_dir: Path | None = None  # run-level cache for label-free resources (word2vec, embeddings)
+    seed: int = 42
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class Stage:
+    """Base class. Subclasses set ``kind`` and implement ``fit``, ``predict_logits``, ``save``, ``load``."""
+
+    kind: str = "stage"
+
+    def __init__(self, params: dict | None = None, context: StageContext | None = None):
+        self.params = dict(params or {})
+        self.context = context or StageContext()
+
+    def prepare(self, battles: pd.DataFrame) -> None:
+        """Fit label-free resources on every text of the run (train and test). Optional."""
+
+    def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "Stage":
+        raise NotImplementedError
+
+    def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
+        raise NotImplementedError
+
+    def save(self, directory) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, directory, context: StageContext | None = None) -> "Stage":
+        raise NotImplementedError
+
+
+def stage_class(kind: str) -> type[Stage]:
+    if kind not in STAGE_TYPES:
+        raise ValueError(f"unknown stage type {kind!r}; known: {sorted(STAGE_TYPES)}")
+    module, name = STAGE_TYPES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def make_stage(kind: str, params: dict | None = None, context: StageContext | None = None) -> Stage:
+    return stage_class(kind)(params, context)
+
+
+def swap_tta(predict_one_order: Callable[[pd.DataFrame], np.ndarray], battles: pd.DataFrame) -> np.ndarray:
+    """Average log-probabilities over the given order and the swapped order (columns realigned).
+
+    The result is exactly swap-equivariant: swapping the input swaps the output's A and B columns.
+    """
+    straight = log_softmax(np.asarray(predict_one_order(battles), dtype=np.float64), axis=1)
+    swapped = log_softmax(np.asarray(predict_one_order(swap_battles(battles)), dtype=np.float64), axis=1)
+    return 0.5 * (straight + swap_columns(swapped))
+
+
+def average_logits(per_fold: list[np.ndarray]) -> np.ndarray:
+    """Average several models' logits as log-probabilities (what test predictions across folds use)."""
+    return np.mean([log_softmax(np.asarray(x, dtype=np.float64), axis=1) for x in per_fold], axis=0)
