@@ -26,6 +26,7 @@ from battles.labels import swap_battles, swap_columns
 STAGE_TYPES: dict[str, str] = {
     "lgbm": "models.lgbm:LightGBMStage",
     "length_lr": "models.length_baseline:LengthLogisticStage",
+    "decoder": "models.decoder:DecoderStage",
 }
 
 

@@ -1,0 +1,279 @@
+"""Decoder stage on CPU with tiny random Gemma-2 / Llama checkpoints and tokenizers trained on the fly.
+
+The checkpoints are built from configs (2 layers, hidden 32) and saved to a temp directory, so the
+stage loads them exactly as it loads a real local checkpoint. Their tokenizers put the BOS token in
+the chat template *and* add one in the post-processor, as Llama-3.1 and Gemma-2 tokenizers do.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from battles import make_folds, read_battles, swap_battles, swap_columns
+from models import decoder as dec
+from models.decoder import DecoderStage, length_batches, preference_loss, shard_indices
+from models.decoder_inputs import FINAL_QUESTION, BattleEncoder, encode_text, render
+from models.stage import StageContext, make_stage
+
+SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "arena" / "train_sample.csv"
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
+CORPUS = [
+    "Which response is better? Answer A, B or tie.", "Two AI assistants answered the same user prompt.",
+    "The capital of France is Paris. Python is a programming language.", "hello world, how are you today?",
+    "Sure! Here is a short poem about the sea and the sky.", "I cannot help with that request.",
+] * 20
+
+
+def sample_battles():
+    """The real labelled sample, or a skip (a failure under CI=true) when the shared data is missing."""
+    if not SAMPLE.is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"shared data file {SAMPLE} is missing (CI=true requires it)")
+        pytest.skip(f"shared data file {SAMPLE} is missing")
+    return read_battles(SAMPLE)[0]
+
+
+def build_tokenizer(directory: Path, bos_in_template: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", bos)])
+    template = GEMMA_TEMPLATE if bos_in_template else GEMMA_TEMPLATE.replace("{{ bos_token }}", "")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", chat_template=template)
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_checkpoint(directory: Path, family: str) -> Path:
+    """A tiny random ``family`` ("gemma2" or "llama") checkpoint with its tokenizer in ``directory``."""
+    from transformers import AutoModelForSequenceClassification, Gemma2Config, LlamaConfig
+
+    tokenizer = build_tokenizer(directory)
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, num_labels=3)
+    config = Gemma2Config(**common, sliding_window=64) if family == "gemma2" else LlamaConfig(**common)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-gemma2"), "gemma2")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+def toy_battles(n: int = 12, seed: int = 0) -> pd.DataFrame:
+    """Battles whose label is learnable: the winning reply says 'Paris', the loser refuses."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = int(rng.integers(0, 3))
+        good, bad = "The capital of France is Paris.", "I cannot help with that request."
+        a, b = (good, bad) if label == 0 else (bad, good) if label == 1 else (good, good)
+        rows.append({"id": str(i), "prompt": [f"question {i}: capital of France?"], "response_a": [a],
+                     "response_b": [b], "winner_model_a": int(label == 0), "winner_model_b": int(label == 1),
+                     "winner_tie": int(label == 2), "source": "toy"})
+    return pd.DataFrame(rows)
+
+
+FAST = {"max_length": 256, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "batch_size": 4, "grad_accum": 1,
+        "learning_rate": 1e-2, "warmup_ratio": 0.0, "gradient_checkpointing": False, "logging_steps": 1,
+        "quantization": "none", "head_init_std": 0.02}
+
+
+def make(model_dir, **overrides) -> DecoderStage:
+    return DecoderStage({"model": str(model_dir), **FAST, **overrides}, StageContext(progress=False))
+
+
+# ----------------------------------------------------------------------------- inputs
+def test_bos_exactly_once_when_template_and_tokenizer_both_add_it(tmp_path):
+    tokenizer = build_tokenizer(tmp_path)
+    text = render(tokenizer, "hi", "a", "b")
+    naive = tokenizer(text)["input_ids"]
+    assert naive[:2] == [tokenizer.bos_token_id] * 2, "fixture must reproduce the Llama-3.1 double BOS"
+    ids = encode_text(tokenizer, text)
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def test_bos_added_once_when_template_lacks_it(tmp_path):
+    tokenizer = build_tokenizer(tmp_path, bos_in_template=False)
+    ids = encode_text(tokenizer, render(tokenizer, "hi", "a", "b"))
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def test_final_instruction_survives_a_huge_battle(tmp_path):
+    tokenizer = build_tokenizer(tmp_path)
+    encoder = BattleEncoder(tokenizer, max_length=400)
+    huge = ["The capital of France is Paris. " * 400] * 3
+    encoded = encoder.encode(["question one " * 300, "question two " * 300, "last question?"], huge, huge)
+    assert len(encoded.input_ids) <= 400
+    assert all(encoded.truncated.values())
+    text = tokenizer.decode(encoded.input_ids)
+    assert text.rstrip().endswith(FINAL_QUESTION + "<end_of_turn>\n<start_of_turn>model")
+    assert "last question?" in text  # the most recent prompt turn is kept
+    with pytest.raises(ValueError, match="max_length=20"):
+        BattleEncoder(tokenizer, max_length=20)
+
+
+# ----------------------------------------------------------------------------- quantisation selection
+def test_4bit_config_only_with_cuda(monkeypatch, caplog):
+    from transformers import BitsAndBytesConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = dec.quantization_config("4bit")
+    assert isinstance(cfg, BitsAndBytesConfig) and cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4"
+    assert cfg.bnb_4bit_use_double_quant and cfg.bnb_4bit_compute_dtype == torch.bfloat16
+    assert "score" in cfg.llm_int8_skip_modules
+    assert dec.quantization_config("8bit").load_in_8bit
+    assert dec.quantization_config("none") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="models.decoder"):
+        assert dec.quantization_config("4bit") is None
+    assert "UNQUANTISED" in caplog.text and "CUDA is not available" in caplog.text
+    with pytest.raises(ValueError, match="quantization"):
+        dec.quantization_config("3bit")
+
+
+def test_missing_model_dir_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+        DecoderStage({"model": str(tmp_path / "nope")})
+    with pytest.raises(ValueError, match="'model'"):
+        DecoderStage({})
+
+
+# ----------------------------------------------------------------------------- loss
+def test_loss_ce_for_hard_rows_kl_for_soft_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3)
+    target = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    hard = torch.tensor([False, False, False, False])
+    ones = torch.ones(4)
+    ce_rows = -(target * torch.log_softmax(logits, -1)).sum(-1)
+    assert torch.allclose(preference_loss(logits[:2], target[:2], hard[:2], ones[:2]),
+                          torch.nn.functional.cross_entropy(logits[:2], target[:2].argmax(-1)))
+    soft = torch.tensor([False, False, True, True])
+    entropy = -(target[2:] * target[2:].log()).sum(-1)
+    expected = torch.cat([ce_rows[:2], ce_rows[2:] - entropy]).mean()
+    assert torch.allclose(preference_loss(logits, target, soft, ones), expected)
+    assert not torch.allclose(preference_loss(logits, target, soft, ones), preference_loss(logits, target, hard, ones))
+    # KL is zero when the model reproduces the teacher; CE is not (it keeps the teacher's entropy).
+    perfect = target[2:].log()
+    assert preference_loss(perfect, target[2:], soft[2:], ones[2:]).abs() < 1e-6
+    assert preference_loss(perfect, target[2:], hard[2:], ones[2:]) > 0.5
+    # Weights: a zero-weight row does not count.
+    w = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert torch.allclose(preference_loss(logits, target, soft, w),
+                          (expected * 4 - (ce_rows[1])) / 3)
+
+
+def test_soft_rows_selected_per_row():
+    battles = toy_battles(4)
+    battles["soft_a"] = [0.7, np.nan, 0.1, np.nan]
+    battles["soft_b"] = [0.2, np.nan, 0.1, np.nan]
+    battles["soft_tie"] = [0.1, np.nan, 0.8, np.nan]
+    battles["weight"] = [1.0, 2.0, np.nan, 0.5]
+    assert dec.soft_mask(battles).tolist() == [True, False, True, False]
+    assert dec.row_weights(battles).tolist() == [1.0, 2.0, 1.0, 0.5]
+
+
+# ----------------------------------------------------------------------------- batching
+def test_length_batches_and_shards_cover_every_row_once():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 500, size=101)
+    batches = length_batches(lengths, max_tokens=1000, max_size=8)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(101))
+    for b in batches:
+        assert len(b) <= 8 and (len(b) == 1 or len(b) * lengths[b].max() <= 1000)
+    assert lengths[batches[0]].max() == lengths.max()  # longest first: OOM shows up at once
+    shards = shard_indices(lengths, 3)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(101))
+    loads = [lengths[s].sum() for s in shards]
+    assert max(loads) - min(loads) <= lengths.max()
+    assert all(np.all(np.diff(s) > 0) for s in shards)
+
+
+# ----------------------------------------------------------------------------- training and persistence
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+def test_fit_reduces_loss_trains_only_lora_and_head_and_round_trips(family, gemma_dir, llama_dir, tmp_path):
+    model_dir = gemma_dir if family == "gemma2" else llama_dir
+    battles = toy_battles(8)
+    stage = make(model_dir, max_steps=30, batch_size=8)  # full batch: the 8 battles are memorised
+    # Reference: base weights and loss before training, read from the saved checkpoint.
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    stage.fit(battles)
+    tuned = stage.model
+    after = {k: v for k, v in tuned.named_parameters()}
+    lora_b = [v for k, v in after.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero: nonzero means trained
+    head = {k: v for k, v in after.items() if "score" in k}
+    trained_head = next(v for k, v in head.items() if "modules_to_save" in k)
+    frozen_head = next(v for k, v in head.items() if "original_module" in k)
+    assert not torch.equal(trained_head, frozen_head) and not frozen_head.requires_grad
+    trainable = {k for k, v in after.items() if v.requires_grad}
+    assert all(("lora_" in k) or ("score" in k and "modules_to_save" in k) for k in trainable), trainable
+    # Base weights identical: merge nothing, compare the wrapped base layers to the checkpoint.
+    for name, value in tuned.get_base_model().state_dict().items():
+        key = name.replace(".base_layer", "")
+        if "lora_" in key or "modules_to_save" in key or key not in base_state:
+            continue
+        assert torch.equal(value, base_state[key]), f"base weight {key} changed"
+    # Loss went well below the uniform start (log 3 = 1.099).
+    logits = stage.predict_logits(battles)
+    logp = torch.log_softmax(torch.as_tensor(logits), -1).numpy()
+    from battles import label_matrix
+
+    loss_after = float(-(label_matrix(battles) * logp).sum(1).mean())
+    assert loss_after < 0.9, loss_after
+    # Save / load round trip: identical logits; only safetensors, no pickles.
+    stage.save(tmp_path / "stage")
+    files = sorted(p.name for p in (tmp_path / "stage").iterdir())
+    assert "adapter_model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    loaded = DecoderStage.load(tmp_path / "stage", StageContext(progress=False))
+    np.testing.assert_allclose(loaded.predict_logits(battles), logits, atol=1e-5)
+
+
+def test_swap_tta_exactly_equivariant(gemma_dir):
+    stage = make(gemma_dir, max_steps=2)
+    battles = toy_battles(6)
+    stage.fit(battles)
+    straight = stage.predict_logits(battles)
+    swapped = stage.predict_logits(swap_battles(battles))
+    np.testing.assert_allclose(swapped, swap_columns(straight), atol=1e-6)
+    one_order = stage.predict_one_order(battles)
+    assert not np.allclose(stage.predict_one_order(swap_battles(battles)), swap_columns(one_order), atol=1e-6)
+
+
+def test_stage_registry_and_unknown_params(gemma_dir):
+    stage = make_stage("decoder", {"model": str(gemma_dir), "quantization": "none"}, StageContext(progress=False))
+    assert isinstance(stage, DecoderStage)
+    with pytest.raises(ValueError, match="lora_rank"):
+        DecoderStage({"model": str(gemma_dir), "lora_rank": 8})
