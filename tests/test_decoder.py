@@ -77,6 +77,15 @@ def build_checkpoint(directory: Path, family: str) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, several times so on a shared, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("tiny-gemma2"), "gemma2")
@@ -277,3 +286,49 @@ def test_stage_registry_and_unknown_params(gemma_dir):
     assert isinstance(stage, DecoderStage)
     with pytest.raises(ValueError, match="lora_rank"):
         DecoderStage({"model": str(gemma_dir), "lora_rank": 8})
+
+
+# ----------------------------------------------------------------------------- GPU benchmark script
+def _benchmark_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decoder_gpu.py"
+    spec = importlib.util.spec_from_file_location("decoder_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_parses_arguments_and_refuses_without_cuda(monkeypatch, capsys):
+    bench = _benchmark_module()
+    args = bench.parse_args(["--layers", "4", "--quantization", "4bit, none", "--max-length", "1024"])
+    assert args.variants == ["4bit", "none"] and args.layers == 4 and args.max_length == 1024
+    assert bench.parse_args([]).layers == 42 and bench.GEMMA2_9B["hidden_size"] == 3584
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quantization", "3bit"])
+    assert "unknown variant" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--layers", "2"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- cross-fitting on real battles
+def test_cross_fit_on_real_battles_gives_oof_and_averaged_test_logits(gemma_dir, tmp_path):
+    """What the pipeline does with a stage: fit per fold, OOF logits for train, fold-averaged test logits."""
+    from models.stage import average_logits
+
+    battles = sample_battles().iloc[:40].reset_index(drop=True)
+    train, test = battles.iloc[:30].reset_index(drop=True), battles.iloc[30:].reset_index(drop=True)
+    folds = make_folds(train, n_folds=2, seed=0)
+    oof, test_per_fold = np.full((len(train), 3), np.nan), []
+    for k in range(2):
+        stage = make(gemma_dir, max_steps=2, max_length=192)
+        stage.fit(train[folds != k], train[folds == k])
+        assert np.isfinite(stage.valid_log_loss_)
+        stage.save(tmp_path / f"fold{k}")
+        oof[folds == k] = stage.predict_logits(train[folds == k])
+        test_per_fold.append(DecoderStage.load(tmp_path / f"fold{k}", StageContext(progress=False)).predict_logits(test))
+    assert np.isfinite(oof).all()
+    combined = average_logits(test_per_fold)
+    assert combined.shape == (len(test), 3) and np.isfinite(combined).all()
+    assert not np.allclose(test_per_fold[0], test_per_fold[1])  # two folds, two different models
