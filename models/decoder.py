@@ -367,6 +367,33 @@ class DecoderStage(Stage):
                 out[s] = np.load(Path(scratch) / f"logits_{k}.npy", allow_pickle=False)
         return out
 
+    @classmethod
+    def predict_folds(cls, directories, battles: pd.DataFrame, context: StageContext | None = None,
+                      fold_combine: str = "average_logits", device=None) -> np.ndarray:
+        """Fold-averaged logits of several saved fold stages, loading the base model once.
+
+        Each fold's adapter (LoRA weights and head) is attached to the one base model under its own
+        name and activated in turn; ``fold_combine="average_logits"`` averages the folds' separately
+        predicted log-probabilities (:func:`models.stage.average_logits`), which equals loading and
+        predicting each fold stage on its own.
+        """
+        from models.stage import average_logits
+
+        if fold_combine != "average_logits":
+            raise ValueError(f"fold_combine {fold_combine!r} is not supported; use 'average_logits'")
+        directories = [Path(d) for d in directories]
+        if not directories:
+            raise ValueError("predict_folds needs at least one saved fold directory")
+        stage = cls.load(directories[0], context, device=device, adapter_name="fold0")
+        for k, directory in enumerate(directories[1:], start=1):
+            stage.model.load_adapter(directory, adapter_name=f"fold{k}")
+        per_fold = []
+        for k, directory in enumerate(directories):
+            logger.info("predicting with fold %d adapter (%s)", k, directory)
+            stage.model.set_adapter(f"fold{k}")
+            per_fold.append(stage.predict_logits(battles))
+        return average_logits(per_fold)
+
     # -- persistence
     def save(self, directory) -> None:
         if self.model is None:
@@ -377,7 +404,8 @@ class DecoderStage(Stage):
         write_json(directory / "decoder.json", {"kind": self.kind, "params": self.params})
 
     @classmethod
-    def load(cls, directory, context: StageContext | None = None, device=None) -> "DecoderStage":
+    def load(cls, directory, context: StageContext | None = None, device=None,
+             adapter_name: str = "default") -> "DecoderStage":
         from peft import PeftModel
 
         directory = Path(directory)
@@ -391,5 +419,5 @@ class DecoderStage(Stage):
         stage = cls(params, context, device=device)
         base = load_base_model(params["model"], params["quantization"], stage.tokenizer.pad_token_id,
                                params["attn_implementation"], device)
-        stage.model = PeftModel.from_pretrained(base, directory).eval()
+        stage.model = PeftModel.from_pretrained(base, directory, adapter_name=adapter_name).eval()
         return stage

@@ -330,5 +330,17 @@ def test_cross_fit_on_real_battles_gives_oof_and_averaged_test_logits(gemma_dir,
         test_per_fold.append(DecoderStage.load(tmp_path / f"fold{k}", StageContext(progress=False)).predict_logits(test))
     assert np.isfinite(oof).all()
     combined = average_logits(test_per_fold)
+    one_base = DecoderStage.predict_folds([tmp_path / "fold0", tmp_path / "fold1"], test, StageContext(progress=False))
+    np.testing.assert_allclose(one_base, combined, atol=1e-5)
     assert combined.shape == (len(test), 3) and np.isfinite(combined).all()
     assert not np.allclose(test_per_fold[0], test_per_fold[1])  # two folds, two different models
+
+
+def test_data_parallel_predict_reassembles_shards_in_order(gemma_dir):
+    """Two worker processes (CPU stands in for two GPUs) give the same logits, in the same row order."""
+    stage = make(gemma_dir, max_steps=2)
+    battles = toy_battles(7, seed=3)
+    battles["response_a"] = [[r[0] * (i + 1)] for i, r in enumerate(battles["response_a"])]  # varied lengths
+    stage.fit(battles)
+    np.testing.assert_allclose(stage.predict_data_parallel(battles, ["cpu", "cpu"]), stage.predict_logits(battles),
+                               atol=1e-5)
