@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from battles.labels import label_matrix, has_labels
+from battles.labels import has_labels, label_matrix, swap_battles
 from models.decoder_inputs import BattleEncoder
 from models.stage import Stage, StageContext, swap_tta
 from pipeline.artifacts import read_json, write_json
@@ -67,7 +67,7 @@ DEFAULT_PARAMS = {
     "tta": True,                    # average both A/B orders at prediction
     "data_parallel": True,          # split inference across all visible GPUs
     "attn_implementation": None,    # e.g. "eager" for Gemma-2 soft-capping; None lets transformers choose
-    "evaluate_valid": True,         # log the valid log loss after fit
+    "evaluate_valid": False,        # log the valid log loss after fit (an extra pass over valid)
     "logging_steps": 10,
 }
 QUANTIZATIONS = ("4bit", "8bit", "none")
@@ -288,8 +288,6 @@ class DecoderStage(Stage):
             raise ValueError("decoder fit needs labelled battles (winner_model_a/winner_model_b/winner_tie)")
         p = self.params
         if p["swap_augment"]:
-            from battles.labels import swap_battles
-
             train = pd.concat([train, swap_battles(train)], ignore_index=True)
         rows = self._train_rows(train)
         set_seed(self.context.seed)  # head re-init and LoRA init draw from the global RNG
@@ -343,7 +341,8 @@ class DecoderStage(Stage):
 
     def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
         n_gpu = torch.cuda.device_count()
-        if self.params["data_parallel"] and n_gpu > 1 and len(battles) >= n_gpu:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under accelerate/torchrun: no nested spawn
+        if self.params["data_parallel"] and n_gpu > 1 and not distributed and len(battles) >= n_gpu:
             return self.predict_data_parallel(battles, [f"cuda:{k}" for k in range(n_gpu)])
         if self.params["tta"]:
             return swap_tta(self.predict_one_order, battles)

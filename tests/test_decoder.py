@@ -250,11 +250,14 @@ def test_fit_reduces_loss_trains_only_lora_and_head_and_round_trips(family, gemm
     trainable = {k for k, v in after.items() if v.requires_grad}
     assert all(("lora_" in k) or ("score" in k and "modules_to_save" in k) for k in trainable), trainable
     # Base weights identical: merge nothing, compare the wrapped base layers to the checkpoint.
+    compared = 0
     for name, value in tuned.get_base_model().state_dict().items():
         key = name.replace(".base_layer", "")
-        if "lora_" in key or "modules_to_save" in key or key not in base_state:
+        if "lora_" in key or "score" in key:
             continue
         assert torch.equal(value, base_state[key]), f"base weight {key} changed"
+        compared += 1
+    assert compared == len([k for k in base_state if "score" not in k])
     # Loss went well below the uniform start (log 3 = 1.099).
     logits = stage.predict_logits(battles)
     logp = torch.log_softmax(torch.as_tensor(logits), -1).numpy()
@@ -322,7 +325,7 @@ def test_cross_fit_on_real_battles_gives_oof_and_averaged_test_logits(gemma_dir,
     folds = make_folds(train, n_folds=2, seed=0)
     oof, test_per_fold = np.full((len(train), 3), np.nan), []
     for k in range(2):
-        stage = make(gemma_dir, max_steps=2, max_length=192)
+        stage = make(gemma_dir, max_steps=2, max_length=192, evaluate_valid=True)
         stage.fit(train[folds != k], train[folds == k])
         assert np.isfinite(stage.valid_log_loss_)
         stage.save(tmp_path / f"fold{k}")
