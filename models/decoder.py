@@ -24,6 +24,7 @@ Multi-GPU training: run the same command under ``accelerate launch`` (DDP; see
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
@@ -290,6 +291,10 @@ class DecoderStage(Stage):
         if p["swap_augment"]:
             train = pd.concat([train, swap_battles(train)], ignore_index=True)
         rows = self._train_rows(train)
+        self.model = None  # the pipeline refits one stage object per fold: free the last fold's model first
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         set_seed(self.context.seed)  # head re-init and LoRA init draw from the global RNG
         base = load_base_model(p["model"], p["quantization"], self.tokenizer.pad_token_id,
                                p["attn_implementation"], self.device)

@@ -6,6 +6,7 @@ the chat template *and* add one in the post-processor, as Llama-3.1 and Gemma-2 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -34,13 +35,17 @@ CORPUS = [
 ] * 20
 
 
-def sample_battles():
-    """The real labelled sample, or a skip (a failure under CI=true) when the shared data is missing."""
+def sample_path() -> Path:
+    """The real labelled sample's path, or a skip (a failure under CI=true) when the shared data is missing."""
     if not SAMPLE.is_file():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"shared data file {SAMPLE} is missing (CI=true requires it)")
         pytest.skip(f"shared data file {SAMPLE} is missing")
-    return read_battles(SAMPLE)[0]
+    return SAMPLE
+
+
+def sample_battles():
+    return read_battles(sample_path())[0]
 
 
 def build_tokenizer(directory: Path, bos_in_template: bool = True):
@@ -347,3 +352,21 @@ def test_data_parallel_predict_reassembles_shards_in_order(gemma_dir):
     stage.fit(battles)
     np.testing.assert_allclose(stage.predict_data_parallel(battles, ["cpu", "cpu"]), stage.predict_logits(battles),
                                atol=1e-5)
+
+
+def test_run_py_train_decoder_end_to_end(gemma_dir, tmp_path):
+    """``run.py train decoder --model DIR`` on a slice of the sample: OOF logits reach the stacker."""
+    import run
+
+    pd.read_csv(sample_path()).iloc[:40].to_csv(tmp_path / "train.csv", index=False)
+    params = {"max_length": 192, "max_steps": 1, "batch_size": 4, "grad_accum": 1, "lora_r": 4, "lora_alpha": 8,
+              "gradient_checkpointing": False}
+    code = run.main(["train", "decoder", "--model", str(gemma_dir), "--train", str(tmp_path / "train.csv"),
+                     "--out", str(tmp_path / "run"), "--quiet", "--set", "n_folds=2",
+                     "--set", "stages.decoder.type=decoder", "--set", f"stages.decoder.params={json.dumps(params)}"])
+    assert code == 0
+    stage_dir = tmp_path / "run" / "stages" / "decoder"
+    oof = pd.read_csv(stage_dir / "oof_logits.csv")
+    assert len(oof) == 40 and np.isfinite(oof[["logit_a", "logit_b", "logit_tie"]].to_numpy()).all()
+    assert (stage_dir / "fold1" / "model" / "adapter_model.safetensors").is_file()
+    assert "decoder" in (tmp_path / "run" / "report.md").read_text()
