@@ -276,6 +276,12 @@ class DecoderStage(Stage):
         return [self.encoder.encode(p, a, b).input_ids
                 for p, a, b in zip(battles["prompt"], battles["response_a"], battles["response_b"])]
 
+    def training_table(self, train: pd.DataFrame) -> pd.DataFrame:
+        """The battles the model trains on: with ``swap_augment``, each battle in both A/B orders."""
+        if self.params["swap_augment"]:
+            return pd.concat([train, swap_battles(train)], ignore_index=True)
+        return train
+
     def _train_rows(self, battles: pd.DataFrame) -> list[dict]:
         targets, soft, weight = label_matrix(battles), soft_mask(battles), row_weights(battles)
         return [{"input_ids": ids, "labels": t.tolist(), "soft": float(s), "weight": float(w)}
@@ -288,9 +294,7 @@ class DecoderStage(Stage):
         if not has_labels(train):
             raise ValueError("decoder fit needs labelled battles (winner_model_a/winner_model_b/winner_tie)")
         p = self.params
-        if p["swap_augment"]:
-            train = pd.concat([train, swap_battles(train)], ignore_index=True)
-        rows = self._train_rows(train)
+        rows = self._train_rows(self.training_table(train))
         self.model = None  # the pipeline refits one stage object per fold: free the last fold's model first
         gc.collect()
         if torch.cuda.is_available():
@@ -374,7 +378,7 @@ class DecoderStage(Stage):
     @classmethod
     def predict_folds(cls, directories, battles: pd.DataFrame, context: StageContext | None = None,
                       fold_combine: str = "average_logits", device=None) -> np.ndarray:
-        """Fold-averaged logits of several saved fold stages, loading the base model once.
+        """Fold-averaged logits of several saved fold stages, loading the base model once (one device).
 
         Each fold's adapter (LoRA weights and head) is attached to the one base model under its own
         name and activated in turn; ``fold_combine="average_logits"`` averages the folds' separately
@@ -389,6 +393,7 @@ class DecoderStage(Stage):
         if not directories:
             raise ValueError("predict_folds needs at least one saved fold directory")
         stage = cls.load(directories[0], context, device=device, adapter_name="fold0")
+        stage.params["data_parallel"] = False  # several adapters live in this one model: predict on one device
         for k, directory in enumerate(directories[1:], start=1):
             stage.model.load_adapter(directory, adapter_name=f"fold{k}")
         per_fold = []

@@ -140,6 +140,14 @@ def test_bos_added_once_when_template_lacks_it(tmp_path):
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
 
 
+def test_no_bos_for_tokenizers_without_one(tmp_path):
+    """Qwen2-style: no BOS token at all, so none is added."""
+    tokenizer = build_tokenizer(tmp_path, bos_in_template=False)
+    tokenizer.bos_token = None
+    ids = encode_text(tokenizer, render(tokenizer, "hi", "a", "b"))
+    assert tokenizer.convert_tokens_to_ids("<bos>") not in ids
+
+
 def test_final_instruction_survives_a_huge_battle(tmp_path):
     tokenizer = build_tokenizer(tmp_path)
     encoder = BattleEncoder(tokenizer, max_length=400)
@@ -287,6 +295,38 @@ def test_swap_tta_exactly_equivariant(gemma_dir):
     np.testing.assert_allclose(swapped, swap_columns(straight), atol=1e-6)
     one_order = stage.predict_one_order(battles)
     assert not np.allclose(stage.predict_one_order(swap_battles(battles)), swap_columns(one_order), atol=1e-6)
+
+
+def test_soft_labels_and_swap_augmentation_train(gemma_dir):
+    battles = toy_battles(6)
+    battles["soft_a"] = [0.7, np.nan, 0.1, np.nan, 0.3, 0.3]
+    battles["soft_b"] = [0.2, np.nan, 0.1, np.nan, 0.3, 0.5]
+    battles["soft_tie"] = [0.1, np.nan, 0.8, np.nan, 0.4, 0.2]
+    battles["weight"] = [1.0, 2.0, 0.5, 1.0, 1.0, 0.0]
+    stage = make(gemma_dir, max_steps=2, swap_augment=True)
+    table = stage.training_table(battles)
+    assert len(table) == 12
+    np.testing.assert_array_equal(table["soft_a"].to_numpy()[6:], battles["soft_b"].to_numpy())
+    np.testing.assert_array_equal(table["winner_model_b"].to_numpy()[6:], battles["winner_model_a"].to_numpy())
+    rows = stage._train_rows(table)
+    assert [r["soft"] for r in rows[:6]] == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    assert rows[6]["labels"] == pytest.approx([0.2, 0.7, 0.1])
+    stage.fit(battles)
+    assert np.isfinite(stage.predict_logits(battles)).all()
+
+
+def test_lora_layers_to_transform_and_small_head_init(gemma_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(gemma_dir)
+    model = dec.add_lora(base, {**dec.DEFAULT_PARAMS, "lora_r": 4, "layers_to_transform": [1],
+                                "gradient_checkpointing": False})
+    lora_layers = {n.split("layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert lora_layers == {"1"}
+    lora_kinds = {n.split(".lora_A")[0].rsplit(".", 1)[1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert lora_kinds == set(dec.DEFAULT_PARAMS["target_modules"])
+    head = next(v for n, v in model.named_parameters() if "score" in n and "modules_to_save" in n)
+    assert head.requires_grad and 0.5e-3 < float(head.detach().std()) < 2e-3
 
 
 def test_stage_registry_and_unknown_params(gemma_dir):
