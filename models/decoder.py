@@ -91,8 +91,10 @@ def quantization_config(quantization: str):
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
+        # bf16 quant storage: identical numerics, and lets FSDP shard the 4-bit weights with the rest.
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["score"])
+                                  bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
+                                  llm_int8_skip_modules=["score"])
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["score"])
     return None

@@ -69,14 +69,19 @@ def build_tokenizer(directory: Path, bos_in_template: bool = True):
 
 def build_checkpoint(directory: Path, family: str) -> Path:
     """A tiny random ``family`` ("gemma2" or "llama") checkpoint with its tokenizer in ``directory``."""
-    from transformers import AutoModelForSequenceClassification, Gemma2Config, LlamaConfig
+    from transformers import AutoModelForSequenceClassification, Gemma2Config, LlamaConfig, Qwen2Config
 
-    tokenizer = build_tokenizer(directory)
+    tokenizer = build_tokenizer(directory, bos_in_template=family != "qwen2")
+    if family == "qwen2":  # Qwen2 has no BOS token and pads with an ordinary special token
+        tokenizer.bos_token = None
+        tokenizer.save_pretrained(directory)
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
-                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id or 0,
                   eos_token_id=tokenizer.eos_token_id, num_labels=3)
-    config = Gemma2Config(**common, sliding_window=64) if family == "gemma2" else LlamaConfig(**common)
+    configs = {"gemma2": lambda: Gemma2Config(**common, sliding_window=64), "llama": lambda: LlamaConfig(**common),
+               "qwen2": lambda: Qwen2Config(**common)}
+    config = configs[family]()
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
     return directory
@@ -99,6 +104,11 @@ def gemma_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 
 
 def toy_battles(n: int = 12, seed: int = 0) -> pd.DataFrame:
@@ -243,7 +253,7 @@ def test_length_batches_and_shards_cover_every_row_once():
 # ----------------------------------------------------------------------------- training and persistence
 @pytest.mark.parametrize("family", ["gemma2", "llama"])
 def test_fit_reduces_loss_trains_only_lora_and_head_and_round_trips(family, gemma_dir, llama_dir, tmp_path):
-    model_dir = gemma_dir if family == "gemma2" else llama_dir
+    model_dir = {"gemma2": gemma_dir, "llama": llama_dir}[family]
     battles = toy_battles(8)
     stage = make(model_dir, max_steps=30, batch_size=8)  # full batch: the 8 battles are memorised
     # Reference: base weights and loss before training, read from the saved checkpoint.
@@ -327,6 +337,25 @@ def test_lora_layers_to_transform_and_small_head_init(gemma_dir):
     assert lora_kinds == set(dec.DEFAULT_PARAMS["target_modules"])
     head = next(v for n, v in model.named_parameters() if "score" in n and "modules_to_save" in n)
     assert head.requires_grad and 0.5e-3 < float(head.detach().std()) < 2e-3
+
+
+def test_qwen2_without_bos_trains_and_predicts(qwen_dir):
+    stage = make(qwen_dir, max_steps=2)
+    battles = toy_battles(4)
+    assert stage.tokenizer.bos_token_id is None and all(stage.tokenizer.convert_tokens_to_ids("<bos>") not in ids for ids in stage.encode(battles))
+    stage.fit(battles)
+    assert np.isfinite(stage.predict_logits(battles)).all()
+
+
+def test_missing_pad_token_falls_back_to_eos(tmp_path):
+    """Llama-3 checkpoints ship without a pad token: the stage pads with EOS."""
+    build_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text("{}")
+    tokenizer = dec.load_tokenizer(tmp_path)
+    assert tokenizer.pad_token == "<eos>" and tokenizer.padding_side == "right"
 
 
 def test_stage_registry_and_unknown_params(gemma_dir):
