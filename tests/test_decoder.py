@@ -342,7 +342,8 @@ def test_lora_layers_to_transform_and_small_head_init(gemma_dir):
 def test_qwen2_without_bos_trains_and_predicts(qwen_dir):
     stage = make(qwen_dir, max_steps=2)
     battles = toy_battles(4)
-    assert stage.tokenizer.bos_token_id is None and all(stage.tokenizer.convert_tokens_to_ids("<bos>") not in ids for ids in stage.encode(battles))
+    bos = stage.tokenizer.convert_tokens_to_ids("<bos>")
+    assert stage.tokenizer.bos_token_id is None and all(bos not in ids for ids in stage.encode(battles))
     stage.fit(battles)
     assert np.isfinite(stage.predict_logits(battles)).all()
 
