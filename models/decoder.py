@@ -67,7 +67,8 @@ DEFAULT_PARAMS = {
     "predict_batch_size": 32,
     "tta": True,                    # average both A/B orders at prediction
     "data_parallel": True,          # split inference across all visible GPUs
-    "attn_implementation": None,    # e.g. "eager" for Gemma-2 soft-capping; None lets transformers choose
+    "attn_implementation": None,    # None: transformers' choice (Gemma-2: eager, keeps soft-capping);
+                                    # "flash_attention_2" where installed
     "evaluate_valid": False,        # log the valid log loss after fit (an extra pass over valid)
     "logging_steps": 10,
 }

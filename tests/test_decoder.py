@@ -313,7 +313,7 @@ def test_soft_labels_and_swap_augmentation_train(gemma_dir):
     battles["soft_b"] = [0.2, np.nan, 0.1, np.nan, 0.3, 0.5]
     battles["soft_tie"] = [0.1, np.nan, 0.8, np.nan, 0.4, 0.2]
     battles["weight"] = [1.0, 2.0, 0.5, 1.0, 1.0, 0.0]
-    stage = make(gemma_dir, max_steps=2, swap_augment=True)
+    stage = make(gemma_dir, max_steps=2, swap_augment=True, gradient_checkpointing=True)
     table = stage.training_table(battles)
     assert len(table) == 12
     np.testing.assert_array_equal(table["soft_a"].to_numpy()[6:], battles["soft_b"].to_numpy())
