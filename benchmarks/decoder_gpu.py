@@ -122,7 +122,12 @@ def bench_train(path: Path, args) -> dict:
 
 @torch.inference_mode()
 def bench_infer(path: Path, quantization: str, args) -> dict:
-    model = load_base_model(path, quantization, pad_token_id=0).eval()
+    from peft import LoraConfig, get_peft_model
+
+    # As at prediction time: the (quantised) base with un-merged LoRA adapters and the head on top.
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=DEFAULT_PARAMS["target_modules"],
+                      task_type="SEQ_CLS", modules_to_save=["score"])
+    model = get_peft_model(load_base_model(path, quantization, pad_token_id=0), lora).eval()
     n_batches = max(1, args.infer_battles // args.infer_batch)
     model(**random_ids(args.infer_batch, args.max_length, GEMMA2_9B["vocab_size"]))  # warm-up
     torch.cuda.synchronize()

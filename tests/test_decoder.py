@@ -322,6 +322,7 @@ def test_soft_labels_and_swap_augmentation_train(gemma_dir):
     assert [r["soft"] for r in rows[:6]] == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
     assert rows[6]["labels"] == pytest.approx([0.2, 0.7, 0.1])
     stage.fit(battles)
+    assert stage.model.get_base_model().is_activation_checkpointing
     assert np.isfinite(stage.predict_logits(battles)).all()
 
 
