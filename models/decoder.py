@@ -169,7 +169,8 @@ def add_lora(model, params: dict):
 
 
 # ----------------------------------------------------------------------------- loss and training
-def preference_loss(logits: torch.Tensor, target: torch.Tensor, soft: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def preference_loss(logits: torch.Tensor, target: torch.Tensor, soft: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:
     """Weighted mean over rows of CE (hard rows) or KL(target || model) (rows where ``soft`` is true).
 
     For a one-hot target KL equals CE; for a soft target KL = soft CE - entropy(target), so KL is
@@ -249,7 +250,7 @@ def shard_indices(lengths, n_shards: int) -> list[np.ndarray]:
 
 
 def _predict_shard(rank: int, stage_dir: str, parts: list, out_dir: str, devices: list) -> None:
-    """Worker of :meth:`DecoderStage.predict_data_parallel`: process ``rank`` predicts ``parts[rank]`` on ``devices[rank]``."""
+    """Worker of :meth:`DecoderStage.predict_data_parallel`: ``parts[rank]`` on ``devices[rank]``."""
     stage = DecoderStage.load(stage_dir, StageContext(progress=False), device=devices[rank])
     stage.params["data_parallel"] = False
     np.save(Path(out_dir) / f"logits_{rank}.npy", stage.predict_logits(parts[rank]), allow_pickle=False)
@@ -340,7 +341,8 @@ class DecoderStage(Stage):
             raise RuntimeError("decoder stage is not fitted or loaded")
         encoded = self.encode(battles)
         lengths = np.array([len(x) for x in encoded])
-        batches = length_batches(lengths, int(self.params["predict_batch_tokens"]), int(self.params["predict_batch_size"]))
+        batches = length_batches(lengths, int(self.params["predict_batch_tokens"]),
+                                 int(self.params["predict_batch_size"]))
         device = next(self.model.parameters()).device
         out = np.zeros((len(battles), 3), dtype=np.float32)
         self.model.eval()

@@ -92,7 +92,8 @@ class BattleEncoder:
         for _ in range(4):
             policy = PackingPolicy(max_tokens=budget, prompt_share=self.prompt_share, cut_marker=self.cut_marker)
             packed = pack_battle(list(prompt_turns), list(a_turns), list(b_turns), self.count_tokens, policy)
-            ids = encode_text(self.tokenizer, render(self.tokenizer, packed.prompt, packed.response_a, packed.response_b))
+            text = render(self.tokenizer, packed.prompt, packed.response_a, packed.response_b)
+            ids = encode_text(self.tokenizer, text)
             overflow = len(ids) - self.max_length
             if overflow <= 0:
                 return EncodedBattle(ids, packed.truncated)
