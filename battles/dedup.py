@@ -251,7 +251,8 @@ def find_duplicates(target: pd.DataFrame, external: pd.DataFrame,
     for s in np.unique(sources):
         report.kept_per_source[str(s)] = int((kept & (sources == s)).sum())
         report.dropped_per_source[str(s)] = int((~kept & (sources == s)).sum())
-    log.info(report.summary())
+    log.info("de-duplication: kept %d of %d external battles; dropped %s; flagged %s", report.kept, ne,
+             report.dropped, report.flagged)
     return reasons, report
 
 
