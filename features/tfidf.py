@@ -1,0 +1,127 @@
+"""TF-IDF of word and character n-grams, fitted inside each fold, reduced with truncated SVD.
+
+Counting n-grams is the slow part, and it needs no labels, so ``prepare`` counts every distinct text
+of the run once with sklearn's stateless ``HashingVectorizer`` (float32 sparse rows kept in memory).
+``fit`` (inside a fold, training rows only) learns the IDF weights from the training texts' document
+frequencies and an SVD basis with ``TruncatedSVD`` on (a seeded sample of) the training replies:
+validation and test texts never shape the weighting or the projection, so there is no leakage.
+Everything after counting runs in chunks, so memory stays flat at 57k battles.
+
+Per side the block gives the SVD coordinates of the reply and its TF-IDF cosine to the prompt;
+shared, the TF-IDF cosine between the two replies. Fitted state is saved as .npy (IDF vector, SVD
+components), never pickles.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import HashingVectorizer
+from sklearn.preprocessing import normalize
+
+from features.base import FeatureBlock, SidedFeatures
+from features.text import join_turns
+
+DEFAULTS = {"word_ngrams": [1, 2], "char_ngrams": [3, 4], "char_limit": 500, "n_features": 2**18,
+            "svd_components": 32, "svd_max_rows": 20000, "chunk": 5000}
+FIELDS = ("prompt", "response_a", "response_b")
+
+
+def _key(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
+class TfidfBlock(FeatureBlock):
+    name = "tfidf"
+    fold_dependent = True
+
+    def __init__(self, params=None, context=None):
+        super().__init__({**DEFAULTS, **(params or {})}, context)
+        p = self.params
+        self._word = HashingVectorizer(ngram_range=tuple(p["word_ngrams"]), n_features=p["n_features"],
+                                       alternate_sign=False, norm=None, dtype=np.float32)
+        self._char = None
+        if p["char_ngrams"]:
+            self._char = HashingVectorizer(analyzer="char_wb", ngram_range=tuple(p["char_ngrams"]),
+                                           n_features=p["n_features"], alternate_sign=False, norm=None,
+                                           dtype=np.float32)
+        self._index: dict[str, int] = {}
+        self._counts: sp.csr_matrix | None = None
+        self.idf_ = None
+        self.components_ = None
+
+    # -- counting (label-free) -------------------------------------------------------------------
+    def _count(self, texts: list[str]) -> sp.csr_matrix:
+        m = self._word.transform(texts)
+        if self._char is not None:
+            m = m + self._char.transform([t[: self.params["char_limit"]] for t in texts])
+        return sp.csr_matrix(m, dtype=np.float32)
+
+    def prepare(self, battles: pd.DataFrame) -> None:
+        texts = sorted({join_turns(t) for c in FIELDS for t in battles[c]})
+        self._index = {_key(t): i for i, t in enumerate(texts)}
+        step = self.params["chunk"]
+        self._counts = sp.vstack([self._count(texts[i:i + step]) for i in range(0, len(texts), step)]).tocsr()
+
+    def _counts_for(self, texts: list[str]) -> sp.csr_matrix:
+        rows = [self._index.get(_key(t), -1) for t in texts] if self._counts is not None else [-1] * len(texts)
+        if all(r >= 0 for r in rows):
+            return self._counts[rows]
+        fresh = self._count([t for t, r in zip(texts, rows) if r < 0])
+        known = self._counts[[r for r in rows if r >= 0]] if self._counts is not None else None
+        order = np.argsort(np.argsort([r < 0 for r in rows], kind="stable"), kind="stable")
+        stacked = sp.vstack([m for m in (known, fresh) if m is not None and m.shape[0]]).tocsr()
+        return stacked[order]
+
+    # -- fold fitting ----------------------------------------------------------------------------
+    def _tfidf(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+        weighted = counts.multiply(self.idf_[None, :]).tocsr()
+        weighted.data = np.log1p(weighted.data)  # sublinear tf keeps long replies in range
+        return normalize(weighted)
+
+    def fit(self, train: pd.DataFrame) -> None:
+        texts = sorted({join_turns(t) for c in FIELDS for t in train[c]})
+        step = self.params["chunk"]
+        df = np.zeros(self.params["n_features"], dtype=np.float64)
+        for i in range(0, len(texts), step):
+            df += np.bincount(self._counts_for(texts[i:i + step]).indices, minlength=len(df))
+        n = len(texts)
+        self.idf_ = (np.log((1 + n) / (1 + df)) + 1).astype(np.float32)  # sklearn's smoothed idf
+        replies = sorted({join_turns(t) for c in FIELDS[1:] for t in train[c]})
+        rng = np.random.default_rng(getattr(self.context, "seed", 0))
+        if len(replies) > self.params["svd_max_rows"]:
+            replies = [replies[i] for i in sorted(rng.choice(len(replies), self.params["svd_max_rows"], replace=False))]
+        sample = self._tfidf(self._counts_for(replies))
+        k = min(self.params["svd_components"], sample.shape[0] - 1)
+        svd = TruncatedSVD(n_components=k, random_state=getattr(self.context, "seed", 0)).fit(sample)
+        self.components_ = svd.components_.astype(np.float32)
+
+    def transform(self, battles: pd.DataFrame) -> SidedFeatures:
+        if self.idf_ is None:
+            raise RuntimeError("TfidfBlock.transform called before fit")
+        step = self.params["chunk"]
+        side_a, side_b, shared = [], [], []
+        for i in range(0, len(battles), step):
+            part = battles.iloc[i:i + step]
+            p, a, b = (self._tfidf(self._counts_for([join_turns(t) for t in part[c]])) for c in FIELDS)
+            cos = lambda x, y: np.asarray(x.multiply(y).sum(axis=1)).ravel()
+            side_a.append(np.hstack([np.asarray(a @ self.components_.T), cos(p, a)[:, None]]))
+            side_b.append(np.hstack([np.asarray(b @ self.components_.T), cos(p, b)[:, None]]))
+            shared.append(cos(a, b)[:, None])
+        names = [f"svd{i}" for i in range(self.components_.shape[0])] + ["prompt_cos"]
+        return SidedFeatures(names, np.vstack(side_a), np.vstack(side_b), ["ab_cos"], np.vstack(shared),
+                             combine=("diff", "a", "b"))
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / "idf.npy", self.idf_)
+        np.save(directory / "svd_components.npy", self.components_)
+
+    def load(self, directory: Path) -> None:
+        self.idf_ = np.load(Path(directory) / "idf.npy")
+        self.components_ = np.load(Path(directory) / "svd_components.npy")

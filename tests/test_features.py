@@ -1,0 +1,65 @@
+"""Feature blocks on real battles: swap structure, fold fitting without leakage, save/load."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from battles.labels import swap_battles
+from features.assemble import FeatureMatrix
+from features.registry import make_block
+from features.text_stats import reply_stats, SIDE_NAMES
+from models.stage import StageContext
+
+
+def test_reply_stats_count_markdown_and_refusals():
+    text = "# Title\n\n- one\n- two\n\n**bold** and `code` [link](http://x.y)\n\n```py\nx=1\n```\nI'm sorry, as an AI I cannot."
+    row = dict(zip(SIDE_NAMES, reply_stats([text, "second turn?"])))
+    assert row["headers"] == 1 and row["list_items"] == 2 and row["bold"] == 1 and row["code_blocks"] == 1
+    assert row["links"] == 1 and row["inline_code"] == 1 and row["refusals"] >= 3
+    assert row["question_marks"] == 1 and row["last_turn_chars"] == len("second turn?")
+    assert row["turn_chars_max"] == len(text)
+
+
+def test_feature_matrix_of_swapped_battles_is_the_swapped_matrix(arena_battles, tmp_path):
+    battles = arena_battles.head(60)
+    blocks = [make_block(k, p, StageContext(resource_dir=tmp_path)) for k, p in [
+        ("text_stats", None), ("similarity", None),
+        ("tfidf", {"svd_components": 4, "n_features": 4096}), ("word2vec", {"vector_size": 8, "epochs": 1})]]
+    fm = FeatureMatrix(blocks)
+    for b in blocks:
+        b.prepare(battles)
+        b.fit(battles)
+    x, xs, names = fm.build(battles)
+    y, ys, _ = fm.build(swap_battles(battles))
+    assert x.shape == (60, len(names)) and len(set(names)) == len(names)
+    np.testing.assert_allclose(y, xs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ys, x, rtol=1e-5, atol=1e-6)
+
+
+def test_tfidf_weights_come_from_training_rows_only(arena_battles):
+    train, valid = arena_battles.iloc[:200], arena_battles.iloc[200:260]
+    block = make_block("tfidf", {"svd_components": 4, "n_features": 4096})
+    block.prepare(arena_battles)  # label-free counting of every text is allowed
+    block.fit(train)
+    idf = block.idf_.copy()
+    other = make_block("tfidf", {"svd_components": 4, "n_features": 4096})
+    other.fit(train)  # no prepare, no validation texts anywhere
+    np.testing.assert_allclose(idf, other.idf_, rtol=1e-6)
+    changed = pd.concat([train, valid])
+    block.fit(changed)
+    assert not np.allclose(idf, block.idf_), "adding rows to the fit must change the IDF weights"
+
+
+def test_blocks_save_and_load(arena_battles, tmp_path):
+    battles = arena_battles.head(80)
+    ctx = StageContext(resource_dir=tmp_path / "res")
+    for kind, params in [("tfidf", {"svd_components": 4, "n_features": 4096}), ("word2vec", {"vector_size": 8})]:
+        block = make_block(kind, params, ctx)
+        block.prepare(battles)
+        block.fit(battles)
+        block.save(tmp_path / kind)
+        again = make_block(kind, params, ctx)
+        again.load(tmp_path / kind)
+        a, b = block.transform(battles.head(10)), again.transform(battles.head(10))
+        np.testing.assert_allclose(a.a, b.a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.shared, b.shared, rtol=1e-5, atol=1e-6)
