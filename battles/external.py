@@ -35,6 +35,15 @@ def external_weights(external: pd.DataFrame, source_weights: dict, shift_weights
     return w
 
 
+def external_rows(external: pd.DataFrame, source_weights: dict, shift_weights=None) -> pd.DataFrame:
+    """External battles with their final ``weight`` (zero-weight rows left out): what the runner
+    passes as ``extra_train`` to :func:`pipeline.crossfit.crossfit_stage`, which adds them to every
+    fold's training part and never to validation or OOF."""
+    ext = external.copy()
+    ext["weight"] = external_weights(external, source_weights, shift_weights)
+    return ext[ext["weight"] > 0].reset_index(drop=True)
+
+
 def training_rows(target_train_fold: pd.DataFrame, external: pd.DataFrame | None, source_weights: dict,
                   shift_weights=None) -> pd.DataFrame:
     """One fold's training table: the fold's target rows plus all external rows, with ``weight``.
@@ -48,9 +57,7 @@ def training_rows(target_train_fold: pd.DataFrame, external: pd.DataFrame | None
         train["source"] = TARGET_SOURCE
     if external is None or len(external) == 0:
         return train.reset_index(drop=True)
-    ext = external.copy()
-    ext["weight"] = external_weights(external, source_weights, shift_weights)
-    ext = ext[ext["weight"] > 0]
+    ext = external_rows(external, source_weights, shift_weights)
     clash = set(ext["id"].astype(str)) & set(train["id"].astype(str))
     if clash:
         raise ValueError(f"{len(clash)} external ids equal target ids (e.g. {sorted(clash)[:3]}); prefix them by source")

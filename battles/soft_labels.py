@@ -1,4 +1,5 @@
-"""Soft labels for learners that only take hard classes: one expansion, written once.
+"""Soft labels for learners that only take hard classes: a checked table-level wrapper of
+:func:`battles.labels.expand_targets` (the one expansion, which models/lgbm.py uses).
 
 A battle with soft labels ``(soft_a, soft_b, soft_tie)`` becomes three rows, one per class, each
 weighted by that class's probability times the row's ``weight``. The weighted log loss of a model on
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from battles.labels import has_labels, label_index
+from battles.labels import expand_targets, has_labels, label_matrix
 
 SOFT_COLUMNS = ["soft_a", "soft_b", "soft_tie"]
 
@@ -38,22 +39,9 @@ def expand_soft_labels(battles: pd.DataFrame, min_weight: float = 0.0) -> tuple[
         bad = np.flatnonzero(soft)[np.flatnonzero((probs < 0).any(axis=1) | (np.abs(probs.sum(axis=1) - 1) > 1e-3))[0]]
         raise ValueError(f"row {bad} (id {battles['id'].iat[bad]!r}): soft labels must be >= 0 and sum to 1, "
                          f"got {battles[SOFT_COLUMNS].iloc[bad].tolist()}")
-    rows, ys, ws = [], [], []
-    hard_idx = np.flatnonzero(~soft)
-    if len(hard_idx):
-        rows.append(hard_idx)
-        ys.append(label_index(battles.iloc[hard_idx]))
-        ws.append(base_w[hard_idx])
-    soft_idx = np.flatnonzero(soft)
-    for k in range(3):
-        w = probs[:, k] * base_w[soft_idx]
-        keep = w > min_weight
-        rows.append(soft_idx[keep])
-        ys.append(np.full(int(keep.sum()), k))
-        ws.append(w[keep])
-    row = np.concatenate(rows)
-    order = np.argsort(row, kind="stable")
-    row, y, w = row[order], np.concatenate(ys)[order], np.concatenate(ws)[order]
+    row, y, w = expand_targets(label_matrix(battles), base_w)  # the one expansion, in battles.labels
+    keep = w > min_weight
+    row, y, w = row[keep], y[keep], w[keep]
     expanded = battles.iloc[row].reset_index(drop=True)
     expanded["row"] = row
     return expanded, y.astype(np.int64), w

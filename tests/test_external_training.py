@@ -122,3 +122,22 @@ def test_pseudo_label_round_trip_trains_lightgbm(tmp_path):
     bad.write_text("\n".join(lines[1:]) + "\n")
     with pytest.raises(BattleDataError, match="provenance"):
         read_pseudo_labels(bad)
+
+
+def test_crossfit_hook_external_rows_train_only(tmp_path):
+    from battles.external import external_rows
+    from pipeline.artifacts import read_logits
+    from pipeline.crossfit import crossfit_stage
+
+    target = _battles(60)
+    ext = external_rows(_battles(30, "pandalm", 1), {"pandalm": 0.5})
+    folds = make_folds(target, n_folds=3, seed=0)
+    result = crossfit_stage(tmp_path, "len", {"type": "length_lr", "params": {}}, target, folds,
+                            extra_train=ext, progress=False)
+    assert result.oof_logits.shape == (60, 3)
+    oof_ids = pd.read_csv(tmp_path / "stages" / "len" / "oof_logits.csv", dtype={"id": str})["id"]
+    assert sorted(oof_ids) == sorted(target["id"])  # OOF rows = target rows only
+    for k in range(3):
+        valid_ids = set(pd.read_csv(tmp_path / "stages" / "len" / f"fold{k}" / "valid_logits.csv", dtype={"id": str})["id"])
+        assert not valid_ids & set(ext["id"])
+    read_logits(tmp_path / "stages" / "len" / "oof_logits.csv", target["id"].tolist())
