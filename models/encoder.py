@@ -215,15 +215,11 @@ class EncoderStage(Stage):
         log.info("encoder: %d training sequences (swap_augment=%s), %d validation, model %s, precision %s",
                  len(train_set), p["swap_augment"], len(valid_set or []), self.model_dir, self.precision)
 
-        state = PartialState()
-        # Every process must use the same checkpoint folder (load_best_model_at_end reads it back).
-        work = [tempfile.mkdtemp(prefix="encoder-trainer-") if state.is_main_process else None]
-        broadcast_object_list(work)
-        work_dir = work[0]
         has_eval = valid_set is not None
         strategy = ("steps" if p["eval_steps"] else "epoch") if has_eval else "no"
         args = TrainingArguments(
-            output_dir=work_dir,
+            output_dir=tempfile.gettempdir(),  # replaced below, once the process group exists
+            use_cpu=not torch.cuda.is_available(),  # on CPU this makes torchrun/accelerate ranks a gloo group
             learning_rate=float(p["learning_rate"]),
             weight_decay=float(p["weight_decay"]),
             num_train_epochs=float(p["epochs"]),
@@ -254,6 +250,12 @@ class EncoderStage(Stage):
             remove_unused_columns=False,
             label_names=["labels"],
         )
+        args.device  # sets up the distributed state (must come before any PartialState() of ours)
+        state = PartialState()
+        # Every process must use the same checkpoint folder (load_best_model_at_end reads it back).
+        work = [tempfile.mkdtemp(prefix="encoder-trainer-") if state.is_main_process else None]
+        broadcast_object_list(work)
+        work_dir = args.output_dir = work[0]
         callbacks = []
         if has_eval and int(p["early_stopping_patience"]) > 0:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(p["early_stopping_patience"])))
