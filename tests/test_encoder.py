@@ -204,3 +204,15 @@ def test_two_process_cpu_run_through_torch_distributed(tmp_path, tiny_model):
     assert (tmp_path / "stage" / "model.safetensors").exists() and (tmp_path / "stage" / "stage.json").exists()
     reloaded = EncoderStage.load(tmp_path / "stage", QUIET)
     np.testing.assert_allclose(reloaded.predict_logits(synthetic_battles(16, seed=2)), l0, atol=1e-5)
+
+
+def test_gpu_benchmark_parses_and_refuses_without_cuda(capsys):
+    from benchmarks import encoder_gpu
+    args = encoder_gpu.parse_args(["--max-lengths", "512", "1024", "--batch-size", "4"])
+    assert args.max_lengths == [512, 1024] and args.precision == "bf16"
+    config = encoder_gpu.base_config()
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (768, 12, 128100)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the refusal path is not reachable")
+    assert encoder_gpu.main(["--steps", "1"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
