@@ -58,3 +58,25 @@ def label_matrix(battles: pd.DataFrame) -> np.ndarray:
         use_soft = ~np.isnan(soft).any(axis=1)
         return np.where(use_soft[:, None], soft, hard)
     return np.eye(3)[label_index(battles)]
+
+
+def expand_targets(targets: np.ndarray, weights: np.ndarray | None = None):
+    """Turn per-row target distributions into (row index, class, weight) triples for hard-label learners.
+
+    A one-hot row stays one row; a soft row (teacher probabilities, pseudo-labels) becomes one row
+    per class with non-zero probability, weighted by that probability times the row weight. Learners
+    that take sample weights (LightGBM, logistic regression) then minimise the same expected
+    cross-entropy as a soft-label loss.
+    """
+    targets = np.asarray(targets, dtype=np.float64)
+    weights = np.ones(len(targets)) if weights is None else np.asarray(weights, dtype=np.float64)
+    rows, classes = np.nonzero(targets > 0)
+    return rows, classes, targets[rows, classes] * weights[rows]
+
+
+def row_weights(battles: pd.DataFrame) -> np.ndarray:
+    """Per-row training weight: the ``weight`` column where present (NaN counts as 1), else ones."""
+    if "weight" not in battles.columns:
+        return np.ones(len(battles))
+    w = battles["weight"].to_numpy(dtype=np.float64)
+    return np.where(np.isnan(w), 1.0, w)

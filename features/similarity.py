@@ -1,0 +1,41 @@
+"""Prompt-reply overlap and A-B similarity on word tokens (no fitting needed).
+
+Per side: how much of the prompt's vocabulary the reply reuses (recall), and token Jaccard with the
+prompt. Shared: whether the replies are identical (a near-certain tie signal), token Jaccard between
+the replies, and the absolute length gap relative to the total.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from features.base import FeatureBlock, SidedFeatures
+from features.text import join_turns, tokens
+
+
+def _jaccard(x: set, y: set) -> float:
+    union = len(x | y)
+    return len(x & y) / union if union else 1.0
+
+
+class SimilarityBlock(FeatureBlock):
+    name = "sim"
+
+    def transform(self, battles: pd.DataFrame) -> SidedFeatures:
+        side_a, side_b, shared = [], [], []
+        for prompt, ra, rb in zip(battles["prompt"], battles["response_a"], battles["response_b"]):
+            p = set(tokens(join_turns(prompt)))
+            ta, tb = join_turns(ra), join_turns(rb)
+            a, b = set(tokens(ta)), set(tokens(tb))
+            for side, toks in ((side_a, a), (side_b, b)):
+                side.append([len(p & toks) / len(p) if p else 0.0, _jaccard(p, toks)])
+            total = len(ta) + len(tb)
+            shared.append([
+                float(ta.strip() == tb.strip()),
+                _jaccard(a, b),
+                abs(len(ta) - len(tb)) / total if total else 0.0,
+            ])
+        return SidedFeatures(
+            ["prompt_recall", "prompt_jaccard"], np.array(side_a), np.array(side_b),
+            ["identical", "ab_jaccard", "len_gap_rel"], np.array(shared), combine=("a", "b", "diff"),
+        )

@@ -1,0 +1,105 @@
+"""Word2Vec trained with gensim on the run's own texts (no labels), mean-pooled per reply.
+
+``prepare`` trains one model on every prompt and reply of the run (training and test battles; no
+labels are read, so this is not label leakage) and caches its vectors in the run's resource folder,
+keyed by the corpus and the parameters, in word2vec's own binary format. Per side: the mean word
+vector (entering the model as A minus B) and the cosine to the prompt's mean vector; shared: the
+cosine between the replies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from gensim.models import KeyedVectors, Word2Vec
+
+from features.base import FeatureBlock, SidedFeatures
+from features.text import join_turns, tokens
+from pipeline.artifacts import write_atomic, write_json
+
+log = logging.getLogger(__name__)
+DEFAULTS = {"vector_size": 64, "window": 5, "min_count": 3, "epochs": 5, "max_tokens_per_text": 2000}
+
+
+def _corpus(battles: pd.DataFrame, limit: int) -> list[list[str]]:
+    texts = set()
+    for c in ("prompt", "response_a", "response_b"):
+        texts.update(join_turns(t) for t in battles[c])
+    return [tokens(t)[:limit] for t in sorted(texts)]
+
+
+class Word2VecBlock(FeatureBlock):
+    name = "w2v"
+
+    def __init__(self, params=None, context=None):
+        super().__init__({**DEFAULTS, **(params or {})}, context)
+        self.vectors: KeyedVectors | None = None
+        self.resource_name: str | None = None
+
+    def _resource_dir(self) -> Path | None:
+        root = getattr(self.context, "resource_dir", None)
+        return Path(root) if root else None
+
+    def prepare(self, battles: pd.DataFrame) -> None:
+        p = self.params
+        corpus = _corpus(battles, p["max_tokens_per_text"])
+        digest = hashlib.sha256(json.dumps([p, corpus[:0], len(corpus)], sort_keys=True).encode())
+        for doc in corpus:
+            digest.update(" ".join(doc).encode("utf-8", "surrogatepass"))
+        self.resource_name = f"word2vec-{digest.hexdigest()[:12]}"
+        root = self._resource_dir()
+        path = root / self.resource_name / "vectors.bin" if root else None
+        if path is not None and path.exists():
+            self.vectors = KeyedVectors.load_word2vec_format(str(path), binary=True)
+            log.info("word2vec: reusing %s (%d words)", path, len(self.vectors))
+            return
+        log.info("word2vec: training on %d texts (%d tokens)", len(corpus), sum(map(len, corpus)))
+        model = Word2Vec(sentences=corpus, vector_size=p["vector_size"], window=p["window"],
+                         min_count=p["min_count"], epochs=p["epochs"], workers=2,
+                         seed=getattr(self.context, "seed", 42))
+        self.vectors = model.wv
+        if path is not None:
+            write_atomic(path, lambda tmp: self.vectors.save_word2vec_format(str(tmp), binary=True))
+            write_json(path.parent / "params.json", p)
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.vectors.vector_size), dtype=np.float32)
+        for i, text in enumerate(texts):
+            ids = [self.vectors.key_to_index[w] for w in tokens(text)[: self.params["max_tokens_per_text"]]
+                   if w in self.vectors.key_to_index]
+            if ids:
+                out[i] = self.vectors.vectors[ids].mean(axis=0)
+        return out
+
+    def transform(self, battles: pd.DataFrame) -> SidedFeatures:
+        if self.vectors is None:
+            raise RuntimeError("Word2VecBlock.transform called before prepare")
+        p, a, b = (self._embed([join_turns(t) for t in battles[c]]) for c in ("prompt", "response_a", "response_b"))
+
+        def cos(x, y):
+            nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+            return np.where((nx > 0) & (ny > 0), (x * y).sum(axis=1) / np.maximum(nx * ny, 1e-12), 0.0)
+
+        names = [f"dim{i}" for i in range(a.shape[1])]
+        return SidedFeatures(names + ["prompt_cos"], np.hstack([a, cos(p, a)[:, None]]),
+                             np.hstack([b, cos(p, b)[:, None]]), ["ab_cos"], cos(a, b)[:, None],
+                             combine=("diff",))
+
+    def save(self, directory: Path) -> None:
+        write_json(Path(directory) / "word2vec.json", {"resource": self.resource_name, "params": self.params})
+
+    def load(self, directory: Path) -> None:
+        meta = json.loads((Path(directory) / "word2vec.json").read_text())
+        self.resource_name = meta["resource"]
+        root = self._resource_dir()
+        if root is None:
+            raise FileNotFoundError(f"{directory}: word2vec vectors live in the run's resource folder; "
+                                    "load the stage with a context whose resource_dir is the run's resources/")
+        path = root / self.resource_name / "vectors.bin"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: word2vec vectors referenced by {directory} are missing")
+        self.vectors = KeyedVectors.load_word2vec_format(str(path), binary=True)

@@ -1,0 +1,116 @@
+"""LightGBM stage: feature blocks into a multiclass booster, trained on both A/B orders.
+
+Training rows are the fold's battles plus their swapped copies (labels swapped with them), so the
+model cannot learn a position preference that is not in the data twice over. Early stopping watches
+the fold's validation battles (both orders) with LightGBM's own callback. Prediction averages the
+straight and swapped orders with columns realigned (swap test-time augmentation). Soft labels and
+row weights (external data, pseudo-labels) become LightGBM sample weights via ``expand_targets``.
+The booster is saved in LightGBM's text format; block state as .npy/JSON.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from scipy.special import log_softmax
+
+from battles.labels import expand_targets, label_matrix, row_weights, swap_columns
+from features.assemble import FeatureMatrix
+from features.registry import make_block
+from models.stage import Stage, StageContext
+from pipeline.artifacts import write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCKS = [{"type": "text_stats"}, {"type": "similarity"}, {"type": "tfidf"}, {"type": "word2vec"}]
+DEFAULT_LGB = {
+    "objective": "multiclass", "num_class": 3, "learning_rate": 0.03, "num_leaves": 15,
+    "min_data_in_leaf": 40, "feature_fraction": 0.5, "bagging_fraction": 0.8, "bagging_freq": 1,
+    "lambda_l2": 5.0, "max_bin": 127, "verbose": -1, "num_threads": 2,
+}
+
+
+class LightGBMStage(Stage):
+    kind = "lgbm"
+
+    def __init__(self, params=None, context=None):
+        super().__init__(params, context)
+        self.params.setdefault("blocks", DEFAULT_BLOCKS)
+        self.params.setdefault("num_boost_round", 3000)
+        self.params.setdefault("early_stopping_rounds", 100)
+        self.params.setdefault("rounds_without_valid", 300)
+        self.params.setdefault("swap_augment", True)
+        self.lgb_params = {**DEFAULT_LGB, "seed": self.context.seed, **self.params.get("lgb", {})}
+        self.features = FeatureMatrix([make_block(b["type"], b.get("params"), self.context)
+                                       for b in self.params["blocks"]])
+        self.booster: lgb.Booster | None = None
+        self.feature_names: list[str] = []
+
+    def prepare(self, battles: pd.DataFrame) -> None:
+        for block in self.features.blocks:
+            block.prepare(battles)
+        self.features.warm(battles)
+
+    def _dataset(self, battles: pd.DataFrame, reference=None) -> lgb.Dataset:
+        x, xs, names = self.features.build(battles)
+        self.feature_names = names
+        targets, weights = label_matrix(battles), row_weights(battles)
+        rows, y, w = expand_targets(targets, weights)
+        xx, yy, ww = [x[rows]], [y], [w]
+        if self.params["swap_augment"]:
+            srows, sy, sw = expand_targets(swap_columns(targets), weights)
+            xx.append(xs[srows]), yy.append(sy), ww.append(sw)
+        return lgb.Dataset(np.vstack(xx), np.concatenate(yy), weight=np.concatenate(ww),
+                           feature_name=[n.replace(" ", "_") for n in names], reference=reference,
+                           free_raw_data=True)
+
+    def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "LightGBMStage":
+        for block in self.features.blocks:
+            block.fit(train)
+        dtrain = self._dataset(train)
+        callbacks = [lgb.log_evaluation(period=0)]
+        if valid is not None and len(valid):
+            dvalid = self._dataset(valid, reference=dtrain)
+            callbacks.append(lgb.early_stopping(self.params["early_stopping_rounds"], verbose=False))
+            self.booster = lgb.train(self.lgb_params, dtrain, self.params["num_boost_round"],
+                                     valid_sets=[dvalid], valid_names=["valid"], callbacks=callbacks)
+            log.info("lgbm: best iteration %d, valid multi_logloss %.4f", self.booster.best_iteration,
+                     self.booster.best_score["valid"]["multi_logloss"])
+        else:
+            self.booster = lgb.train(self.lgb_params, dtrain, self.params["rounds_without_valid"])
+        return self
+
+    def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
+        if self.booster is None:
+            raise RuntimeError("LightGBMStage.predict_logits called before fit or load")
+        x, xs, _ = self.features.build(battles)
+        it = self.booster.best_iteration or None
+        straight = log_softmax(self.booster.predict(x, raw_score=True, num_iteration=it), axis=1)
+        swapped = log_softmax(self.booster.predict(xs, raw_score=True, num_iteration=it), axis=1)
+        return 0.5 * (straight + swap_columns(swapped))
+
+    def feature_importance(self) -> pd.Series:
+        gain = self.booster.feature_importance(importance_type="gain")
+        return pd.Series(gain, index=self.booster.feature_name()).sort_values(ascending=False)
+
+    def save(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.booster.save_model(str(directory / "model.txt"), num_iteration=self.booster.best_iteration or None)
+        for i, block in enumerate(self.features.blocks):
+            block.save(directory / f"block{i}_{block.name}")
+        write_json(directory / "stage.json", {"kind": self.kind, "params": self.params, "lgb": self.lgb_params})
+
+    @classmethod
+    def load(cls, directory, context: StageContext | None = None) -> "LightGBMStage":
+        directory = Path(directory)
+        meta = json.loads((directory / "stage.json").read_text())
+        stage = cls(meta["params"], context)
+        for i, block in enumerate(stage.features.blocks):
+            block.load(directory / f"block{i}_{block.name}")
+        stage.booster = lgb.Booster(model_file=str(directory / "model.txt"))
+        return stage

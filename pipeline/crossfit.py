@@ -1,0 +1,125 @@
+"""Cross-fitting one stage over the run's folds, with resume.
+
+For every fold the stage is fitted on the other folds (plus any extra training-only rows, such as
+external data) with the fold's battles as its validation set, then predicts the fold (out-of-fold
+logits) and the test battles. Each finished fold is written to ``stages/<name>/fold<k>/`` with a
+``done.json`` holding the resume key (stage config, data, folds); a rerun skips folds whose key
+matches. When every fold is done the stage's ``oof_logits.csv``, ``test_logits.csv`` (fold average)
+and ``metrics.json`` are written and the stage is marked done.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from battles.io import data_hash
+from battles.labels import LABEL_COLUMNS, has_labels, label_index
+from ensemble.metrics import scores
+from ensemble.stacking import raw_probs
+from models.stage import StageContext, average_logits, make_stage
+from pipeline.artifacts import config_key, read_json, read_logits, write_json, write_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    name: str
+    oof_logits: np.ndarray
+    test_logits: np.ndarray | None
+    metrics: dict
+
+
+def _label_free(battles: pd.DataFrame) -> pd.DataFrame:
+    return battles.drop(columns=[c for c in [*LABEL_COLUMNS, "soft_a", "soft_b", "soft_tie"] if c in battles.columns])
+
+
+def _done(path: Path, key: str) -> bool:
+    return path.exists() and read_json(path).get("key") == key
+
+
+def stage_key(spec: dict, train: pd.DataFrame, folds: np.ndarray, test: pd.DataFrame | None,
+              extra: pd.DataFrame | None, seed: int) -> str:
+    return config_key(spec, data_hash(train), folds.tolist(), data_hash(test) if test is not None else None,
+                      data_hash(extra) if extra is not None else None, seed)
+
+
+def crossfit_stage(run_dir, name: str, spec: dict, train: pd.DataFrame, folds: np.ndarray,
+                   test: pd.DataFrame | None = None, extra_train: pd.DataFrame | None = None,
+                   seed: int = 42, progress: bool = True) -> StageResult:
+    """Fit ``spec`` (``{"type", "params"}``) fold by fold; return OOF and fold-averaged test logits."""
+    run_dir = Path(run_dir)
+    stage_dir = run_dir / "stages" / name
+    key = stage_key(spec, train, folds, test, extra_train, seed)
+    ids = train["id"].tolist()
+    if _done(stage_dir / "done.json", key):
+        log.info("stage %s: finished earlier with the same config and data, reusing it", name)
+        return load_stage_result(run_dir, name, train, test)
+
+    context = StageContext(resource_dir=run_dir / "resources", seed=seed, progress=progress)
+    stage = make_stage(spec["type"], spec.get("params"), context)
+    started = time.time()
+    prepared = False
+    oof = np.zeros((len(train), 3))
+    test_per_fold = []
+    fold_ids = sorted(np.unique(folds))
+    bar = tqdm(fold_ids, desc=f"{name}", unit="fold", disable=not progress)
+    for k in bar:
+        fold_dir = stage_dir / f"fold{k}"
+        valid_mask = folds == k
+        fold_key = config_key(key, int(k))
+        if _done(fold_dir / "done.json", fold_key):
+            oof[valid_mask] = read_logits(fold_dir / "valid_logits.csv", train.loc[valid_mask, "id"].tolist())
+            if test is not None:
+                test_per_fold.append(read_logits(fold_dir / "test_logits.csv", test["id"].tolist()))
+            bar.set_postfix_str(f"fold {k} reused")
+            continue
+        if not prepared:
+            everything = pd.concat([_label_free(x) for x in (train, test, extra_train) if x is not None],
+                                   ignore_index=True)
+            stage.prepare(everything)
+            prepared = True
+        fit_rows = train[~valid_mask]
+        if extra_train is not None and len(extra_train):
+            fit_rows = pd.concat([fit_rows, extra_train], ignore_index=True)
+        valid = train[valid_mask]
+        stage.fit(fit_rows, valid)
+        oof[valid_mask] = stage.predict_logits(valid)
+        write_logits(fold_dir / "valid_logits.csv", valid["id"].tolist(), oof[valid_mask])
+        if test is not None:
+            test_per_fold.append(stage.predict_logits(test))
+            write_logits(fold_dir / "test_logits.csv", test["id"].tolist(), test_per_fold[-1])
+        stage.save(fold_dir / "model")
+        write_json(fold_dir / "done.json", {"key": fold_key, "stage": name, "fold": int(k)})
+
+    write_logits(stage_dir / "oof_logits.csv", ids, oof)
+    test_logits = None
+    if test is not None:
+        test_logits = average_logits(test_per_fold)
+        write_logits(stage_dir / "test_logits.csv", test["id"].tolist(), test_logits)
+    metrics = {"stage": name, "type": spec["type"], "seconds": round(time.time() - started, 1)}
+    if has_labels(train):
+        metrics["oof"] = scores(label_index(train), raw_probs(oof))
+        log.info("stage %s: OOF log loss %.4f, accuracy %.3f", name, metrics["oof"]["log_loss"],
+                 metrics["oof"]["accuracy"])
+    write_json(stage_dir / "metrics.json", metrics)
+    write_json(stage_dir / "spec.json", spec)
+    write_json(stage_dir / "done.json", {"key": key, "stage": name, "n_folds": len(fold_ids)})
+    return StageResult(name, oof, test_logits, metrics)
+
+
+def load_stage_result(run_dir, name: str, train: pd.DataFrame, test: pd.DataFrame | None) -> StageResult:
+    stage_dir = Path(run_dir) / "stages" / name
+    if not (stage_dir / "done.json").exists():
+        raise FileNotFoundError(f"{stage_dir}: stage {name!r} has not finished (no done.json); run it first")
+    oof = read_logits(stage_dir / "oof_logits.csv", train["id"].tolist())
+    test_logits = None
+    if test is not None and (stage_dir / "test_logits.csv").exists():
+        test_logits = read_logits(stage_dir / "test_logits.csv", test["id"].tolist())
+    return StageResult(name, oof, test_logits, read_json(stage_dir / "metrics.json"))

@@ -1,0 +1,142 @@
+"""One run, end to end: read data, fix folds, cross-fit every stage, stack, report, write the submission.
+
+The run directory holds everything (see README, "Outputs"). Every step is keyed by what it depends
+on, so rerunning the same command after an interruption reuses finished folds and stages.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from battles.folds import make_folds
+from battles.io import data_hash, read_battles
+from battles.labels import LABEL_COLUMNS, has_labels, label_index
+from ensemble.metrics import prior_log_loss, scores
+from ensemble.stacking import fit_stacker, load_stacker, raw_probs
+from pipeline.artifacts import read_json, write_atomic, write_json
+from pipeline.crossfit import crossfit_stage, load_stage_result
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    pass
+
+
+class Run:
+    """A run directory and the data it was made for."""
+
+    def __init__(self, out, config: dict, train_path=None, test_path=None):
+        self.dir = Path(out)
+        self.config = config
+        self.train_path, self.test_path = train_path, test_path
+        self.train = self.test = None
+        self.folds = None
+        self.repairs = {}
+
+    # -- data and folds -------------------------------------------------------------------------
+    def load_data(self) -> None:
+        saved = read_json(self.dir / "run.json") if (self.dir / "run.json").exists() else {}
+        train_path = self.train_path or saved.get("train_path")
+        if train_path is None:
+            raise RunError(f"{self.dir}: no training file given and none recorded in run.json")
+        self.train_path = train_path
+        self.train, rep = read_battles(train_path, require_labels=True)
+        self.repairs = {"train": rep.as_dict()}
+        test_path = self.test_path or saved.get("test_path")
+        if test_path is not None:
+            self.test_path = test_path
+            self.test, rep = read_battles(test_path, require_labels=False)
+            self.repairs["test"] = rep.as_dict()
+        if saved and saved.get("train_hash") != data_hash(self.train):
+            raise RunError(f"{self.dir} was made for different training data ({saved.get('train_path')}); "
+                           "use a new --out directory")
+        write_json(self.dir / "data_report.json", self.repairs)
+        self._fix_folds()
+        write_json(self.dir / "run.json", {
+            "train_path": str(Path(train_path).resolve()), "test_path": str(Path(test_path).resolve()) if test_path else None,
+            "train_hash": data_hash(self.train), "test_hash": data_hash(self.test) if self.test is not None else None,
+            "n_train": len(self.train), "n_test": 0 if self.test is None else len(self.test),
+            "python": platform.python_version(),
+        })
+        write_json(self.dir / "config.json", self.config)
+
+    def _fix_folds(self) -> None:
+        path = self.dir / "folds.csv"
+        n_folds, seed = self.config["n_folds"], self.config["seed"]
+        if path.exists():
+            saved = pd.read_csv(path, dtype={"id": str})
+            if list(saved["id"]) == self.train["id"].tolist() and saved["fold"].nunique() == n_folds:
+                self.folds = saved["fold"].to_numpy()
+                return
+            raise RunError(f"{path}: saved folds do not match this training data / n_folds; use a new --out")
+        self.folds = make_folds(self.train, n_folds, seed)
+        frame = pd.DataFrame({"id": self.train["id"], "fold": self.folds})
+        write_atomic(path, lambda p: frame.to_csv(p, index=False))
+        log.info("folds: %d grouped folds by prompt, sizes %s", n_folds, np.bincount(self.folds).tolist())
+
+    # -- stages ---------------------------------------------------------------------------------
+    def run_stage(self, name: str, progress: bool = True, extra_train: pd.DataFrame | None = None):
+        spec = self.config["stages"][name]
+        return crossfit_stage(self.dir, name, spec, self.train, self.folds, self.test, extra_train,
+                              seed=self.config["seed"], progress=progress)
+
+    def finished_stages(self) -> list[str]:
+        return [n for n in self.config["stages"] if (self.dir / "stages" / n / "done.json").exists()]
+
+    # -- stacking -------------------------------------------------------------------------------
+    def stack(self) -> dict:
+        excluded = set(self.config.get("stacker", {}).get("exclude", []))
+        names = [n for n in self.finished_stages() if n not in excluded]
+        if not names:
+            raise RunError(f"{self.dir}: no finished stage to stack; run the stages first")
+        results = [load_stage_result(self.dir, n, self.train, self.test) for n in names]
+        y = label_index(self.train)
+        c_grid = tuple(self.config.get("stacker", {}).get("C_grid", [0.01, 0.1, 1.0]))
+        stacked = fit_stacker(names, [r.oof_logits for r in results], y, self.folds, c_grid)
+        summary = stacked.to_json(names)
+        summary["prior_log_loss"] = prior_log_loss(y, self.folds)
+        summary["stages_raw"] = {r.name: scores(y, raw_probs(r.oof_logits)) for r in results}
+        summary["stages_calibrated"] = {row["single_stage"]: row["cv_log_loss"] for row in stacked.table
+                                        if row["single_stage"]}
+        out = self.dir / "stacker"
+        write_json(out / "stacker.json", summary)
+        oof = pd.DataFrame(stacked.oof_probs, columns=LABEL_COLUMNS)
+        oof.insert(0, "id", self.train["id"].tolist())
+        write_atomic(out / "oof_probs.csv", lambda p: oof.to_csv(p, index=False, float_format="%.9g"))
+        if self.test is not None:
+            missing = [r.name for r in results if r.test_logits is None]
+            if missing:
+                raise RunError(f"stages {missing} have no test logits for {self.test_path}; rerun them with --test")
+            probs = stacked.model.predict_proba([r.test_logits for r in results])
+            self.write_submission(probs)
+        return summary
+
+    def write_submission(self, probs: np.ndarray) -> Path:
+        probs = np.asarray(probs, dtype=np.float64)
+        probs = probs / probs.sum(axis=1, keepdims=True)
+        frame = pd.DataFrame(probs, columns=LABEL_COLUMNS)
+        frame.insert(0, "id", self.test["id"].tolist())
+        path = self.dir / "submission.csv"
+        write_atomic(path, lambda p: frame.to_csv(p, index=False, float_format="%.9g"))
+        log.info("submission: %s (%d rows)", path, len(frame))
+        return path
+
+
+def run_all(run: Run, progress: bool = True) -> dict:
+    started = time.time()
+    run.load_data()
+    for name in run.config["stages"]:
+        run.run_stage(name, progress=progress)
+    summary = run.stack()
+    from pipeline.report import write_report
+
+    write_report(run, summary)
+    log.info("run finished in %.0f s: final nested-CV log loss %.4f", time.time() - started,
+             summary["nested_scores"]["log_loss"])
+    return summary

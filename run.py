@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Arena preference stack: one entry point.
+
+  python run.py --train train.csv [--test test.csv] --out runs/first      # everything, end to end
+  python run.py train STAGE --train train.csv [--test ...] --out runs/x    # one stage (name or type)
+  python run.py stack --run runs/x                                         # refit only the stacker
+
+A rerun of the same command resumes: finished folds and stages are reused. See README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+COMMANDS = ("all", "train", "stack")
+log = logging.getLogger("run")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("gensim", "smart_open", "matplotlib", "PIL", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+
+    def common(sp, need_train=True):
+        sp.add_argument("--train", required=False, help="labelled battles (.csv/.parquet/.jsonl)")
+        sp.add_argument("--test", help="unlabelled battles to predict; writes submission.csv")
+        sp.add_argument("--out", "--run", dest="out", required=True, help="run directory")
+        sp.add_argument("--config", help="JSON config over the defaults (see pipeline/config.py)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override one config value, e.g. --set n_folds=3 or --set stages.lgbm_full.params.lgb.learning_rate=0.05")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--verbose", action="store_true")
+
+    common(sub.add_parser("all", help="run every configured stage, stack, report (the default)"))
+    t = sub.add_parser("train", help="cross-fit one stage (by name in the config, or by stage type)")
+    t.add_argument("stage")
+    t.add_argument("--model", help="local checkpoint directory for deep stages (sets params.model)")
+    common(t)
+    common(sub.add_parser("stack", help="refit only the stacking layer on the saved OOF logits"))
+    return p
+
+
+def _apply_sets(cfg: dict, sets: list[str]) -> dict:
+    for item in sets:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected KEY=JSON")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+def _resolve_config(args) -> dict:
+    from pipeline.config import load_config, validate_config
+
+    saved = Path(args.out) / "config.json"
+    if args.config is None and saved.exists():
+        cfg = json.loads(saved.read_text())
+        log.info("using the run's saved config %s", saved)
+    else:
+        cfg = load_config(args.config)
+    cfg = _apply_sets(cfg, args.set)
+    if getattr(args, "command", None) == "train":
+        _add_trained_stage(cfg, args)
+    validate_config(cfg, args.config or saved)
+    return cfg
+
+
+def _add_trained_stage(cfg: dict, args) -> None:
+    from models.stage import STAGE_TYPES
+
+    name = args.stage
+    if name not in cfg["stages"]:
+        if name not in STAGE_TYPES:
+            raise SystemExit(f"unknown stage {name!r}: not in the config's stages {sorted(cfg['stages'])} "
+                             f"nor a stage type {sorted(STAGE_TYPES)}")
+        same_type = [n for n, s in cfg["stages"].items() if s["type"] == name]
+        if same_type and not args.model:
+            args.stage_names = same_type
+            return
+        cfg["stages"][name] = {"type": name, "params": {}}
+    if args.model:
+        cfg["stages"][name].setdefault("params", {})["model"] = str(Path(args.model).resolve())
+    args.stage_names = [name]
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["all", *argv]
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+
+    from battles.io import BattleDataError
+    from pipeline.config import ConfigError
+    from pipeline.runner import Run, RunError, run_all
+
+    try:
+        cfg = _resolve_config(args)
+        run = Run(args.out, cfg, args.train, args.test)
+        if args.command == "all":
+            if args.train is None and not (Path(args.out) / "run.json").exists():
+                raise SystemExit("--train is required for a new run")
+            summary = run_all(run, progress=not args.quiet)
+        else:
+            run.load_data()
+            if args.command == "train":
+                for name in args.stage_names:
+                    run.run_stage(name, progress=not args.quiet)
+            summary = run.stack()
+            from pipeline.report import write_report
+
+            write_report(run, summary)
+    except (BattleDataError, ConfigError, RunError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    _print_summary(summary, args.out)
+    return 0
+
+
+def _print_summary(summary: dict, out) -> None:
+    print(f"\nrun directory: {out}")
+    print(f"{'output':<28}{'OOF log loss':>14}{'calibrated':>12}{'accuracy':>10}")
+    print(f"{'class prior':<28}{summary['prior_log_loss']:>14.4f}")
+    for name, s in summary["stages_raw"].items():
+        cal = summary["stages_calibrated"].get(name, float("nan"))
+        print(f"{name:<28}{s['log_loss']:>14.4f}{cal:>12.4f}{s['accuracy']:>10.3f}")
+    f = summary["nested_scores"]
+    print(f"{'final: ' + summary['chosen']:<28}{f['log_loss']:>14.4f}{'(nested)':>12}{f['accuracy']:>10.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
