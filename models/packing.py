@@ -1,0 +1,154 @@
+"""The one truncation policy: fit a battle's prompt and two replies into a token budget.
+
+Every deep stage (encoder, decoder) packs battles with :func:`pack_battle`, passing its own
+tokenizer's length function, so the rules below hold in that model's real tokens.
+
+Rules
+-----
+1. **Budget per field.** ``policy.max_tokens`` is the budget for the three fields' *content*
+   (the caller subtracts its special tokens / template overhead first). The prompt's share is
+   ``prompt_share`` (20%); each reply gets half of the rest (40% each). A field that needs less
+   than its share keeps only what it needs and the surplus is handed to the other fields in
+   proportion to their shares (water-filling), so no field is cut while another wastes room.
+2. **Turn layout.** A single-turn field is its text as is. A multi-turn field labels each turn
+   ``"Turn k: "`` (k counts from 1 in the original conversation) and joins turns with
+   ``TURN_SEPARATOR`` (a blank line).
+3. **Most recent turns first.** When a field does not fit, turns are kept from the last one
+   backwards; older turns are dropped first and a marker ``"[k earlier turns omitted]"`` opens the
+   field saying how many. The turn that does not fit whole keeps its head (beginning), followed by
+   ``policy.cut_marker``; an older turn is only cut this way if at least ``policy.min_cut_tokens``
+   of it fit, otherwise it is dropped. The most recent turn is always kept (cut if needed).
+4. **Markers exactly when cut.** ``PackedBattle.truncated[field]`` is True iff some text of that
+   field was dropped, and then (budget permitting) the field carries a marker; a field that fits
+   is returned unchanged and unpadded.
+
+Counts are measured on the whole packed field string, so the budget holds in real tokens even
+where a tokenizer does not count concatenations additively.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+FIELDS = ("prompt", "response_a", "response_b")
+TURN_SEPARATOR = "\n\n"
+
+
+@dataclass
+class PackingPolicy:
+    """How to share ``max_tokens`` of content between the prompt and the two replies."""
+
+    max_tokens: int = 512  # budget for the three fields' content (special tokens excluded by the caller)
+    prompt_share: float = 0.2  # the prompt's share; each reply gets half of the rest
+    cut_marker: str = " [...] "  # appended to the kept head of a turn that was cut
+    min_cut_tokens: int = 16  # an older turn is cut to its head only if at least this many tokens fit
+
+    def __post_init__(self):
+        if self.max_tokens < 3:
+            raise ValueError(f"PackingPolicy.max_tokens must be at least 3 (one per field), got {self.max_tokens}")
+        if not 0.0 < self.prompt_share < 1.0:
+            raise ValueError(f"PackingPolicy.prompt_share must be in (0, 1), got {self.prompt_share}")
+
+
+@dataclass
+class PackedBattle:
+    """Packed texts of one battle (turns joined, markers inserted) and which fields were cut."""
+
+    prompt: str
+    response_a: str
+    response_b: str
+    truncated: dict = field(default_factory=dict)  # field name -> bool
+
+
+def turn_label(k: int, text: str) -> str:
+    return f"Turn {k}: {text}"
+
+
+def dropped_marker(n_dropped: int) -> str:
+    return f"[{n_dropped} earlier turn{'s' if n_dropped != 1 else ''} omitted]"
+
+
+def join_turns(turns: Sequence[str]) -> str:
+    """The untruncated layout of one field (rule 2)."""
+    if len(turns) == 1:
+        return turns[0]
+    return TURN_SEPARATOR.join(turn_label(k + 1, t) for k, t in enumerate(turns))
+
+
+def allocate_budget(needs: Sequence[int], shares: Sequence[float], total: int) -> list[int]:
+    """Water-filling: fields needing less than their share get their need; the rest split the remainder by share."""
+    alloc = [0] * len(needs)
+    open_fields = set(range(len(needs)))
+    left = total
+    while open_fields:
+        weight = sum(shares[i] for i in open_fields)
+        satisfied = [i for i in open_fields if needs[i] <= left * shares[i] / weight]
+        if not satisfied:
+            for i in open_fields:
+                alloc[i] = int(left * shares[i] / weight)
+            break
+        for i in satisfied:
+            alloc[i] = needs[i]
+            left -= needs[i]
+            open_fields.remove(i)
+    return alloc
+
+
+def _longest_head(text: str, build: Callable[[str], str], budget: int, count_tokens: Callable[[str], int]) -> str | None:
+    """Longest prefix ``h`` of ``text`` (by characters) with ``count_tokens(build(h)) <= budget``; None if even '' fails."""
+    if count_tokens(build("")) > budget:
+        return None
+    lo, hi = 0, min(len(text), 64 * max(budget, 1))  # no real token spans 64 characters of prose
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_tokens(build(text[:mid].rstrip())) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip()
+
+
+def pack_field(turns: Sequence[str], budget: int, count_tokens: Callable[[str], int],
+               policy: PackingPolicy) -> tuple[str, bool]:
+    """Pack one field's turns into ``budget`` tokens (rules 2-4). Returns ``(text, truncated)``."""
+    turns = list(turns)
+    full = join_turns(turns)
+    if count_tokens(full) <= budget:
+        return full, False
+    multi = len(turns) > 1
+    label = (lambda k: turn_label(k + 1, turns[k])) if multi else (lambda k: turns[k])
+
+    def compose(n_dropped: int, parts: list[str]) -> str:
+        return TURN_SEPARATOR.join(([dropped_marker(n_dropped)] if n_dropped else []) + parts)
+
+    kept: list[str] = []
+    for k in range(len(turns) - 1, -1, -1):
+        whole = label(k)
+        if count_tokens(compose(k, [whole] + kept)) <= budget:
+            kept.insert(0, whole)
+            continue
+        # Turn k does not fit whole: keep its head if it is the most recent turn or enough of it fits.
+        head = _longest_head(whole, lambda h: compose(k, [h + policy.cut_marker] + kept), budget, count_tokens)
+        if head is not None and (not kept or count_tokens(head) >= policy.min_cut_tokens):
+            return compose(k, [head + policy.cut_marker] + kept), True
+        if kept:
+            return compose(k + 1, kept), True
+        # Not even the marker fits beside the last turn's head: degrade gracefully, still within budget.
+        return _longest_head(whole, lambda h: h, budget, count_tokens) or "", True
+    raise AssertionError("unreachable: the whole field was checked to overflow")
+
+
+def pack_battle(prompt_turns: Sequence[str], a_turns: Sequence[str], b_turns: Sequence[str],
+                count_tokens: Callable[[str], int], policy: PackingPolicy | None = None) -> PackedBattle:
+    """Pack one battle's three fields into ``policy.max_tokens`` tokens as counted by ``count_tokens``."""
+    policy = policy or PackingPolicy()
+    fields = [list(prompt_turns), list(a_turns), list(b_turns)]
+    needs = [count_tokens(join_turns(f)) for f in fields]
+    reply_share = (1.0 - policy.prompt_share) / 2
+    budgets = allocate_budget(needs, [policy.prompt_share, reply_share, reply_share], policy.max_tokens)
+    texts, truncated = [], {}
+    for name, turns, budget in zip(FIELDS, fields, budgets):
+        text, cut = pack_field(turns, budget, count_tokens, policy)
+        texts.append(text)
+        truncated[name] = cut
+    return PackedBattle(*texts, truncated=truncated)
