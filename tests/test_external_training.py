@@ -141,3 +141,31 @@ def test_crossfit_hook_external_rows_train_only(tmp_path):
         valid_ids = set(pd.read_csv(tmp_path / "stages" / "len" / f"fold{k}" / "valid_logits.csv", dtype={"id": str})["id"])
         assert not valid_ids & set(ext["id"])
     read_logits(tmp_path / "stages" / "len" / "oof_logits.csv", target["id"].tolist())
+
+
+def test_config_external_section_adds_training_only_rows(tmp_path):
+    """A run whose config names an external file: converted, de-duplicated, training-only, reported."""
+    from battles.io import battles_to_frame
+    from pipeline.config import load_config
+    from pipeline.runner import Run
+
+    target = _battles(90)
+    ext = _battles(40, "other", 5, prompt_words=("write", "a", "poem"))
+    planted = target.iloc[:5].copy()  # the same battles as target rows: must be removed by dedup
+    planted["id"] = [f"dup-{i}" for i in range(5)]
+    battles_to_frame(target.drop(columns=["source"])).to_csv(tmp_path / "train.csv", index=False)
+    battles_to_frame(pd.concat([ext, planted]).drop(columns=["source"])).to_csv(tmp_path / "ext.csv", index=False)
+    cfg = load_config(None, {"n_folds": 3, "stages": {"len": {"type": "length_lr"}},
+                             "external": {"sources": [{"kind": "competition", "path": str(tmp_path / "ext.csv"),
+                                                       "source": "other", "weight": 0.5}],
+                                          "shift_weighting": True}})
+    run = Run(tmp_path / "run", cfg, tmp_path / "train.csv")
+    run.load_data()
+    report = json.loads((tmp_path / "run" / "external_report.json").read_text())
+    assert report["rows_added"] == {"other": 40}
+    assert "other" in report["shift"] and 0.0 <= report["shift"]["other"]["auc"] <= 1.0
+    assert not set(run.extra_train["id"]) & set(target["id"])
+    assert (run.extra_train["weight"] > 0).all()
+    run.run_stage("len", progress=False)
+    oof_ids = pd.read_csv(tmp_path / "run" / "stages" / "len" / "oof_logits.csv", dtype={"id": str})["id"]
+    assert sorted(oof_ids) == sorted(target["id"])
