@@ -75,9 +75,9 @@ def _resolve_config(args) -> dict:
         log.info("using the run's saved config %s", saved)
     else:
         cfg = load_config(args.config)
-    cfg = _apply_sets(cfg, args.set)
     if getattr(args, "command", None) == "train":
         _add_trained_stage(cfg, args)
+    cfg = _apply_sets(cfg, args.set)  # after the trained stage exists, so --set can tune its params
     validate_config(cfg, args.config or saved)
     return cfg
 

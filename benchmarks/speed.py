@@ -81,7 +81,6 @@ def main() -> None:
         battles.iloc[:n_test][["id", "prompt", "response_a", "response_b"]].to_csv(d / "test.csv", index=False)
         cmd = [sys.executable, str(ROOT / "run.py"), "--train", str(d / "train.csv"), "--test", str(d / "test.csv"),
                "--out", str(d / "run"), "--quiet"] + (["--config", args.config] if args.config else [])
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         started = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.time() - started
@@ -92,8 +91,8 @@ def main() -> None:
         summary = json.loads((d / "run" / "stacker" / "stacker.json").read_text())
         stage_secs = {s: json.loads((d / "run" / "stages" / s / "metrics.json").read_text())["seconds"]
                       for s in summary["stages"]}
-        results.append((n, wall, max(peak_kib, before) / 2**20, summary["nested_scores"]["log_loss"], stage_secs))
-        print(f"n={n}: wall {wall:.0f} s, peak RSS {max(peak_kib, before) / 2**20:.2f} GiB, "
+        results.append((n, wall, peak_kib / 2**20, summary["nested_scores"]["log_loss"], stage_secs))
+        print(f"n={n}: wall {wall:.0f} s, peak RSS {peak_kib / 2**20:.2f} GiB, "
               f"stage seconds {stage_secs}", flush=True)
     print(f"\n{'battles':>8}{'wall (s)':>10}{'peak RSS (GiB)':>16}{'OOF log loss':>14}")
     for n, wall, gib, ll, _ in results:

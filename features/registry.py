@@ -8,6 +8,7 @@ FEATURE_BLOCKS: dict[str, str] = {
     "similarity": "features.similarity:SimilarityBlock",
     "tfidf": "features.tfidf:TfidfBlock",
     "word2vec": "features.word2vec:Word2VecBlock",
+    "embeddings": "features.embeddings:EmbeddingBlock",
 }
 
 

@@ -25,6 +25,7 @@ from battles.labels import swap_battles, swap_columns
 # Stage type name -> "module:Class". Imported lazily so a LightGBM-only run never imports torch.
 STAGE_TYPES: dict[str, str] = {
     "lgbm": "models.lgbm:LightGBMStage",
+    "encoder": "models.encoder:EncoderStage",
     "length_lr": "models.length_baseline:LengthLogisticStage",
     "decoder": "models.decoder:DecoderStage",
 }

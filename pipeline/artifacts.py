@@ -16,8 +16,19 @@ import pandas as pd
 LOGIT_COLUMNS = ["logit_a", "logit_b", "logit_tie"]
 
 
+def is_main_process() -> bool:
+    """False in the non-zero ranks of a multi-process launch (``accelerate launch``, ``torchrun``)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def write_atomic(path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves half a file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves half a file.
+
+    Under a multi-process launch only the main process writes: every rank computes the same run
+    files, and one writer keeps them whole.
+    """
+    if not is_main_process():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -17,6 +17,11 @@ DEFAULT_CONFIG = {
             {"type": "text_stats"}, {"type": "similarity"}, {"type": "tfidf"}, {"type": "word2vec"}]}},
     },
     "stacker": {"C_grid": [0.01, 0.1, 1.0], "exclude": []},
+    # Training-only external data, e.g.
+    # {"sources": [{"kind": "competition", "path": "pandalm.csv", "source": "pandalm", "weight": 0.5}],
+    #  "dedup": {"threshold": 0.8}, "shift_weighting": true}
+    # kinds: competition, preference_pairs, scored_answers, arena_conversations (battles/converters.py)
+    "external": {},
 }
 
 

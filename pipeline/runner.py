@@ -37,6 +37,7 @@ class Run:
         self.train_path, self.test_path = train_path, test_path
         self.train = self.test = None
         self.folds = None
+        self.extra_train = None
         self.repairs = {}
 
     # -- data and folds -------------------------------------------------------------------------
@@ -56,6 +57,7 @@ class Run:
         if saved and saved.get("train_hash") != data_hash(self.train):
             raise RunError(f"{self.dir} was made for different training data ({saved.get('train_path')}); "
                            "use a new --out directory")
+        self.extra_train = self._load_external()
         write_json(self.dir / "data_report.json", self.repairs)
         self._fix_folds()
         write_json(self.dir / "run.json", {
@@ -65,6 +67,39 @@ class Run:
             "python": platform.python_version(),
         })
         write_json(self.dir / "config.json", self.config)
+
+    def _load_external(self) -> pd.DataFrame | None:
+        """External sources from the config's ``external`` section: converted, de-duplicated against
+        the training data and within themselves, optionally importance-weighted, then added to every
+        fold's training part only (never validation, never scored). Reports go to external_report.json."""
+        spec = self.config.get("external") or {}
+        if not spec.get("sources"):
+            return None
+        from battles.converters import convert
+        from battles.dedup import DedupConfig, deduplicate
+        from battles.external import external_rows
+        from battles.shift import ShiftConfig, shift_weights
+
+        parts, report = [], {"conversion": []}
+        for src in spec["sources"]:
+            battles, rep = convert(src.get("kind", "competition"), src["path"], source=src["source"],
+                                   **src.get("options", {}))
+            parts.append(battles)
+            report["conversion"].append(rep.as_dict())
+        external = pd.concat(parts, ignore_index=True, sort=False)
+        if spec.get("dedup", {}) is not False:
+            external, dedup = deduplicate(self.train, external, DedupConfig(**(spec.get("dedup") or {})))
+            report["dedup"] = dedup.as_dict()
+        weights = None
+        if spec.get("shift_weighting"):
+            weights, report["shift"] = shift_weights(self.train, external,
+                                                     ShiftConfig(seed=self.config["seed"], **spec.get("shift", {})))
+        source_weights = {s["source"]: s.get("weight", 1.0) for s in spec["sources"]}
+        rows = external_rows(external, source_weights, weights)
+        report["rows_added"] = {k: int(v) for k, v in rows["source"].value_counts().items()}
+        write_json(self.dir / "external_report.json", report)
+        log.info("external data: %d training-only rows from %s", len(rows), report["rows_added"])
+        return rows
 
     def _fix_folds(self) -> None:
         path = self.dir / "folds.csv"
@@ -83,7 +118,8 @@ class Run:
     # -- stages ---------------------------------------------------------------------------------
     def run_stage(self, name: str, progress: bool = True, extra_train: pd.DataFrame | None = None):
         spec = self.config["stages"][name]
-        return crossfit_stage(self.dir, name, spec, self.train, self.folds, self.test, extra_train,
+        extra = self.extra_train if extra_train is None else extra_train
+        return crossfit_stage(self.dir, name, spec, self.train, self.folds, self.test, extra,
                               seed=self.config["seed"], progress=progress)
 
     def finished_stages(self) -> list[str]:

@@ -1,0 +1,492 @@
+"""Converters from external data shapes into the battle table, each tagging rows with a ``source``.
+
+Every converter returns ``(battles, ConversionReport)``. The report counts rows read, battles kept
+and rows dropped per reason (e.g. ``identical_replies``, ``prompt_mismatch``), and carries the
+reader's :class:`~battles.io.RepairReport` (null turns, lone surrogates, ...) of the converted table.
+Input that cannot be understood at all (a missing column, a cell of the wrong type) raises
+:class:`~battles.io.BattleDataError` naming file, row and column; input that is understood but
+unusable (a pair whose two sides are the same reply) is dropped and counted, never silently.
+
+Shapes understood:
+
+* competition CSV/parquet/JSONL (:func:`from_competition`): the reader, plus a source tag;
+* chosen/rejected preference pairs (:func:`from_preference_pairs`): columns ``chosen``,
+  ``rejected`` and optionally ``prompt``; each cell a plain string, a JSON list of
+  ``{role, content}`` messages, or an Anthropic-style ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``
+  transcript. Prompt turns are the human turns; the replies are the assistant turns (shared earlier
+  assistant turns go into both sides, the last one differs). The chosen side is placed at A or B by
+  a seeded coin per pair, which sets the winner label;
+* score-rated completions, UltraFeedback style (:func:`from_scored_answers`): several rated
+  answers per prompt become pairs (all, or a seeded capped number per prompt), equal scores a tie;
+* arena conversation logs (:func:`from_arena_conversations`): ``conversation_a``,
+  ``conversation_b`` as lists of ``{role, content}`` messages and ``winner`` in
+  ``{model_a, model_b, tie, tie (bothbad)}``.
+
+Ids are stable: they are built from the source tag and the input's own keys (row id, question id,
+model names), never from row order after sampling, so re-running a conversion gives the same ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from battles.io import BattleDataError, RepairReport, _read_frame, battles_from_frame, parse_turns
+from battles.labels import LABEL_COLUMNS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConversionReport:
+    """What a converter read, kept and dropped (per reason), plus the reader's repairs."""
+
+    file: str = ""
+    source: str = ""
+    rows_read: int = 0
+    kept: int = 0
+    dropped: dict = field(default_factory=dict)
+    repairs: dict = field(default_factory=dict)
+    examples: list = field(default_factory=list)
+
+    def drop(self, reason: str, row, detail: str = "") -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if len(self.examples) < 10:
+            self.examples.append({"reason": reason, "row": row, "detail": detail[:120]})
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "source": self.source, "rows_read": self.rows_read, "kept": self.kept,
+                "dropped": dict(self.dropped), "repairs": dict(self.repairs), "examples": list(self.examples)}
+
+    def summary(self) -> str:
+        dropped = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
+        return f"{self.source} ({self.file}): read {self.rows_read}, kept {self.kept}, dropped: {dropped}"
+
+
+def _finish(frame: pd.DataFrame, path, source: str, report: ConversionReport) -> tuple[pd.DataFrame, ConversionReport]:
+    """Validate the converted rows with the battle reader and fill the report."""
+    if len(frame) == 0:
+        raise BattleDataError(path, f"no usable battles after conversion (dropped: {report.dropped})")
+    battles, repairs = battles_from_frame(frame, path, source=source, require_labels=None)
+    report.kept = len(battles)
+    report.repairs.update(repairs.as_dict())
+    log.info(report.summary())
+    return battles, report
+
+
+def _side_coin(seed: int, *keys) -> int:
+    """A deterministic coin (0 or 1) per pair: the same pair lands on the same side in every run."""
+    digest = hashlib.sha256(json.dumps([seed, *map(str, keys)]).encode("utf-8", "surrogatepass")).digest()
+    return digest[0] & 1
+
+
+def _one_hot(k: int) -> dict:
+    return {c: int(j == k) for j, c in enumerate(LABEL_COLUMNS)}
+
+
+# --------------------------------------------------------------------------------------------
+# competition format
+
+
+def _scalar_turns_as_text(frame: pd.DataFrame, report: ConversionReport) -> pd.DataFrame:
+    """Turn JSON scalars inside turn lists (``[true]``, ``[42]``: a reply "True" that some export
+    decoded) into their JSON text, counted as a repair; everything else is left to the reader."""
+    frame = frame.copy()
+    for col in ("prompt", "response_a", "response_b"):
+        if col not in frame.columns:
+            continue
+        values = frame[col].tolist()
+        for i, v in enumerate(values):
+            if not isinstance(v, str) or not any(x in v for x in ("true", "false", "]")):
+                continue
+            try:
+                turns = json.loads(v)
+            except json.JSONDecodeError:
+                continue  # the reader reports it with file, row and column
+            if isinstance(turns, list) and any(isinstance(t, (bool, int, float)) for t in turns):
+                fixed = [json.dumps(t) if isinstance(t, (bool, int, float)) else t for t in turns]
+                values[i] = json.dumps(fixed, ensure_ascii=False)
+                report.repairs["scalar_turns_as_text"] = report.repairs.get("scalar_turns_as_text", 0) + 1
+                if len(report.examples) < 10:
+                    report.examples.append({"reason": "scalar_turns_as_text", "row": i + 1, "detail": f"{col}: {v[:60]}"})
+        frame[col] = values
+    return frame
+
+
+def _reason_slug(message: str) -> str:
+    """'turn counts differ: prompt 9, ...' -> 'turn_counts_differ'."""
+    head = message.split(":")[0].strip().lower()
+    return "invalid_" + re.sub(r"[^a-z0-9]+", "_", " ".join(head.split()[:4])).strip("_")
+
+
+def from_competition(path, source: str, require_labels: bool | None = True, invalid_rows: str = "drop",
+                     prefix_ids: bool = True) -> tuple[pd.DataFrame, ConversionReport]:
+    """A file already in the competition format (e.g. the 33k arena set, PandaLM converted).
+
+    Extra columns (PandaLM's ``n_agree``) are ignored. JSON scalars inside turn lists become text
+    (counted as ``scalar_turns_as_text``). ``invalid_rows="drop"`` drops rows the reader rejects
+    (e.g. HH-RLHF transcripts with two assistant turns in a row: turn counts differ) and counts
+    them per reason; ``"raise"`` stops at the first, as the reader does for the target data. Ids get
+    a ``source:`` prefix so they never collide with the target's ids.
+    """
+    if invalid_rows not in ("drop", "raise"):
+        raise ValueError(f"invalid_rows must be 'drop' or 'raise', got {invalid_rows!r}")
+    frame = _read_frame(Path(path))
+    report = ConversionReport(file=str(path), source=source, rows_read=len(frame))
+    frame = _scalar_turns_as_text(frame, report)
+    frame.index = np.arange(1, len(frame) + 1)  # file row numbers, kept through drops
+    while True:
+        try:
+            battles, repairs = battles_from_frame(frame.reset_index(drop=True), path, source=source,
+                                                  require_labels=require_labels)
+            break
+        except BattleDataError as exc:
+            if invalid_rows == "raise" or exc.row is None:
+                raise
+            file_row = int(frame.index[exc.row - 1])
+            message = str(exc).split(": ", 1)[1] if ": " in str(exc) else str(exc)
+            report.drop(_reason_slug(message), file_row, f"{exc.column}: {message}")
+            frame = frame.drop(index=file_row)
+            if len(frame) == 0:
+                raise BattleDataError(path, f"no usable battles (dropped: {report.dropped})") from None
+    if prefix_ids:
+        battles["id"] = [f"{source}:{i}" for i in battles["id"]]
+    report.kept = len(battles)
+    report.repairs.update(repairs.as_dict())
+    log.info(report.summary())
+    return battles, report
+
+
+# --------------------------------------------------------------------------------------------
+# messages and transcripts
+
+_ROLE = {"human": "user", "user": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+         "model": "assistant", "system": "system"}
+
+
+class _Unusable(Exception):
+    """A row that is understood but cannot become a battle; the message is the drop reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def is_transcript(text: str) -> bool:
+    return isinstance(text, str) and bool(re.search(r"(?:^|\n\n)Human:", text)) and "Assistant:" in text
+
+
+def split_transcript(text: str) -> list[tuple[str, str]]:
+    """Split an Anthropic-style ``Human: ... Assistant: ...`` transcript into ``(role, text)`` turns.
+
+    Roles are ``user``/``assistant``. Only markers at the start or after a blank line count, so a
+    reply that mentions "Human:" mid-sentence is not split. Text before the first marker is dropped.
+    """
+    marks = [m for m in re.finditer(r"(?:^|\n\n)(Human|Assistant):", text)]
+    turns = []
+    for k, m in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
+        turns.append((_ROLE[m.group(1).lower()], text[m.end():end].strip()))
+    return turns
+
+
+def _messages(value, path, row: int, column: str) -> list[tuple[str, str]] | None:
+    """A cell as ``(role, text)`` messages, or None when it is plain text (one turn).
+
+    Understood: a ``Human:/Assistant:`` transcript, a list (or JSON list) of ``{role, content}``
+    (or ShareGPT ``{from, value}``) messages, or a list of strings (turns of this column's role).
+    """
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            try:
+                value = json.loads(stripped)
+            except json.JSONDecodeError:
+                return None  # a plain reply that happens to start with "["
+        elif is_transcript(value):
+            return split_transcript(value)
+        else:
+            return None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, list):
+        raise BattleDataError(path, f"expected text, a transcript or a list of messages, got {type(value).__name__}",
+                              row, column)
+    if value and all(isinstance(m, str) for m in value):
+        role = "user" if column == "prompt" else "assistant"
+        return [(role, m) for m in value]
+    out = []
+    for k, msg in enumerate(value):
+        if not (isinstance(msg, dict) and ("content" in msg or "value" in msg)):
+            raise BattleDataError(path, f"message {k} is not a {{role, content}} object: {str(msg)[:60]!r}", row, column)
+        role = str(msg.get("role", msg.get("from", ""))).lower()
+        if role not in _ROLE:
+            raise BattleDataError(path, f"message {k} has unknown role {role!r}", row, column)
+        content = msg.get("content", msg.get("value"))
+        out.append((_ROLE[role], "" if content is None else str(content)))
+    return out
+
+
+def _merge_same_role(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop system messages; join consecutive messages of one role (a person sending two messages)."""
+    out: list[tuple[str, str]] = []
+    for role, text in turns:
+        if role == "system":
+            continue
+        if out and out[-1][0] == role:
+            out[-1] = (role, out[-1][1] + "\n\n" + text)
+        else:
+            out.append((role, text))
+    return out
+
+
+def conversation_to_turns(turns: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """``(role, text)`` messages -> (user turns, assistant turns), one reply per user turn."""
+    turns = _merge_same_role(turns)
+    if not turns:
+        raise _Unusable("empty_conversation")
+    if turns[0][0] != "user":
+        raise _Unusable("starts_with_assistant")
+    if turns[-1][0] != "assistant":
+        raise _Unusable("no_final_reply")
+    users = [t for r, t in turns if r == "user"]
+    replies = [t for r, t in turns if r == "assistant"]
+    return users, replies
+
+
+# --------------------------------------------------------------------------------------------
+# chosen / rejected pairs
+
+
+def _prompt_messages(prompt, path, row: int) -> list[tuple[str, str]]:
+    """The prompt cell as messages, without a trailing empty ``Assistant:`` cue."""
+    if prompt is None:
+        raise BattleDataError(path, "replies without their conversation need a 'prompt' column", row, "prompt")
+    msgs = _messages(prompt, path, row, "prompt")
+    if msgs is None:
+        msgs = [("user", str(prompt))]
+    if msgs and msgs[-1][0] == "assistant" and not msgs[-1][1].strip():
+        msgs = msgs[:-1]
+    return msgs
+
+
+def _pair_turns(prompt, chosen, rejected, path, row: int):
+    """(prompt turns, chosen replies, rejected replies) from one preference row."""
+    c_msgs = _messages(chosen, path, row, "chosen")
+    r_msgs = _messages(rejected, path, row, "rejected")
+    if (c_msgs is None) != (r_msgs is None):
+        raise _Unusable("mixed_formats", "one side is a conversation, the other plain text")
+    if c_msgs is None:  # plain replies to the prompt (single- or multi-turn prompt)
+        p_msgs = _prompt_messages(prompt, path, row)
+        c_msgs, r_msgs = p_msgs + [("assistant", str(chosen))], p_msgs + [("assistant", str(rejected))]
+    elif c_msgs and c_msgs[0][0] == "assistant":  # reply messages only: the prompt holds the rest
+        p_msgs = _prompt_messages(prompt, path, row)
+        c_msgs, r_msgs = p_msgs + c_msgs, p_msgs + r_msgs
+    c_users, c_replies = conversation_to_turns(c_msgs)
+    r_users, r_replies = conversation_to_turns(r_msgs)
+    if [" ".join(t.split()) for t in c_users] != [" ".join(t.split()) for t in r_users]:
+        raise _Unusable("prompt_mismatch", "chosen and rejected have different human turns")
+    return c_users, c_replies, r_replies
+
+
+def from_preference_pairs(data, source: str, seed: int = 0, path=None,
+                          columns: dict | None = None) -> tuple[pd.DataFrame, ConversionReport]:
+    """Chosen/rejected preference rows (a CSV/JSONL path or a DataFrame) -> labelled battles.
+
+    ``columns`` maps our names ``prompt``/``chosen``/``rejected``/``id`` to the file's (e.g.
+    ``{"chosen": "response_j", "rejected": "response_k", "prompt": "question"}``). The chosen side
+    goes to A or B by a seeded coin per row, so labels are balanced and stable across runs.
+    """
+    frame = _read_frame(Path(data)) if not isinstance(data, pd.DataFrame) else data
+    path = path or (str(data) if not isinstance(data, pd.DataFrame) else "<DataFrame>")
+    names = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "id": "id", **(columns or {})}
+    for need in ("chosen", "rejected"):
+        if names[need] not in frame.columns:
+            raise BattleDataError(path, f"missing column '{names[need]}' ({need}); found {list(frame.columns)}")
+    has_prompt = names["prompt"] in frame.columns
+    has_id = names["id"] in frame.columns
+    report = ConversionReport(file=str(path), source=source, rows_read=len(frame))
+    rows = []
+    seen_ids: set = set()
+    for i, rec in enumerate(frame.to_dict("records")):
+        row = i + 1
+        chosen, rejected = rec[names["chosen"]], rec[names["rejected"]]
+        prompt = rec[names["prompt"]] if has_prompt else None
+        for col, v in ((names["chosen"], chosen), (names["rejected"], rejected)):
+            if v is None or (isinstance(v, float) and np.isnan(v)):
+                raise BattleDataError(path, "missing value", row, col)
+        try:
+            p_turns, c_turns, r_turns = _pair_turns(prompt, chosen, rejected, path, row)
+            if [" ".join(t.split()) for t in c_turns] == [" ".join(t.split()) for t in r_turns]:
+                raise _Unusable("identical_replies")
+            if not c_turns[-1].strip() or not r_turns[-1].strip():
+                raise _Unusable("empty_final_reply")
+        except _Unusable as exc:
+            report.drop(exc.reason, row, exc.detail)
+            continue
+        base = str(rec[names["id"]]) if has_id else str(i)
+        bid = f"{source}:{base}"
+        if bid in seen_ids:
+            raise BattleDataError(path, f"duplicate id {base!r}", row, names["id"] if has_id else None)
+        seen_ids.add(bid)
+        chosen_at_b = _side_coin(seed, source, base)
+        a, b = (r_turns, c_turns) if chosen_at_b else (c_turns, r_turns)
+        rows.append({"id": bid, "prompt": p_turns, "response_a": a, "response_b": b,
+                     "model_a": "rejected" if chosen_at_b else "chosen",
+                     "model_b": "chosen" if chosen_at_b else "rejected", **_one_hot(chosen_at_b)})
+    return _finish(pd.DataFrame(rows), path, source, report)
+
+
+# --------------------------------------------------------------------------------------------
+# score-rated completions (UltraFeedback style)
+
+
+def from_scored_answers(data, source: str, seed: int = 0, max_pairs_per_prompt: int | None = None,
+                        keep_ties: bool = True, tie_margin: float = 0.0, path=None,
+                        columns: dict | None = None) -> tuple[pd.DataFrame, ConversionReport]:
+    """Rated single answers (several per prompt) -> pairwise battles.
+
+    Columns (renamable with ``columns``): ``question_id``, ``model``, ``prompt``, ``response``,
+    ``score`` (default name ``gpt4_score``). Every pair of answers to one prompt is a battle (or a
+    seeded sample of ``max_pairs_per_prompt``); ``|score_a - score_b| <= tie_margin`` is a tie,
+    dropped when ``keep_ties`` is False. Ids are ``source:question_id:model_x:model_y`` and the side
+    order is a seeded coin per pair, so ids and labels do not depend on sampling or row order.
+    """
+    frame = _read_frame(Path(data)) if not isinstance(data, pd.DataFrame) else data
+    path = path or (str(data) if not isinstance(data, pd.DataFrame) else "<DataFrame>")
+    names = {"question_id": "question_id", "model": "model", "prompt": "prompt", "response": "response",
+             "score": "gpt4_score", **(columns or {})}
+    missing = [v for v in names.values() if v not in frame.columns]
+    if missing:
+        raise BattleDataError(path, f"missing column(s) {missing}; found {list(frame.columns)}")
+    report = ConversionReport(file=str(path), source=source, rows_read=len(frame))
+    scores = pd.to_numeric(frame[names["score"]], errors="coerce")
+    answers: dict[str, list] = {}
+    prompts: dict[str, object] = {}
+    repairs = RepairReport(file=str(path))
+    for i, rec in enumerate(frame.to_dict("records")):
+        row = i + 1
+        if np.isnan(scores.iloc[i]):
+            report.drop("missing_score", row, str(rec[names["score"]]))
+            continue
+        qid, model = str(rec[names["question_id"]]), str(rec[names["model"]])
+        response = parse_turns(rec[names["response"]], path, row, names["response"], repairs)
+        prompt = parse_turns(rec[names["prompt"]], path, row, names["prompt"], repairs)
+        if qid in prompts and prompts[qid] != prompt:
+            raise BattleDataError(path, f"question {qid!r} has a different prompt than its earlier rows", row,
+                                  names["prompt"])
+        prompts[qid] = prompt
+        if any(m == model for m, _, _ in answers.get(qid, [])):
+            report.drop("duplicate_model_answer", row, f"{qid} {model}")
+            continue
+        answers.setdefault(qid, []).append((model, response, float(scores.iloc[i])))
+    rng = np.random.default_rng(seed)
+    rows = []
+    n_pairs = Counter()
+    for qid in sorted(answers):
+        group = sorted(answers[qid], key=lambda x: x[0])
+        pairs = list(itertools.combinations(range(len(group)), 2))
+        if len(group) < 2:
+            report.drop("single_answer_prompt", qid)
+            continue
+        usable = []
+        for x, y in pairs:
+            (mx, rx, sx), (my, ry, sy) = group[x], group[y]
+            if [" ".join(t.split()) for t in rx] == [" ".join(t.split()) for t in ry]:
+                report.drop("identical_replies", f"{qid}:{mx}:{my}")
+                continue
+            tie = abs(sx - sy) <= tie_margin
+            if tie and not keep_ties:
+                report.drop("tie_dropped", f"{qid}:{mx}:{my}")
+                continue
+            usable.append((x, y, tie))
+        if max_pairs_per_prompt is not None and len(usable) > max_pairs_per_prompt:
+            take = np.sort(rng.choice(len(usable), size=max_pairs_per_prompt, replace=False))
+            report.dropped["over_pair_cap"] = report.dropped.get("over_pair_cap", 0) + len(usable) - len(take)
+            usable = [usable[k] for k in take]
+        for x, y, tie in usable:
+            (mx, rx, sx), (my, ry, sy) = group[x], group[y]
+            if _side_coin(seed, source, qid, mx, my):
+                (mx, rx, sx), (my, ry, sy) = (my, ry, sy), (mx, rx, sx)
+            label = 2 if tie else (0 if sx > sy else 1)
+            n_pairs[label] += 1
+            rows.append({"id": f"{source}:{qid}:{mx}:{my}", "prompt": prompts[qid], "response_a": rx,
+                         "response_b": ry, "model_a": mx, "model_b": my, **_one_hot(label)})
+    log.info("%s: %d pairs from %d prompts (a/b/tie %d/%d/%d)", source, len(rows), len(answers),
+             n_pairs[0], n_pairs[1], n_pairs[2])
+    battles, report = _finish(pd.DataFrame(rows), path, source, report)
+    for k in ("null_turns", "lone_surrogates"):
+        report.repairs[k] = report.repairs.get(k, 0) + getattr(repairs, k)
+    return battles, report
+
+
+# --------------------------------------------------------------------------------------------
+# arena conversation logs
+
+ARENA_WINNERS = {"model_a": 0, "model_b": 1, "tie": 2, "tie (bothbad)": 2}
+
+
+def from_arena_conversations(data, source: str, path=None) -> tuple[pd.DataFrame, ConversionReport]:
+    """Arena logs (``conversation_a``, ``conversation_b``, ``winner``; optional ``question_id`` or
+    ``id``, ``model_a``, ``model_b``) -> battles. ``tie (bothbad)`` counts as a tie; rows whose two
+    conversations have different user turns are dropped (``prompt_mismatch``)."""
+    frame = _read_frame(Path(data)) if not isinstance(data, pd.DataFrame) else data
+    path = path or (str(data) if not isinstance(data, pd.DataFrame) else "<DataFrame>")
+    missing = [c for c in ("conversation_a", "conversation_b", "winner") if c not in frame.columns]
+    if missing:
+        raise BattleDataError(path, f"missing column(s) {missing}; found {list(frame.columns)}")
+    id_col = next((c for c in ("id", "question_id") if c in frame.columns), None)
+    report = ConversionReport(file=str(path), source=source, rows_read=len(frame))
+    rows, seen = [], set()
+    for i, rec in enumerate(frame.to_dict("records")):
+        row = i + 1
+        winner = str(rec["winner"]).strip()
+        if winner not in ARENA_WINNERS:
+            raise BattleDataError(path, f"winner must be one of {sorted(ARENA_WINNERS)}, got {winner!r}", row, "winner")
+        try:
+            sides = []
+            for col in ("conversation_a", "conversation_b"):
+                msgs = _messages(rec[col], path, row, col)
+                if msgs is None:
+                    raise BattleDataError(path, "expected a list of {role, content} messages", row, col)
+                sides.append(conversation_to_turns(msgs))
+            (ua, ra), (ub, rb) = sides
+            if [" ".join(t.split()) for t in ua] != [" ".join(t.split()) for t in ub]:
+                raise _Unusable("prompt_mismatch", "the two conversations have different user turns")
+        except _Unusable as exc:
+            report.drop(exc.reason, row, exc.detail)
+            continue
+        base = str(rec[id_col]) if id_col else str(i)
+        bid = f"{source}:{base}"
+        if bid in seen:
+            raise BattleDataError(path, f"duplicate id {base!r}", row, id_col)
+        seen.add(bid)
+        out = {"id": bid, "prompt": ua, "response_a": ra, "response_b": rb, **_one_hot(ARENA_WINNERS[winner])}
+        for c in ("model_a", "model_b"):
+            if c in rec:
+                out[c] = str(rec[c])
+        rows.append(out)
+    return _finish(pd.DataFrame(rows), path, source, report)
+
+
+CONVERTERS = {
+    "competition": from_competition,
+    "preference_pairs": from_preference_pairs,
+    "scored_answers": from_scored_answers,
+    "arena_conversations": from_arena_conversations,
+}
+
+
+def convert(kind: str, path, source: str, **options) -> tuple[pd.DataFrame, ConversionReport]:
+    """Dispatch by converter name (what a config's ``external`` list names)."""
+    if kind not in CONVERTERS:
+        raise ValueError(f"unknown converter {kind!r}; known: {sorted(CONVERTERS)}")
+    return CONVERTERS[kind](path, source=source, **options)
