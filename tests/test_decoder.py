@@ -433,9 +433,9 @@ def test_run_py_train_decoder_end_to_end(gemma_dir, tmp_path):
     pd.read_csv(sample_path()).iloc[:40].to_csv(tmp_path / "train.csv", index=False)
     params = {"max_length": 192, "max_steps": 1, "batch_size": 4, "grad_accum": 1, "lora_r": 4, "lora_alpha": 8,
               "gradient_checkpointing": False}
+    sets = [arg for key, value in params.items() for arg in ("--set", f"stages.decoder.params.{key}={json.dumps(value)}")]
     code = run.main(["train", "decoder", "--model", str(gemma_dir), "--train", str(tmp_path / "train.csv"),
-                     "--out", str(tmp_path / "run"), "--quiet", "--set", "n_folds=2",
-                     "--set", "stages.decoder.type=decoder", "--set", f"stages.decoder.params={json.dumps(params)}"])
+                     "--out", str(tmp_path / "run"), "--quiet", "--set", "n_folds=2", *sets])
     assert code == 0
     stage_dir = tmp_path / "run" / "stages" / "decoder"
     oof = pd.read_csv(stage_dir / "oof_logits.csv")
