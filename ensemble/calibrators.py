@@ -50,7 +50,8 @@ class TemperatureCalibrator:
             z = base / np.exp(theta[0]) + np.array([0.0, 0.0, theta[1]])
             return -(w * (onehot * log_softmax(z, axis=1)).sum(axis=1)).sum() / w.sum()
 
-        res = minimize(loss, np.zeros(2), method="L-BFGS-B")
+        # Bounded: a near-constant stage would otherwise drive T towards 0 (overflowing logits).
+        res = minimize(loss, np.zeros(2), method="L-BFGS-B", bounds=[(np.log(0.02), np.log(50.0)), (-5.0, 5.0)])
         self.temperature, self.tie_bias = float(np.exp(res.x[0])), float(res.x[1])
         return self
 
