@@ -107,7 +107,8 @@ def plot_position_bias(rows: list[dict], path) -> bytes:
     names = [r["stage"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     x = np.arange(len(names))
-    ax1.bar(x, [100 * r["verdict_flip_rate"] for r in rows], color="tab:orange")
+    bars = ax1.bar(x, [100 * r["verdict_flip_rate"] for r in rows], color="tab:orange")
+    ax1.bar_label(bars, fmt="%.1f%%", fontsize=8)
     ax1.set_xticks(x, names, rotation=20)
     ax1.set_ylabel("% of battles")
     ax1.set_title("Verdict changes when A and B are swapped\n(argmax, before swap TTA)")
@@ -132,10 +133,14 @@ def plot_subgroups(table: pd.DataFrame, path) -> bytes:
     for i, name in enumerate(outputs):
         ax.bar(x + (i - (len(outputs) - 1) / 2) * width, table[name], width, label=name,
                color="black" if name == FINAL else None)
-    ax.set_xticks(x, [f"{g}\n(n={n})" for g, n in zip(groups, table["n"])], fontsize=8)
-    ax.set_ylabel("OOF log loss")
+    ax.set_xticks(x, [f"{g.replace('prompt ', 'prompt' + chr(10))}\n(n={n})" for g, n in zip(groups, table["n"])],
+                  fontsize=8)
+    values = table[outputs].to_numpy(dtype=float)
+    ax.set_ylim(max(0.0, np.nanmin(values) - 0.05), np.nanmax(values) + 0.03)
+    ax.axhline(np.log(3), color="grey", ls="--", lw=1, label="uniform (log 3)")
+    ax.set_ylabel("OOF log loss (lower is better)")
     ax.set_title("Log loss by prompt length, turn count and tie vs non-tie")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
     return _save_fig(fig, path)
 
