@@ -7,7 +7,9 @@
   python run.py tune --run runs/x                                          # compare ensembles, save the chosen one
   python run.py predict --run runs/x --test new.csv --out preds.csv        # predict new battles with a run
 
-A rerun of the same command resumes: finished folds and stages are reused. See README.md.
+A rerun of the same command resumes: finished folds and stages are reused. Every command that fits the
+ensemble writes runs/x/ensemble/ensemble.json (what predict uses), submission.csv (with a test set) and
+report.html. See README.md.
 """
 from __future__ import annotations
 

@@ -46,7 +46,9 @@ class StageContext:
 
 
 class Stage:
-    """Base class. Subclasses set ``kind`` and implement ``fit``, ``predict_logits``, ``save``, ``load``."""
+    """Base class. Subclasses set ``kind`` and implement ``fit``, ``save``, ``load``, and either
+    ``predict_one_order`` / ``predict_both_orders`` (then ``predict_logits`` is the base swap TTA and
+    cross-fitting keeps the single-order OOF logits for the position-bias check) or ``predict_logits``."""
 
     kind: str = "stage"
 
