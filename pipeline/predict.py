@@ -130,6 +130,10 @@ def check_complete(run_dir) -> None:
         if missing:
             raise IncompleteRunError(f"{run_dir}: stage {name!r} is incomplete: fold model(s) {missing} missing "
                                      f"under {stage_dir}; rerun the stage")
+        key = ensemble.get("stage_keys", {}).get(name)
+        if key is not None and read_json(stage_dir / "done.json").get("key") != key:
+            raise IncompleteRunError(f"{run_dir}: stage {name!r} was refitted after the ensemble was tuned; "
+                                     f"run `run.py tune --run {run_dir}` again")
         if not (stage_dir / "spec.json").exists():
             raise IncompleteRunError(f"{run_dir}: stage {name!r} is incomplete: {stage_dir}/spec.json is missing")
 

@@ -115,6 +115,8 @@ class Run:
         summary["stages_raw"] = {r.name: scores(y, raw_probs(r.oof_logits)) for r in results}
         summary["stages_calibrated"] = {row["single_stage"]: row["cv_log_loss"] for row in stacked.table
                                         if row["single_stage"]}
+        # the stage fits this ensemble was tuned on: predict refuses stages refitted since
+        summary["stage_keys"] = {n: read_json(self.dir / "stages" / n / "done.json")["key"] for n in names}
         out = self.dir / ENSEMBLE_DIR
         write_atomic(out / "oof_probs.csv", lambda p: probs_frame(self.train["id"], stacked.oof_probs).to_csv(
             p, index=False, float_format="%.9g"))

@@ -68,6 +68,10 @@ def test_predict_refuses_an_incomplete_run(finished_run, slice_files, tmp_path, 
     shutil.rmtree(broken / "stages/lgbm/fold1")
     with pytest.raises(IncompleteRunError, match=r"stage 'lgbm' is incomplete: fold model\(s\) \['fold1'\]"):
         Predictor.load(broken)
+    stale = json.loads((broken / "stages/length_lr/done.json").read_text())
+    (broken / "stages/length_lr/done.json").write_text(json.dumps({**stale, "key": "refitted"}))
+    with pytest.raises(IncompleteRunError, match="stage 'length_lr' was refitted after the ensemble was tuned"):
+        Predictor.load(broken)
     (broken / "stages/length_lr/done.json").unlink()
     assert cli.main(["predict", "--run", str(broken), "--test", str(slice_files / "test.csv"),
                      "--out", str(tmp_path / "p.csv"), "--quiet"]) == 2
