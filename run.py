@@ -4,8 +4,12 @@
   python run.py --train train.csv [--test test.csv] --out runs/first      # everything, end to end
   python run.py train STAGE --train train.csv [--test ...] --out runs/x    # one stage (name or type)
   python run.py stack --run runs/x                                         # refit only the stacker
+  python run.py tune --run runs/x                                          # compare ensembles, save the chosen one
+  python run.py predict --run runs/x --test new.csv --out preds.csv        # predict new battles with a run
 
-A rerun of the same command resumes: finished folds and stages are reused. See README.md.
+A rerun of the same command resumes: finished folds and stages are reused. Every command that fits the
+ensemble writes runs/x/ensemble/ensemble.json (what predict uses), submission.csv (with a test set) and
+report.html. See README.md.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-COMMANDS = ("all", "train", "stack")
+COMMANDS = ("all", "train", "stack", "tune", "predict")
 log = logging.getLogger("run")
 
 
@@ -46,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="local checkpoint directory for deep stages (sets params.model)")
     common(t)
     common(sub.add_parser("stack", help="refit only the stacking layer on the saved OOF logits"))
+    common(sub.add_parser("tune", help="compare ensembles (average, weighted, logistic, +meta) by nested CV on "
+                                       "the saved OOF logits; save the chosen one; refresh submission and report"))
+    pr = sub.add_parser("predict", help="predict new battles with a finished run's fold models and ensemble")
+    pr.add_argument("--run", required=True, help="a finished run directory")
+    pr.add_argument("--test", required=True, help="battles to predict (.csv/.parquet/.jsonl; labels ignored)")
+    pr.add_argument("--out", required=True, help="where to write the predictions (CSV: id + winner_* columns)")
+    pr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pr.add_argument("--quiet", action="store_true")
+    pr.add_argument("--verbose", action="store_true")
     return p
 
 
@@ -111,6 +124,8 @@ def main(argv=None) -> int:
     from pipeline.config import ConfigError
     from pipeline.runner import Run, RunError, run_all
 
+    if args.command == "predict":
+        return _predict(args)
     try:
         cfg = _resolve_config(args)
         run = Run(args.out, cfg, args.train, args.test)
@@ -131,7 +146,41 @@ def main(argv=None) -> int:
         log.error("%s", exc)
         return 2
     _print_summary(summary, args.out)
+    if args.command == "tune":
+        _print_tune_table(summary, args.out)
     return 0
+
+
+def _predict(args) -> int:
+    from battles.io import BattleDataError, read_battles
+    from pipeline.predict import Predictor, write_predictions
+    from pipeline.runner import RunError
+
+    try:
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+        predictor = Predictor.load(args.run)
+        battles, _ = read_battles(args.test, require_labels=False)
+        frame = predictor.predict_frame(battles)
+        write_predictions(frame, args.out, overwrite=args.overwrite)
+    except (BattleDataError, RunError, FileNotFoundError, FileExistsError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"wrote {len(frame)} predictions to {args.out} (ensemble: {predictor.ensemble['chosen']})")
+    return 0
+
+
+def _print_tune_table(summary: dict, out) -> None:
+    names = summary["stages"]
+    width = max(len(m["method"]) for m in summary["methods"]) + 2
+    print(f"\nensemble tuning (every row scored by nested CV on the run's folds; weights: share per stage)")
+    print(f"{'method':<{width}}{'nested LL':>10}{'accuracy':>10}  {'best candidate':<24}" + "".join(f"{n[:14]:>15}" for n in names))
+    for m in summary["methods"]:
+        mark = " *" if m["chosen"] and not m["method"].startswith("selected") else ""
+        print(f"{m['method'] + mark:<{width}}{m['nested_log_loss']:>10.4f}{m['nested_accuracy']:>10.3f}  "
+              f"{m['best_candidate']:<24}" + "".join(f"{m['weights'][n]:>15.3f}" for n in names))
+    print(f"chosen: {summary['chosen']} (* above); saved to {Path(out) / 'ensemble' / 'ensemble.json'}")
+    print(f"stages carrying weight (share >= 5%): {', '.join(summary['carrying_weight']) or 'none'}")
 
 
 def _print_summary(summary: dict, out) -> None:

@@ -88,7 +88,7 @@ def main() -> None:
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
             sys.exit(f"run.py failed at n={n}")
-        summary = json.loads((d / "run" / "stacker" / "stacker.json").read_text())
+        summary = json.loads((d / "run" / "ensemble" / "ensemble.json").read_text())
         stage_secs = {s: json.loads((d / "run" / "stages" / s / "metrics.json").read_text())["seconds"]
                       for s in summary["stages"]}
         results.append((n, wall, peak_kib / 2**20, summary["nested_scores"]["log_loss"], stage_secs))

@@ -14,9 +14,9 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from battles.labels import expand_targets, label_matrix, row_weights, swap_battles, swap_columns
+from battles.labels import expand_targets, label_matrix, row_weights, swap_battles
 from features.text import join_turns, tokens
-from models.stage import Stage, StageContext, swap_tta
+from models.stage import Stage, StageContext
 from pipeline.artifacts import write_json
 
 
@@ -45,11 +45,8 @@ class LengthLogisticStage(Stage):
         self.model.fit(x, y, sample_weight=w)
         return self
 
-    def _one_order(self, battles: pd.DataFrame) -> np.ndarray:
+    def predict_one_order(self, battles: pd.DataFrame) -> np.ndarray:
         return self.model.predict_log_proba(self.scaler.transform(length_features(battles)))
-
-    def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
-        return swap_tta(self._one_order, battles)
 
     def save(self, directory) -> None:
         write_json(Path(directory) / "stage.json", {

@@ -84,14 +84,15 @@ class LightGBMStage(Stage):
             self.booster = lgb.train(self.lgb_params, dtrain, self.params["rounds_without_valid"])
         return self
 
-    def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
+    def predict_both_orders(self, battles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Both orders from one feature build (the swapped matrix costs nothing); TTA is the base class's."""
         if self.booster is None:
             raise RuntimeError("LightGBMStage.predict_logits called before fit or load")
         x, xs, _ = self.features.build(battles)
         it = self.booster.best_iteration or None
         straight = log_softmax(self.booster.predict(x, raw_score=True, num_iteration=it), axis=1)
         swapped = log_softmax(self.booster.predict(xs, raw_score=True, num_iteration=it), axis=1)
-        return 0.5 * (straight + swap_columns(swapped))
+        return straight, swapped
 
     def feature_importance(self) -> pd.Series:
         gain = self.booster.feature_importance(importance_type="gain")

@@ -8,6 +8,12 @@ and round-trips through ``save(dir)`` / ``load(dir)`` with no pickles.
 Logits are log-probabilities up to a per-row constant; ``predict_logits`` returns the stage's final
 answer, which for every stage in this repo is averaged over both A/B orders (:func:`swap_tta`), so
 ``predict_logits(swap_battles(x)) == swap_columns(predict_logits(x))``.
+
+Swap TTA is written once here. A stage implements ``predict_one_order`` (one A/B order, no TTA), or
+``predict_both_orders`` when it can score both orders more cheaply at once (LightGBM builds both
+feature matrices together); the base ``predict_logits`` combines the two orders with
+:func:`combine_orders`. The single-order predictions are kept by cross-fitting (the report's
+position-bias check); :func:`predict_with_orders` is the one call that gives both.
 """
 from __future__ import annotations
 
@@ -42,7 +48,9 @@ class StageContext:
 
 
 class Stage:
-    """Base class. Subclasses set ``kind`` and implement ``fit``, ``predict_logits``, ``save``, ``load``."""
+    """Base class. Subclasses set ``kind`` and implement ``fit``, ``save``, ``load``, and either
+    ``predict_one_order`` / ``predict_both_orders`` (then ``predict_logits`` is the base swap TTA and
+    cross-fitting keeps the single-order OOF logits for the position-bias check) or ``predict_logits``."""
 
     kind: str = "stage"
 
@@ -56,8 +64,20 @@ class Stage:
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "Stage":
         raise NotImplementedError
 
-    def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
+    def predict_one_order(self, battles: pd.DataFrame) -> np.ndarray:
+        """Logits for the battles as given, without swap TTA. Implement this or ``predict_both_orders``."""
         raise NotImplementedError
+
+    def predict_both_orders(self, battles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Log-probabilities for the battles as given and for the swapped battles (columns as predicted
+        for the swapped battle, i.e. not realigned)."""
+        straight = log_softmax(np.asarray(self.predict_one_order(battles), dtype=np.float64), axis=1)
+        swapped = log_softmax(np.asarray(self.predict_one_order(swap_battles(battles)), dtype=np.float64), axis=1)
+        return straight, swapped
+
+    def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
+        """The stage's answer: both A/B orders averaged (stages may override, e.g. deep stages)."""
+        return combine_orders(*self.predict_both_orders(battles))
 
     def save(self, directory) -> None:
         raise NotImplementedError
@@ -78,14 +98,34 @@ def make_stage(kind: str, params: dict | None = None, context: StageContext | No
     return stage_class(kind)(params, context)
 
 
-def swap_tta(predict_one_order: Callable[[pd.DataFrame], np.ndarray], battles: pd.DataFrame) -> np.ndarray:
-    """Average log-probabilities over the given order and the swapped order (columns realigned).
+def combine_orders(straight: np.ndarray, swapped: np.ndarray) -> np.ndarray:
+    """Swap TTA: average the log-probabilities of the given order and of the swapped order (realigned).
 
     The result is exactly swap-equivariant: swapping the input swaps the output's A and B columns.
     """
-    straight = log_softmax(np.asarray(predict_one_order(battles), dtype=np.float64), axis=1)
-    swapped = log_softmax(np.asarray(predict_one_order(swap_battles(battles)), dtype=np.float64), axis=1)
+    straight = log_softmax(np.asarray(straight, dtype=np.float64), axis=1)
+    swapped = log_softmax(np.asarray(swapped, dtype=np.float64), axis=1)
     return 0.5 * (straight + swap_columns(swapped))
+
+
+def swap_tta(predict_one_order: Callable[[pd.DataFrame], np.ndarray], battles: pd.DataFrame) -> np.ndarray:
+    """Swap TTA around any one-order predictor (for stages that override ``predict_logits``)."""
+    return combine_orders(predict_one_order(battles), predict_one_order(swap_battles(battles)))
+
+
+def predict_with_orders(stage: Stage, battles: pd.DataFrame):
+    """``(logits, straight, swapped)``: the stage's answer and, where the stage can give them without
+    extra cost, its single-order log-probabilities (else ``None, None``). A stage whose
+    ``predict_logits`` is the base TTA gets them from one ``predict_both_orders`` call; a stage that
+    overrides ``predict_logits`` is asked only for that."""
+    if type(stage).predict_logits is Stage.predict_logits:
+        try:
+            straight, swapped = stage.predict_both_orders(battles)
+        except NotImplementedError:
+            pass
+        else:
+            return combine_orders(straight, swapped), straight, swapped
+    return stage.predict_logits(battles), None, None
 
 
 def average_logits(per_fold: list[np.ndarray]) -> np.ndarray:

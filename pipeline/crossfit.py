@@ -6,6 +6,11 @@ logits) and the test battles. Each finished fold is written to ``stages/<name>/f
 ``done.json`` holding the resume key (stage config, data, folds); a rerun skips folds whose key
 matches. When every fold is done the stage's ``oof_logits.csv``, ``test_logits.csv`` (fold average)
 and ``metrics.json`` are written and the stage is marked done.
+
+Stages that can (see :func:`models.stage.predict_with_orders`) also leave their single-order OOF
+log-probabilities, before swap TTA: ``oof_logits_straight.csv`` (battles as given) and
+``oof_logits_swapped.csv`` (battles with A and B swapped, columns as predicted for the swapped
+battle). The report's position-bias check reads them; nothing else does.
 """
 from __future__ import annotations
 
@@ -22,10 +27,13 @@ from battles.io import data_hash
 from battles.labels import LABEL_COLUMNS, has_labels, label_index
 from ensemble.metrics import scores
 from ensemble.stacking import raw_probs
-from models.stage import StageContext, average_logits, make_stage
+from models.stage import StageContext, average_logits, make_stage, predict_with_orders
 from pipeline.artifacts import config_key, read_json, read_logits, write_json, write_logits
 
 log = logging.getLogger(__name__)
+
+
+ORDERS = ("straight", "swapped")  # single-order OOF files: oof_logits_straight.csv, oof_logits_swapped.csv
 
 
 @dataclass
@@ -67,6 +75,8 @@ def crossfit_stage(run_dir, name: str, spec: dict, train: pd.DataFrame, folds: n
     started = time.time()
     prepared = False
     oof = np.zeros((len(train), 3))
+    orders = {o: np.zeros((len(train), 3)) for o in ORDERS}
+    have_orders = True
     test_per_fold = []
     fold_ids = sorted(np.unique(folds))
     bar = tqdm(fold_ids, desc=f"{name}", unit="fold", disable=not progress)
@@ -75,7 +85,12 @@ def crossfit_stage(run_dir, name: str, spec: dict, train: pd.DataFrame, folds: n
         valid_mask = folds == k
         fold_key = config_key(key, int(k))
         if _done(fold_dir / "done.json", fold_key):
-            oof[valid_mask] = read_logits(fold_dir / "valid_logits.csv", train.loc[valid_mask, "id"].tolist())
+            valid_ids = train.loc[valid_mask, "id"].tolist()
+            oof[valid_mask] = read_logits(fold_dir / "valid_logits.csv", valid_ids)
+            for o in ORDERS:
+                have_orders = have_orders and (fold_dir / f"valid_logits_{o}.csv").exists()
+                if have_orders:
+                    orders[o][valid_mask] = read_logits(fold_dir / f"valid_logits_{o}.csv", valid_ids)
             if test is not None:
                 test_per_fold.append(read_logits(fold_dir / "test_logits.csv", test["id"].tolist()))
             bar.set_postfix_str(f"fold {k} reused")
@@ -90,8 +105,14 @@ def crossfit_stage(run_dir, name: str, spec: dict, train: pd.DataFrame, folds: n
             fit_rows = pd.concat([fit_rows, extra_train], ignore_index=True)
         valid = train[valid_mask]
         stage.fit(fit_rows, valid)
-        oof[valid_mask] = stage.predict_logits(valid)
+        oof[valid_mask], straight, swapped = predict_with_orders(stage, valid)
         write_logits(fold_dir / "valid_logits.csv", valid["id"].tolist(), oof[valid_mask])
+        if straight is None:
+            have_orders = False
+        else:
+            for o, values in zip(ORDERS, (straight, swapped)):
+                orders[o][valid_mask] = values
+                write_logits(fold_dir / f"valid_logits_{o}.csv", valid["id"].tolist(), values)
         if test is not None:
             test_per_fold.append(stage.predict_logits(test))
             write_logits(fold_dir / "test_logits.csv", test["id"].tolist(), test_per_fold[-1])
@@ -99,6 +120,11 @@ def crossfit_stage(run_dir, name: str, spec: dict, train: pd.DataFrame, folds: n
         write_json(fold_dir / "done.json", {"key": fold_key, "stage": name, "fold": int(k)})
 
     write_logits(stage_dir / "oof_logits.csv", ids, oof)
+    for o in ORDERS:
+        if have_orders:
+            write_logits(stage_dir / f"oof_logits_{o}.csv", ids, orders[o])
+        elif (stage_dir / f"oof_logits_{o}.csv").exists():
+            (stage_dir / f"oof_logits_{o}.csv").unlink()
     test_logits = None
     if test is not None:
         test_logits = average_logits(test_per_fold)
@@ -123,3 +149,12 @@ def load_stage_result(run_dir, name: str, train: pd.DataFrame, test: pd.DataFram
     if test is not None and (stage_dir / "test_logits.csv").exists():
         test_logits = read_logits(stage_dir / "test_logits.csv", test["id"].tolist())
     return StageResult(name, oof, test_logits, read_json(stage_dir / "metrics.json"))
+
+
+def load_single_order_oof(run_dir, name: str, train: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """A finished stage's OOF log-probabilities before swap TTA, ``(straight, swapped)``, or None."""
+    stage_dir = Path(run_dir) / "stages" / name
+    paths = [stage_dir / f"oof_logits_{o}.csv" for o in ORDERS]
+    if not all(p.exists() for p in paths):
+        return None
+    return tuple(read_logits(p, train["id"].tolist()) for p in paths)

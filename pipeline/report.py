@@ -1,10 +1,21 @@
-"""The run report: a Markdown page with per-stage and final scores, data repairs, and plots.
+"""The run report: one self-contained HTML page, ``report.html``, with its plots also saved beside it.
 
-``report.md`` sits in the run directory beside ``calibration.png`` (reliability per class of the
-final out-of-fold probabilities) and ``stage_scores.png`` (OOF log loss per stage, raw and
-calibrated, against the class prior and the final output).
+Sections: scores per stage and of the final ensemble (out-of-fold; the final row by nested CV), the
+ensemble methods compared by ``tune``, per-class reliability, the confusion matrix of the final
+output, the position-bias check per stage (how often a stage changes its verdict when A and B are
+swapped, before swap TTA, read from the single-order OOF logits that cross-fitting keeps), scores by
+prompt length, by turn count and tie vs non-tie, and the repairs the data layer counted.
+
+PNGs (``calibration.png``, ``confusion.png``, ``stage_scores.png``, ``position_bias.png``,
+``subgroups.png``) are written beside the page and embedded in it as base64, so the page can be
+mailed on its own.
 """
 from __future__ import annotations
+
+import base64
+import html
+import io
+import json
 
 import matplotlib
 
@@ -12,32 +23,67 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from scipy.special import softmax  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
-from battles.labels import CLASS_NAMES, LABEL_COLUMNS, label_index  # noqa: E402
+from battles.labels import CLASS_NAMES, LABEL_COLUMNS, label_index, swap_columns  # noqa: E402
+from ensemble.metrics import scores  # noqa: E402
+from features.text import join_turns  # noqa: E402
 from pipeline.artifacts import write_atomic  # noqa: E402
+from pipeline.crossfit import load_single_order_oof, load_stage_result  # noqa: E402
+
+FINAL = "final (nested CV)"
+CLASS_LABELS = ["A wins", "B wins", "tie"]
 
 
-def _save_fig(fig, path):
-    write_atomic(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+def _save_fig(fig, path) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
+    png = buf.getvalue()
+    write_atomic(path, lambda p: open(p, "wb").write(png))
+    return png
 
 
-def plot_calibration(y: np.ndarray, probs: np.ndarray, path, title="Final OOF reliability") -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharey=True)
+# -- plots --------------------------------------------------------------------------------------
+def plot_calibration(y: np.ndarray, outputs: dict, path) -> bytes:
+    """Reliability per class: the final output (bold) and every stage's raw probabilities (thin)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.3), sharey=True)
     for c, ax in enumerate(axes):
-        frac, mean_pred = calibration_curve(y == c, probs[:, c], n_bins=10, strategy="quantile")
-        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-        ax.plot(mean_pred, frac, "o-")
-        ax.set_title(f"class {CLASS_NAMES[c]}")
-        ax.set_xlabel("predicted probability")
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect")
+        for name, probs in outputs.items():
+            frac, mean_pred = calibration_curve(y == c, probs[:, c], n_bins=10, strategy="quantile")
+            final = name == FINAL
+            ax.plot(mean_pred, frac, "o-" if final else ".-", lw=2.2 if final else 1, ms=5 if final else 3,
+                    alpha=1 if final else 0.7, label=name, color="black" if final else None)
+        ax.set_title(f"{CLASS_LABELS[c]} (base rate {np.mean(y == c):.2f})")
+        ax.set_xlabel("predicted probability (deciles)")
         ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
     axes[0].set_ylabel("observed frequency")
-    fig.suptitle(title)
-    _save_fig(fig, path)
+    axes[-1].legend(loc="upper left", fontsize=8)
+    fig.suptitle("Reliability per class, out-of-fold")
+    return _save_fig(fig, path)
 
 
-def plot_stage_scores(summary: dict, path) -> None:
+def plot_confusion(y: np.ndarray, probs: np.ndarray, path) -> tuple[bytes, np.ndarray]:
+    counts = np.zeros((3, 3), dtype=int)
+    np.add.at(counts, (y, probs.argmax(axis=1)), 1)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5, 4.3))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(3):
+        for j in range(3):
+            ax.text(j, i, f"{counts[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(3), CLASS_LABELS), ax.set_yticks(range(3), CLASS_LABELS)
+    ax.set_xlabel("predicted (argmax)"), ax.set_ylabel("true")
+    ax.set_title("Confusion matrix, final output (nested OOF)")
+    fig.colorbar(im, ax=ax, label="share of true class")
+    return _save_fig(fig, path), counts
+
+
+def plot_stage_scores(summary: dict, path) -> bytes:
     names = list(summary["stages_raw"])
     raw = [summary["stages_raw"][n]["log_loss"] for n in names]
     cal = [summary["stages_calibrated"].get(n, np.nan) for n in names]
@@ -49,63 +95,210 @@ def plot_stage_scores(summary: dict, path) -> None:
     ax.axhline(summary["nested_scores"]["log_loss"], color="green", ls="-", label="final (nested CV)")
     ax.set_xticks(x, names, rotation=20)
     lo = min([v for v in raw + cal if np.isfinite(v)] + [summary["nested_scores"]["log_loss"]])
-    ax.set_ylim(lo - 0.03, summary["prior_log_loss"] + 0.03)
+    hi = max([v for v in raw if np.isfinite(v)] + [summary["prior_log_loss"]])
+    ax.set_ylim(lo - 0.03, hi + 0.03)
     ax.set_ylabel("OOF log loss (lower is better)")
+    ax.set_title("Log loss per stage and of the final ensemble")
     ax.legend(loc="upper right", fontsize=8)
-    _save_fig(fig, path)
+    return _save_fig(fig, path)
 
 
-def _fmt_table(rows: list[dict], cols: list[str]) -> str:
-    head = "| " + " | ".join(cols) + " |\n| " + " | ".join("---" for _ in cols) + " |\n"
-    body = ""
-    for r in rows:
-        body += "| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |\n"
-    return head + body
+def plot_position_bias(rows: list[dict], path) -> bytes:
+    names = [r["stage"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(len(names))
+    bars = ax1.bar(x, [100 * r["verdict_flip_rate"] for r in rows], color="tab:orange")
+    ax1.bar_label(bars, fmt="%.1f%%", fontsize=8)
+    ax1.set_xticks(x, names, rotation=20)
+    ax1.set_ylabel("% of battles")
+    ax1.set_title("Verdict changes when A and B are swapped\n(argmax, before swap TTA)")
+    ax2.bar(x - 0.25, [r["log_loss_straight"] for r in rows], 0.25, label="as given")
+    ax2.bar(x, [r["log_loss_swapped"] for r in rows], 0.25, label="swapped (realigned)")
+    ax2.bar(x + 0.25, [r["log_loss_tta"] for r in rows], 0.25, label="swap TTA")
+    ax2.set_xticks(x, names, rotation=20)
+    vals = [r[k] for r in rows for k in ("log_loss_straight", "log_loss_swapped", "log_loss_tta")]
+    ax2.set_ylim(min(vals) - 0.02, max(vals) + 0.02)
+    ax2.set_ylabel("OOF log loss (raw)")
+    ax2.set_title("Single orders vs swap TTA")
+    ax2.legend(fontsize=8)
+    return _save_fig(fig, path)
+
+
+def plot_subgroups(table: pd.DataFrame, path) -> bytes:
+    groups = table["group"].tolist()
+    outputs = [c for c in table.columns if c not in ("group", "n")]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups) * max(1, len(outputs) / 2)), 4.2))
+    x = np.arange(len(groups))
+    width = 0.8 / len(outputs)
+    for i, name in enumerate(outputs):
+        ax.bar(x + (i - (len(outputs) - 1) / 2) * width, table[name], width, label=name,
+               color="black" if name == FINAL else None)
+    ax.set_xticks(x, [f"{g.replace('prompt ', 'prompt' + chr(10))}\n(n={n})" for g, n in zip(groups, table["n"])],
+                  fontsize=8)
+    values = table[outputs].to_numpy(dtype=float)
+    ax.set_ylim(max(0.0, np.nanmin(values) - 0.05), np.nanmax(values) + 0.03)
+    ax.axhline(np.log(3), color="grey", ls="--", lw=1, label="uniform (log 3)")
+    ax.set_ylabel("OOF log loss (lower is better)")
+    ax.set_title("Log loss by prompt length, turn count and tie vs non-tie")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(axis="y", alpha=0.3)
+    return _save_fig(fig, path)
+
+
+# -- tables -------------------------------------------------------------------------------------
+def position_bias(run, names: list[str]) -> list[dict]:
+    """Per stage with single-order OOF logits: verdict flip rate under swap and the log loss of each order."""
+    y = label_index(run.train)
+    rows = []
+    for name in names:
+        orders = load_single_order_oof(run.dir, name, run.train)
+        if orders is None:
+            continue
+        straight, swapped = (softmax(o, axis=1) for o in orders)
+        realigned = swap_columns(swapped)
+        tta = load_stage_result(run.dir, name, run.train, None).oof_logits
+        rows.append({"stage": name,
+                     "verdict_flip_rate": float((straight.argmax(axis=1) != realigned.argmax(axis=1)).mean()),
+                     "mean_p_first_minus_second": float((straight[:, 0] - straight[:, 1]).mean()),
+                     "mean_abs_prob_change": float(np.abs(straight - realigned).sum(axis=1).mean() / 2),
+                     "log_loss_straight": scores(y, straight)["log_loss"],
+                     "log_loss_swapped": scores(y, realigned)["log_loss"],
+                     "log_loss_tta": scores(y, softmax(tta, axis=1))["log_loss"]})
+    return rows
+
+
+def subgroup_scores(battles: pd.DataFrame, y: np.ndarray, outputs: dict) -> pd.DataFrame:
+    """Log loss per output on: prompt length quartiles, single vs multi-turn, tie vs non-tie battles."""
+    chars = np.array([len(join_turns(p)) for p in battles["prompt"]])
+    edges = np.unique(np.quantile(chars, [0, 0.25, 0.5, 0.75, 1.0]).round())
+    bucket = np.clip(np.searchsorted(edges, chars, side="right") - 1, 0, len(edges) - 2)
+    turns = np.array([len(p) for p in battles["prompt"]])
+    masks = [(f"prompt {int(edges[b])}-{int(edges[b + 1])} chars", bucket == b) for b in range(len(edges) - 1)]
+    masks += [("1 turn", turns == 1), ("multi-turn", turns > 1), ("tie", y == 2), ("not tie", y != 2)]
+    rows = []
+    for label, mask in masks:
+        if not mask.any():
+            continue
+        row = {"group": label, "n": int(mask.sum())}
+        for name, probs in outputs.items():
+            row[name] = scores(y[mask], probs[mask])["log_loss"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if np.isfinite(v) else "-"
+    if isinstance(v, dict):
+        return ", ".join(f"{html.escape(str(k))}: {_cell(x)}" for k, x in v.items())
+    return html.escape(str(v))
+
+
+def _table(rows: list[dict], cols: list[str] | None = None, cls: str = "") -> str:
+    if not rows:
+        return "<p><em>none</em></p>"
+    cols = cols or list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _img(png: bytes, alt: str, name: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"><figcaption>{name}</figcaption></figure>'
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}
+figcaption{color:#666;font-size:.85em}.note{color:#555;font-size:.92em}"""
 
 
 def write_report(run, summary: dict) -> None:
+    """Write ``report.html`` (and its PNGs) for a run whose ensemble has just been fitted."""
     y = label_index(run.train)
-    oof = pd.read_csv(run.dir / "stacker" / "oof_probs.csv")[LABEL_COLUMNS].to_numpy()
-    plot_calibration(y, oof, run.dir / "calibration.png")
-    plot_stage_scores(summary, run.dir / "stage_scores.png")
-    rows = []
-    for name, s in summary["stages_raw"].items():
-        rows.append({"output": name, "log loss (raw)": s["log_loss"],
-                     "log loss (calibrated)": summary["stages_calibrated"].get(name, float("nan")),
-                     "accuracy": s["accuracy"], "ll a": s["log_loss_a"], "ll b": s["log_loss_b"],
-                     "ll tie": s["log_loss_tie"], "acc a": s["accuracy_a"], "acc b": s["accuracy_b"],
-                     "acc tie": s["accuracy_tie"]})
+    names = list(summary["stages_raw"])
+    final = pd.read_csv(run.dir / "ensemble" / "oof_probs.csv")[LABEL_COLUMNS].to_numpy()
+    raw = {n: softmax(load_stage_result(run.dir, n, run.train, None).oof_logits, axis=1) for n in names}
+    outputs = {**raw, FINAL: final}
+
+    score_rows = []
+    for name in names:
+        s = summary["stages_raw"][name]
+        score_rows.append({"output": name, "log loss (raw)": s["log_loss"],
+                           "log loss (calibrated, CV)": summary["stages_calibrated"].get(name, float("nan")),
+                           "accuracy": s["accuracy"], **{f"ll {c}": s.get(f"log_loss_{c}", float("nan")) for c in CLASS_NAMES},
+                           **{f"recall {c}": s.get(f"accuracy_{c}", float("nan")) for c in CLASS_NAMES}})
     f = summary["nested_scores"]
-    rows.append({"output": f"**final** ({summary['chosen']})", "log loss (raw)": f["log_loss"],
-                 "log loss (calibrated)": f["log_loss"], "accuracy": f["accuracy"], "ll a": f["log_loss_a"],
-                 "ll b": f["log_loss_b"], "ll tie": f["log_loss_tie"], "acc a": f["accuracy_a"],
-                 "acc b": f["accuracy_b"], "acc tie": f["accuracy_tie"]})
-    cols = list(rows[0])
-    cand = _fmt_table(summary["candidates"], ["candidate", "cv_log_loss", "chosen_in_outer_folds", "chosen"])
-    repairs = []
-    for part, rep in run.repairs.items():
-        repairs.append({"file": f"{part}: {rep['file']}", **{k: rep[k] for k in (
-            "rows", "null_turns", "lone_surrogates", "empty_replies", "empty_prompts", "multi_turn_battles")}})
-    text = f"""# Run report: `{run.dir}`
+    score_rows.append({"output": f"final: {summary['chosen']}", "log loss (raw)": float("nan"),
+                       "log loss (calibrated, CV)": f["log_loss"], "accuracy": f["accuracy"],
+                       **{f"ll {c}": f.get(f"log_loss_{c}", float("nan")) for c in CLASS_NAMES},
+                       **{f"recall {c}": f.get(f"accuracy_{c}", float("nan")) for c in CLASS_NAMES}})
+    methods = [{"method": m["method"], "nested log loss": m["nested_log_loss"], "accuracy": m["nested_accuracy"],
+                "best candidate": m["best_candidate"], **{f"w {n}": m["weights"][n] for n in names}}
+               for m in summary["methods"]]
 
-Training battles: {len(run.train)} ({run.config['n_folds']} folds grouped by prompt, seed {run.config['seed']}).
-Test battles: {0 if run.test is None else len(run.test)}.
-Class prior log loss (fold-wise): {summary['prior_log_loss']:.4f}.
+    pngs = {"stage_scores": plot_stage_scores(summary, run.dir / "stage_scores.png"),
+            "calibration": plot_calibration(y, outputs, run.dir / "calibration.png")}
+    pngs["confusion"], counts = plot_confusion(y, final, run.dir / "confusion.png")
+    bias = position_bias(run, names)
+    if bias:
+        pngs["position_bias"] = plot_position_bias(bias, run.dir / "position_bias.png")
+    no_bias = [n for n in names if n not in {b["stage"] for b in bias}]
+    groups = subgroup_scores(run.train, y, outputs)
+    pngs["subgroups"] = plot_subgroups(groups, run.dir / "subgroups.png")
+    confusion_rows = [{"true / predicted": CLASS_LABELS[i], **{CLASS_LABELS[j]: int(counts[i, j]) for j in range(3)}}
+                      for i in range(3)]
+    repairs = [{"file": f"{part}: {rep['file']}", **{k: rep[k] for k in (
+        "rows", "null_turns", "lone_surrogates", "empty_replies", "empty_prompts", "multi_turn_battles")}}
+        for part, rep in run.repairs.items()]
 
-## Scores (out-of-fold)
-"Raw" is softmax of the stage's logits; "calibrated" is the stage with temperature scaling, scored by
-CV; the final row is the chosen stacker scored by **nested** CV (choice made without the scored fold).
-"ll x"/"acc x" are log loss and recall on battles whose true label is x.
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Run report: {html.escape(str(run.dir))}</title>
+<style>{STYLE}</style></head><body>
+<h1>Run report: <code>{html.escape(str(run.dir))}</code></h1>
+<p>Training battles: {len(run.train)} ({run.config['n_folds']} folds grouped by prompt, seed {run.config['seed']}).
+Test battles: {0 if run.test is None else len(run.test)}. Class prior log loss (fold-wise): {summary['prior_log_loss']:.4f}.</p>
 
-{_fmt_table(rows, cols)}
-![per-stage scores](stage_scores.png)
+<h2 id="scores">Scores (out-of-fold)</h2>
+<p class="note">"Raw" is softmax of the stage's logits; "calibrated" is the stage with temperature scaling, scored by
+CV; the final row is the chosen ensemble scored by <b>nested</b> CV (its choice made without the scored fold).
+"ll x" / "recall x" are log loss and recall on battles whose true label is x.</p>
+{_table(score_rows, cls="scores")}
+{_img(pngs['stage_scores'], 'log loss per stage', 'stage_scores.png')}
 
-## Stacker candidates
-{cand}
-## Calibration of the final output
-![reliability](calibration.png)
+<h2 id="ensemble">Ensemble methods (nested CV)</h2>
+<p>Chosen: <b>{html.escape(summary['chosen'])}</b> (method {html.escape(summary['method'])}).
+Stages carrying weight (share &ge; 5%): {html.escape(', '.join(summary['carrying_weight']) or 'none')}.
+Weights are each method's model refitted on all rows: stage shares of the average, the fitted simplex weights, or
+for logistic stacking each stage's share of the absolute coefficients.</p>
+{_table(methods, cls="methods")}
+<details><summary>All candidates (CV log loss; how many outer folds chose each)</summary>
+{_table(summary['candidates'], ['candidate', 'method', 'cv_log_loss', 'chosen_in_outer_folds', 'chosen'])}</details>
 
-## Data repairs
-{_fmt_table(repairs, list(repairs[0])) if repairs else 'none'}
+<h2 id="calibration">Reliability per class</h2>
+{_img(pngs['calibration'], 'reliability per class', 'calibration.png')}
+
+<h2 id="confusion">Confusion matrix (final output)</h2>
+{_table(confusion_rows, cls="confusion")}
+{_img(pngs['confusion'], 'confusion matrix', 'confusion.png')}
+
+<h2 id="position-bias">Position bias per stage (before swap TTA)</h2>
+<p class="note">From the single-order OOF predictions kept by cross-fitting: how often the stage's verdict (argmax)
+changes when A and B are swapped, the mean P(first) - P(second) in the given order, the mean total-variation change
+of its probabilities, and the raw log loss of each order alone and of swap TTA (what the stage outputs).
+{('No single-order predictions for: ' + html.escape(', '.join(no_bias)) + '.') if no_bias else ''}</p>
+{_table(bias, cls="bias")}
+{_img(pngs['position_bias'], 'position bias', 'position_bias.png') if bias else ''}
+
+<h2 id="subgroups">Scores by prompt length, turn count, tie vs non-tie</h2>
+<p class="note">Log loss of each stage's raw OOF probabilities and of the final (nested) output.</p>
+{_table(groups.to_dict("records"), cls="subgroups")}
+{_img(pngs['subgroups'], 'log loss by subgroup', 'subgroups.png')}
+
+<h2 id="repairs">Data repairs</h2>
+{_table(repairs, cls="repairs")}
+<details><summary>data_report.json</summary><pre>{html.escape(json.dumps(run.repairs, indent=1))}</pre></details>
+</body></html>
 """
-    write_atomic(run.dir / "report.md", lambda p: open(p, "w").write(text))
+    write_atomic(run.dir / "report.html", lambda p: open(p, "w", encoding="utf-8").write(page))

@@ -17,11 +17,13 @@ from battles.folds import make_folds
 from battles.io import data_hash, read_battles
 from battles.labels import LABEL_COLUMNS, has_labels, label_index
 from ensemble.metrics import prior_log_loss, scores
-from ensemble.stacking import fit_stacker, load_stacker, raw_probs
+from ensemble.meta import meta_features
+from ensemble.stacking import fit_stacker, raw_probs
 from pipeline.artifacts import read_json, write_atomic, write_json
 from pipeline.crossfit import crossfit_stage, load_stage_result
 
 log = logging.getLogger(__name__)
+ENSEMBLE_DIR = "ensemble"  # ensemble.json (the chosen ensemble, read by predict) and oof_probs.csv
 
 
 class RunError(RuntimeError):
@@ -126,42 +128,58 @@ class Run:
         return [n for n in self.config["stages"] if (self.dir / "stages" / n / "done.json").exists()]
 
     # -- stacking -------------------------------------------------------------------------------
+    def stacker_options(self) -> dict:
+        opts = self.config.get("stacker", {})
+        return {"c_grid": tuple(opts.get("C_grid", [0.01, 0.1, 1.0])), "weighted": opts.get("weighted", True),
+                "meta_features": opts.get("meta_features", True), "exclude": set(opts.get("exclude", []))}
+
     def stack(self) -> dict:
-        excluded = set(self.config.get("stacker", {}).get("exclude", []))
-        names = [n for n in self.finished_stages() if n not in excluded]
+        """Choose, fit and save the ensemble over every finished stage (``ensemble/ensemble.json``, the
+        file :class:`pipeline.predict.Predictor` reads); write the nested OOF probabilities and, with a
+        test set, the submission from the saved test logits."""
+        opts = self.stacker_options()
+        names = [n for n in self.finished_stages() if n not in opts["exclude"]]
         if not names:
             raise RunError(f"{self.dir}: no finished stage to stack; run the stages first")
         results = [load_stage_result(self.dir, n, self.train, self.test) for n in names]
         y = label_index(self.train)
-        c_grid = tuple(self.config.get("stacker", {}).get("C_grid", [0.01, 0.1, 1.0]))
-        stacked = fit_stacker(names, [r.oof_logits for r in results], y, self.folds, c_grid)
+        meta = meta_features(self.train) if opts["meta_features"] else None
+        stacked = fit_stacker(names, [r.oof_logits for r in results], y, self.folds, opts["c_grid"], meta=meta,
+                              weighted=opts["weighted"])
         summary = stacked.to_json(names)
         summary["prior_log_loss"] = prior_log_loss(y, self.folds)
         summary["stages_raw"] = {r.name: scores(y, raw_probs(r.oof_logits)) for r in results}
         summary["stages_calibrated"] = {row["single_stage"]: row["cv_log_loss"] for row in stacked.table
                                         if row["single_stage"]}
-        out = self.dir / "stacker"
-        write_json(out / "stacker.json", summary)
-        oof = pd.DataFrame(stacked.oof_probs, columns=LABEL_COLUMNS)
-        oof.insert(0, "id", self.train["id"].tolist())
-        write_atomic(out / "oof_probs.csv", lambda p: oof.to_csv(p, index=False, float_format="%.9g"))
+        # the stage fits this ensemble was tuned on: predict refuses stages refitted since
+        summary["stage_keys"] = {n: read_json(self.dir / "stages" / n / "done.json")["key"] for n in names}
+        out = self.dir / ENSEMBLE_DIR
+        write_atomic(out / "oof_probs.csv", lambda p: probs_frame(self.train["id"], stacked.oof_probs).to_csv(
+            p, index=False, float_format="%.9g"))
+        write_json(out / "ensemble.json", summary)
         if self.test is not None:
             missing = [r.name for r in results if r.test_logits is None]
             if missing:
                 raise RunError(f"stages {missing} have no test logits for {self.test_path}; rerun them with --test")
-            probs = stacked.model.predict_proba([r.test_logits for r in results])
-            self.write_submission(probs)
+            test_meta = meta_features(self.test) if stacked.meta else None
+            self.write_submission(stacked.model.predict_proba([r.test_logits for r in results], meta=test_meta))
         return summary
 
     def write_submission(self, probs: np.ndarray) -> Path:
-        probs = np.asarray(probs, dtype=np.float64)
-        probs = probs / probs.sum(axis=1, keepdims=True)
-        frame = pd.DataFrame(probs, columns=LABEL_COLUMNS)
-        frame.insert(0, "id", self.test["id"].tolist())
+        frame = probs_frame(self.test["id"], probs)
         path = self.dir / "submission.csv"
         write_atomic(path, lambda p: frame.to_csv(p, index=False, float_format="%.9g"))
         log.info("submission: %s (%d rows)", path, len(frame))
         return path
+
+
+def probs_frame(ids, probs: np.ndarray) -> pd.DataFrame:
+    """The submission table: ``id`` and the three label columns, rows renormalised to sum to one."""
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    frame = pd.DataFrame(probs, columns=LABEL_COLUMNS)
+    frame.insert(0, "id", [str(i) for i in ids])
+    return frame
 
 
 def run_all(run: Run, progress: bool = True) -> dict:

@@ -5,6 +5,7 @@ a missing file is a failure, so nothing is skipped silently where it matters.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -55,3 +56,27 @@ FAST_CONFIG = {
     },
     "stacker": {"C_grid": [0.1]},
 }
+
+
+@pytest.fixture(scope="session")
+def slice_files(arena_frame, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    train = arena_frame.iloc[:300]
+    # unlabeled test: no labels, no model names, shuffled order so "same order" is meaningful
+    test = arena_frame.iloc[300:360][["id", "prompt", "response_a", "response_b"]].sample(frac=1, random_state=3)
+    train.to_csv(root / "train.csv", index=False)
+    test.to_csv(root / "test.csv", index=False)
+    (root / "config.json").write_text(json.dumps(FAST_CONFIG))
+    return root
+
+
+@pytest.fixture(scope="session")
+def finished_run(slice_files):
+    """One end-to-end run shared by the run, tune, predict and report tests (the slow part of the suite)."""
+    import run as cli
+
+    out = slice_files / "run"
+    code = cli.main(["--train", str(slice_files / "train.csv"), "--test", str(slice_files / "test.csv"),
+                     "--out", str(out), "--config", str(slice_files / "config.json"), "--quiet"])
+    assert code == 0
+    return out

@@ -441,4 +441,4 @@ def test_run_py_train_decoder_end_to_end(gemma_dir, tmp_path):
     oof = pd.read_csv(stage_dir / "oof_logits.csv")
     assert len(oof) == 40 and np.isfinite(oof[["logit_a", "logit_b", "logit_tie"]].to_numpy()).all()
     assert (stage_dir / "fold1" / "model" / "adapter_model.safetensors").is_file()
-    assert "decoder" in (tmp_path / "run" / "report.md").read_text()
+    assert "decoder" in (tmp_path / "run" / "report.html").read_text()

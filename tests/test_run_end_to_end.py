@@ -9,28 +9,6 @@ import pandas as pd
 import pytest
 
 import run as cli
-from tests.conftest import FAST_CONFIG
-
-
-@pytest.fixture(scope="module")
-def slice_files(arena_frame, tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    train = arena_frame.iloc[:300]
-    # unlabeled test: no labels, no model names, shuffled order so "same order" is meaningful
-    test = arena_frame.iloc[300:360][["id", "prompt", "response_a", "response_b"]].sample(frac=1, random_state=3)
-    train.to_csv(root / "train.csv", index=False)
-    test.to_csv(root / "test.csv", index=False)
-    (root / "config.json").write_text(json.dumps(FAST_CONFIG))
-    return root
-
-
-@pytest.fixture(scope="module")
-def finished_run(slice_files):
-    out = slice_files / "run"
-    code = cli.main(["--train", str(slice_files / "train.csv"), "--test", str(slice_files / "test.csv"),
-                     "--out", str(out), "--config", str(slice_files / "config.json"), "--quiet"])
-    assert code == 0
-    return out
 
 
 def test_submission_contract(finished_run, slice_files):
@@ -45,20 +23,21 @@ def test_submission_contract(finished_run, slice_files):
 
 
 def test_run_directory_holds_every_artifact(finished_run):
-    for rel in ["config.json", "folds.csv", "data_report.json", "report.md", "calibration.png", "stage_scores.png",
-                "stacker/stacker.json", "stacker/oof_probs.csv"]:
+    for rel in ["config.json", "folds.csv", "data_report.json", "report.html", "calibration.png", "stage_scores.png",
+                "confusion.png", "position_bias.png", "subgroups.png", "ensemble/ensemble.json", "ensemble/oof_probs.csv"]:
         assert (finished_run / rel).exists(), rel
     for stage in ("length_lr", "lgbm"):
         d = finished_run / "stages" / stage
-        for rel in ["oof_logits.csv", "test_logits.csv", "metrics.json", "fold0/model/stage.json"]:
+        for rel in ["oof_logits.csv", "oof_logits_straight.csv", "oof_logits_swapped.csv", "test_logits.csv",
+                    "metrics.json", "fold0/model/stage.json"]:
             assert (d / rel).exists(), f"{stage}/{rel}"
     assert (finished_run / "stages/lgbm/fold2/model/model.txt").read_text().startswith("tree")
     folds = pd.read_csv(finished_run / "folds.csv")
     assert len(folds) == 300 and folds["fold"].nunique() == 3
-    summary = json.loads((finished_run / "stacker/stacker.json").read_text())
+    summary = json.loads((finished_run / "ensemble/ensemble.json").read_text())
     assert set(summary["stages_raw"]) == {"length_lr", "lgbm"}
     assert summary["nested_scores"]["log_loss"] < summary["prior_log_loss"] + 0.05
-    assert "Data repairs" in (finished_run / "report.md").read_text()
+    assert "Data repairs" in (finished_run / "report.html").read_text()
 
 
 def test_rerun_resumes_without_refitting(finished_run, slice_files, monkeypatch):
@@ -83,7 +62,7 @@ def test_train_one_stage_and_restack(finished_run, slice_files):
     assert code == 0
     assert (out / "stages/length_lr/done.json").exists() and not (out / "stages/lgbm").exists()
     assert cli.main(["stack", "--run", str(finished_run), "--quiet"]) == 0
-    summary = json.loads((finished_run / "stacker/stacker.json").read_text())
+    summary = json.loads((finished_run / "ensemble/ensemble.json").read_text())
     assert set(summary["stages_raw"]) == {"length_lr", "lgbm"}
 
 

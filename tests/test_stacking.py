@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from battles.labels import swap_columns
-from ensemble.calibrators import LogisticStacker, TemperatureCalibrator, calibrator_from_json
+from ensemble.calibrators import LogisticStacker, TemperatureCalibrator, WeightedAverage, calibrator_from_json
+from ensemble.meta import swap_meta
 from ensemble.stacking import fit_stacker
 
 
@@ -33,15 +34,31 @@ def test_stacker_prefers_informative_stages_and_reports_nested_score():
 
 def test_calibrators_round_trip_and_are_swap_equivariant():
     y, logits, _ = _synthetic(300)
-    for cal in (TemperatureCalibrator(None), LogisticStacker(0.5)):
-        cal.fit(logits, y)
+    meta = np.random.default_rng(1).normal(size=(300, 3))
+    for cal in (TemperatureCalibrator(None), WeightedAverage(), LogisticStacker(0.5), LogisticStacker(0.5, meta=True)):
+        cal.fit(logits, y, meta=meta)
         again = calibrator_from_json(cal.to_json())
-        np.testing.assert_allclose(again.predict_proba(logits), cal.predict_proba(logits))
+        np.testing.assert_allclose(again.predict_proba(logits, meta=meta), cal.predict_proba(logits, meta=meta))
         swapped = [swap_columns(x) for x in logits]
-        np.testing.assert_allclose(cal.predict_proba(swapped), swap_columns(cal.predict_proba(logits)), atol=1e-12)
+        np.testing.assert_allclose(cal.predict_proba(swapped, meta=swap_meta(meta)),
+                                   swap_columns(cal.predict_proba(logits, meta=meta)), atol=1e-12)
 
 
 def test_temperature_fixes_overconfidence():
     y, logits, _ = _synthetic(600)
     cal = TemperatureCalibrator([2]).fit(logits, y)
     assert cal.temperature > 2
+
+
+def test_weights_and_meta_features_are_found_and_scored_by_nested_cv():
+    y, logits, folds = _synthetic()
+    rng = np.random.default_rng(5)
+    # a meta feature that flips sign under swap and carries signal the stages lack (like a length gap)
+    gap = np.where(y == 0, 1.0, np.where(y == 1, -1.0, 0.0)) + rng.normal(0, 0.7, len(y))
+    meta = np.column_stack([gap, rng.normal(size=len(y)), rng.normal(size=len(y))])
+    result = fit_stacker(["good", "noise", "overconfident"], logits, y, folds, c_grid=(0.1,), meta=meta)
+    methods = {m["method"]: m for m in result.methods}
+    assert set(methods) >= {"single: good", "average", "weighted", "logistic", "logistic+meta", "selected (nested over all)"}
+    assert methods["weighted"]["weights"]["noise"] < 0.1 < methods["weighted"]["weights"]["good"]
+    assert methods["logistic+meta"]["nested_log_loss"] < methods["logistic"]["nested_log_loss"] - 0.02
+    assert result.chosen.meta and result.stage_weights["noise"] < 0.1 < result.stage_weights["good"]

@@ -45,3 +45,25 @@ def test_lgbm_learns_from_soft_labels_and_weights(split, tmp_path):
     zero["weight"] = np.where(train["winner_tie"] == 1, 0.0, 1.0)  # weight 0 on every tie
     no_tie = make_stage("lgbm", params, StageContext(resource_dir=tmp_path)).fit(zero, None)
     assert np.exp(no_tie.predict_logits(valid))[:, 2].mean() < 0.1
+
+
+def test_single_order_predictions_only_where_the_stage_gives_them(arena_battles):
+    from models.stage import Stage, predict_with_orders, swap_tta
+
+    battles = arena_battles.head(12)
+    length = battles["response_a"].map(lambda t: len(t[0])).to_numpy(dtype=float)
+
+    class OneOrder(Stage):  # a position-biased toy: always favours the first reply
+        def predict_one_order(self, b):
+            return np.column_stack([np.ones(len(b)), np.zeros(len(b)), 0.5 * (length[: len(b)] % 2)])
+
+    class OwnTTA(OneOrder):  # a stage that writes its own predict_logits (e.g. a deep stage)
+        def predict_logits(self, b):
+            return swap_tta(self.predict_one_order, b)
+
+    logits, straight, swapped = predict_with_orders(OneOrder(), battles)
+    np.testing.assert_allclose(logits, swap_tta(OneOrder().predict_one_order, battles))
+    assert (straight.argmax(axis=1) == 0).all() and (swapped.argmax(axis=1) == 0).all()  # biased before TTA
+    own, s2, w2 = predict_with_orders(OwnTTA(), battles)
+    assert s2 is None and w2 is None
+    np.testing.assert_allclose(own, logits)
