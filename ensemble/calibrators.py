@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
+from sklearn.linear_model import LogisticRegression
 
 from battles.labels import swap_columns
 from ensemble.meta import META_NAMES, swap_meta
@@ -102,7 +103,8 @@ class WeightedAverage:
             z = self._z(logp, softmax(theta[:n]), np.exp(theta[n]), theta[n + 1])
             return -(w * (onehot * log_softmax(z, axis=1)).sum(axis=1)).sum() / w.sum()
 
-        res = minimize(loss, np.zeros(n + 2), method="L-BFGS-B")
+        bounds = [(-10.0, 10.0)] * n + [(np.log(0.02), np.log(50.0)), (-5.0, 5.0)]
+        res = minimize(loss, np.zeros(n + 2), method="L-BFGS-B", bounds=bounds)
         self.weights = softmax(res.x[:n])
         self.temperature, self.tie_bias = float(np.exp(res.x[n])), float(res.x[n + 1])
         return self
@@ -125,23 +127,9 @@ class WeightedAverage:
 
 
 def _multinomial_lr(x: np.ndarray, y: np.ndarray, w: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
-    """L2-penalised multinomial logistic regression as scikit-learn defines it (C times the weighted
-    cross-entropy plus half the squared coefficients, intercept unpenalised), solved by L-BFGS with
-    the analytic gradient: many times faster than ``LogisticRegression`` on these small problems."""
-    n, d = x.shape
-    onehot = np.eye(3)[y]
-    scale = 1.0 / (C * w.sum())  # the objective divided by a constant: same minimiser, better conditioned
-
-    def objective(theta):
-        coef, intercept = theta[:3 * d].reshape(3, d), theta[3 * d:]
-        logp = log_softmax(x @ coef.T + intercept, axis=1)
-        g = (np.exp(logp) - onehot) * w[:, None]
-        value = -C * (w * (onehot * logp).sum(axis=1)).sum() + 0.5 * (coef ** 2).sum()
-        grad = np.concatenate([(C * g.T @ x + coef).ravel(), C * g.sum(axis=0)])
-        return value * scale, grad * scale
-
-    res = minimize(objective, np.zeros(3 * d + 3), jac=True, method="L-BFGS-B", options={"maxiter": 2000})
-    return res.x[:3 * d].reshape(3, d), res.x[3 * d:]
+    """L2-penalised multinomial logistic regression (scikit-learn's lbfgs); returns (coef, intercept)."""
+    model = LogisticRegression(C=C, max_iter=2000).fit(x, y, sample_weight=w)
+    return model.coef_, model.intercept_
 
 
 class LogisticStacker:

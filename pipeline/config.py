@@ -64,8 +64,9 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
 def validate_config(cfg: dict, where="<config>") -> None:
     from models.stage import STAGE_TYPES
 
-    if not isinstance(cfg.get("n_folds"), int) or cfg["n_folds"] < 2:
-        raise ConfigError(f"{where}: n_folds must be an integer >= 2, got {cfg.get('n_folds')!r}")
+    if not isinstance(cfg.get("n_folds"), int) or cfg["n_folds"] < 3:
+        # the stacker's nested CV chooses on the other folds by an inner CV: that needs two of them
+        raise ConfigError(f"{where}: n_folds must be an integer >= 3 (nested CV), got {cfg.get('n_folds')!r}")
     stages = cfg.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise ConfigError(f"{where}: 'stages' must be a non-empty object of name -> {{type, params}}")

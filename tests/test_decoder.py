@@ -435,7 +435,7 @@ def test_run_py_train_decoder_end_to_end(gemma_dir, tmp_path):
               "gradient_checkpointing": False}
     sets = [arg for key, value in params.items() for arg in ("--set", f"stages.decoder.params.{key}={json.dumps(value)}")]
     code = run.main(["train", "decoder", "--model", str(gemma_dir), "--train", str(tmp_path / "train.csv"),
-                     "--out", str(tmp_path / "run"), "--quiet", "--set", "n_folds=2", *sets])
+                     "--out", str(tmp_path / "run"), "--quiet", "--set", "n_folds=3", *sets])
     assert code == 0
     stage_dir = tmp_path / "run" / "stages" / "decoder"
     oof = pd.read_csv(stage_dir / "oof_logits.csv")
