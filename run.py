@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-COMMANDS = ("all", "train", "stack", "tune", "predict")
+COMMANDS = ("all", "train", "stack", "tune", "predict", "pseudo-label")
 log = logging.getLogger("run")
 
 
@@ -59,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     pr.add_argument("--quiet", action="store_true")
     pr.add_argument("--verbose", action="store_true")
+    pl = sub.add_parser("pseudo-label", help="score unlabelled battles with a finished run; write soft labels "
+                                             "with provenance (JSONL) for training")
+    pl.add_argument("--run", required=True, help="a finished run directory")
+    pl.add_argument("--data", required=True, help="unlabelled battles (.csv/.parquet/.jsonl)")
+    pl.add_argument("--out", required=True, help="pseudo-label file to write (.jsonl)")
+    pl.add_argument("--source", default="pseudo", help="source tag of the written rows")
+    pl.add_argument("--weight", type=float, default=1.0, help="training weight written on every row")
+    pl.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens, > 1 softens the soft labels")
+    pl.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pl.add_argument("--quiet", action="store_true")
+    pl.add_argument("--verbose", action="store_true")
     return p
 
 
@@ -126,6 +137,8 @@ def main(argv=None) -> int:
 
     if args.command == "predict":
         return _predict(args)
+    if args.command == "pseudo-label":
+        return _pseudo_label(args)
     try:
         cfg = _resolve_config(args)
         run = Run(args.out, cfg, args.train, args.test)
@@ -167,6 +180,30 @@ def _predict(args) -> int:
         log.error("%s", exc)
         return 2
     print(f"wrote {len(frame)} predictions to {args.out} (ensemble: {predictor.ensemble['chosen']})")
+    return 0
+
+
+def _pseudo_label(args) -> int:
+    from battles.io import BattleDataError, read_battles
+    from battles.pseudo_label import pseudo_label
+    from pipeline.artifacts import config_key, read_json
+    from pipeline.predict import Predictor
+    from pipeline.runner import RunError
+
+    try:
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+        predictor = Predictor.load(args.run)
+        battles, _ = read_battles(args.data, require_labels=False)
+        provenance = {"run": str(Path(args.run).resolve()), "data": str(Path(args.data).resolve()),
+                      "stages": predictor.ensemble["stages"], "ensemble": predictor.ensemble["chosen"],
+                      "run_config_hash": config_key(read_json(Path(args.run) / "config.json"))}
+        pseudo_label(battles, predictor.predict_proba, args.out, provenance, source=args.source, weight=args.weight,
+                     temperature=args.temperature, overwrite=args.overwrite)
+    except (BattleDataError, RunError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"wrote {len(battles)} pseudo-labelled battles to {args.out}")
     return 0
 
 

@@ -137,3 +137,21 @@ def test_report_html_renders(finished_run):
         assert needle in text, needle
     for png in ("calibration", "confusion", "stage_scores", "position_bias", "subgroups"):
         assert (finished_run / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pseudo_label_cli_round_trip(finished_run, slice_files, tmp_path):
+    """run.py pseudo-label: soft labels equal the run's predictions, with provenance; read back and trainable."""
+    from battles.pseudo_label import read_pseudo_labels
+    from models.stage import StageContext, make_stage
+
+    out = tmp_path / "pseudo.jsonl"
+    args = ["pseudo-label", "--run", str(finished_run), "--data", str(slice_files / "test.csv"), "--out", str(out)]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 2  # refuses to overwrite without --overwrite
+    battles, provenance = read_pseudo_labels(out)
+    assert provenance["run"] == str(finished_run.resolve()) and provenance["stages"] == ["length_lr", "lgbm"]
+    sub = pd.read_csv(finished_run / "submission.csv", dtype={"id": str}).set_index("id").loc[battles["id"]]
+    np.testing.assert_allclose(battles[["soft_a", "soft_b", "soft_tie"]].to_numpy(), sub[LABEL_COLUMNS].to_numpy(),
+                               atol=1e-6)
+    stage = make_stage("length_lr", None, StageContext()).fit(battles)
+    assert stage.predict_logits(battles).shape == (len(battles), 3)
