@@ -15,7 +15,7 @@ import pandas as pd
 
 from battles.folds import make_folds
 from battles.io import data_hash, read_battles
-from battles.labels import LABEL_COLUMNS, has_labels, label_index
+from battles.labels import LABEL_COLUMNS, label_index
 from ensemble.metrics import prior_log_loss, scores
 from ensemble.meta import meta_features
 from ensemble.stacking import fit_stacker, raw_probs

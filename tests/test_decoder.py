@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,71 +20,8 @@ from models import decoder as dec
 from models.decoder import DecoderStage, length_batches, preference_loss, shard_indices
 from models.decoder_inputs import FINAL_QUESTION, BattleEncoder, encode_text, render
 from models.stage import StageContext, make_stage
-
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "arena" / "train_sample.csv"
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
-    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
-CORPUS = [
-    "Which response is better? Answer A, B or tie.", "Two AI assistants answered the same user prompt.",
-    "The capital of France is Paris. Python is a programming language.", "hello world, how are you today?",
-    "Sure! Here is a short poem about the sea and the sky.", "I cannot help with that request.",
-] * 20
-
-
-def sample_path() -> Path:
-    """The real labelled sample's path, or a skip (a failure under CI=true) when the shared data is missing."""
-    if not SAMPLE.is_file():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"shared data file {SAMPLE} is missing (CI=true requires it)")
-        pytest.skip(f"shared data file {SAMPLE} is missing")
-    return SAMPLE
-
-
-def sample_battles():
-    return read_battles(sample_path())[0]
-
-
-def build_tokenizer(directory: Path, bos_in_template: bool = True):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                                       special_tokens=[("<bos>", bos)])
-    template = GEMMA_TEMPLATE if bos_in_template else GEMMA_TEMPLATE.replace("{{ bos_token }}", "")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", chat_template=template)
-    fast.save_pretrained(directory)
-    return fast
-
-
-def build_checkpoint(directory: Path, family: str) -> Path:
-    """A tiny random ``family`` ("gemma2" or "llama") checkpoint with its tokenizer in ``directory``."""
-    from transformers import AutoModelForSequenceClassification, Gemma2Config, LlamaConfig, Qwen2Config
-
-    tokenizer = build_tokenizer(directory, bos_in_template=family != "qwen2")
-    if family == "qwen2":  # Qwen2 has no BOS token and pads with an ordinary special token
-        tokenizer.bos_token = None
-        tokenizer.save_pretrained(directory)
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
-                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id or 0,
-                  eos_token_id=tokenizer.eos_token_id, num_labels=3)
-    configs = {"gemma2": lambda: Gemma2Config(**common, sliding_window=64), "llama": lambda: LlamaConfig(**common),
-               "qwen2": lambda: Qwen2Config(**common)}
-    config = configs[family]()
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
-    return directory
-
+from models.tiny_checkpoints import build_checkpoint, build_tokenizer
+from tests.conftest import shared_file
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -396,7 +332,7 @@ def test_cross_fit_on_real_battles_gives_oof_and_averaged_test_logits(gemma_dir,
     """What the pipeline does with a stage: fit per fold, OOF logits for train, fold-averaged test logits."""
     from models.stage import average_logits
 
-    battles = sample_battles().iloc[:40].reset_index(drop=True)
+    battles = read_battles(shared_file("arena/train_sample.csv"))[0].iloc[:40].reset_index(drop=True)
     train, test = battles.iloc[:30].reset_index(drop=True), battles.iloc[30:].reset_index(drop=True)
     folds = make_folds(train, n_folds=2, seed=0)
     oof, test_per_fold = np.full((len(train), 3), np.nan), []
@@ -430,7 +366,7 @@ def test_run_py_train_decoder_end_to_end(gemma_dir, tmp_path):
     """``run.py train decoder --model DIR`` on a slice of the sample: OOF logits reach the stacker."""
     import run
 
-    pd.read_csv(sample_path()).iloc[:40].to_csv(tmp_path / "train.csv", index=False)
+    pd.read_csv(shared_file("arena/train_sample.csv")).iloc[:40].to_csv(tmp_path / "train.csv", index=False)
     params = {"max_length": 192, "max_steps": 1, "batch_size": 4, "grad_accum": 1, "lora_r": 4, "lora_alpha": 8,
               "gradient_checkpointing": False}
     sets = [arg for key, value in params.items() for arg in ("--set", f"stages.decoder.params.{key}={json.dumps(value)}")]

