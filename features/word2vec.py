@@ -1,7 +1,8 @@
 """Word2Vec trained with gensim on the run's own texts (no labels), mean-pooled per reply.
 
-``prepare`` trains one model on every prompt and reply of the run (training and test battles; no
-labels are read, so this is not label leakage) and caches its vectors in the run's resource folder,
+``prepare`` trains one model on the prompts and replies of the run (training and test battles, a
+seeded sample of ``max_train_texts`` when there are more; no labels are read, so this is not label
+leakage) and caches its vectors in the run's resource folder,
 keyed by the corpus and the parameters, in word2vec's own binary format. Per side: the mean word
 vector (entering the model as A minus B) and the cosine to the prompt's mean vector; shared: the
 cosine between the replies.
@@ -22,7 +23,8 @@ from features.text import join_turns, tokens
 from pipeline.artifacts import write_atomic, write_json
 
 log = logging.getLogger(__name__)
-DEFAULTS = {"vector_size": 64, "window": 5, "min_count": 3, "epochs": 5, "max_tokens_per_text": 2000}
+DEFAULTS = {"vector_size": 64, "window": 5, "min_count": 3, "epochs": 5, "max_tokens_per_text": 2000,
+            "max_train_texts": 50_000}
 
 
 def _corpus(battles: pd.DataFrame, limit: int) -> list[list[str]]:
@@ -57,6 +59,9 @@ class Word2VecBlock(FeatureBlock):
             self.vectors = KeyedVectors.load_word2vec_format(str(path), binary=True)
             log.info("word2vec: reusing %s (%d words)", path, len(self.vectors))
             return
+        if len(corpus) > p["max_train_texts"]:  # a seeded sample is plenty for 64-d vectors, and bounded in time
+            rng = np.random.default_rng(getattr(self.context, "seed", 42))
+            corpus = [corpus[i] for i in sorted(rng.choice(len(corpus), p["max_train_texts"], replace=False))]
         log.info("word2vec: training on %d texts (%d tokens)", len(corpus), sum(map(len, corpus)))
         model = Word2Vec(sentences=corpus, vector_size=p["vector_size"], window=p["window"],
                          min_count=p["min_count"], epochs=p["epochs"], workers=2,

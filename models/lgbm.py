@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCKS = [{"type": "text_stats"}, {"type": "similarity"}, {"type": "tfidf"}, {"type": "word2vec"}]
 DEFAULT_LGB = {
-    "objective": "multiclass", "num_class": 3, "learning_rate": 0.03, "num_leaves": 15,
+    "objective": "multiclass", "num_class": 3, "learning_rate": 0.05, "num_leaves": 15,
     "min_data_in_leaf": 40, "feature_fraction": 0.5, "bagging_fraction": 0.8, "bagging_freq": 1,
-    "lambda_l2": 5.0, "max_bin": 127, "verbose": -1, "num_threads": 2,
+    "lambda_l2": 5.0, "max_bin": 63, "verbose": -1, "num_threads": 2,
 }
 
 
@@ -40,8 +40,8 @@ class LightGBMStage(Stage):
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
         self.params.setdefault("blocks", DEFAULT_BLOCKS)
-        self.params.setdefault("num_boost_round", 3000)
-        self.params.setdefault("early_stopping_rounds", 100)
+        self.params.setdefault("num_boost_round", 2000)
+        self.params.setdefault("early_stopping_rounds", 50)
         self.params.setdefault("rounds_without_valid", 300)
         self.params.setdefault("swap_augment", True)
         self.lgb_params = {**DEFAULT_LGB, "seed": self.context.seed, **self.params.get("lgb", {})}
