@@ -115,15 +115,25 @@ class CVGrid:
     def cv_loss(self, y) -> dict:
         return {c: _ll(y, self.outer[c]) for c in self.candidates}
 
-    def nested(self, subset) -> tuple[np.ndarray, dict]:
-        """Nested-CV probabilities of choosing among ``subset`` by inner CV, and how often each was chosen."""
+    def nested(self, subset, tolerance: float = 0.0) -> tuple[np.ndarray, dict]:
+        """Nested-CV probabilities of choosing among ``subset`` by inner CV (with :func:`pick`), and how
+        often each candidate was chosen."""
         probs = np.zeros((len(self.folds), 3))
         picked: dict = {}
         for k, losses in self.inner.items():
-            best = min(subset, key=lambda c: losses[c])
+            best = pick(subset, losses, tolerance)
             picked[best] = picked.get(best, 0) + 1
             probs[self.folds == k] = self.outer[best][self.folds == k]
         return probs, picked
+
+
+def pick(candidates, losses: dict, tolerance: float = 0.0):
+    """The simplest candidate (earliest in ``candidates``, which runs from simple to complex) whose CV
+    loss is within ``tolerance`` of the best. With many near-equal candidates on a few thousand rows,
+    the plain minimum mostly picks noise; preferring the simpler one unless the complex one wins
+    clearly makes the choice stable across folds."""
+    best = min(losses[c] for c in candidates)
+    return next(c for c in candidates if losses[c] <= best + tolerance)
 
 
 def cross_fit_grid(candidates, logits, y, folds, meta=None) -> CVGrid:
@@ -161,27 +171,28 @@ class StackResult:
 
 
 def fit_stacker(names: list[str], logits: list[np.ndarray], y: np.ndarray, folds: np.ndarray,
-                c_grid=(0.01, 0.1, 1.0), meta: np.ndarray | None = None, weighted: bool = True) -> StackResult:
+                c_grid=(0.01, 0.1, 1.0), meta: np.ndarray | None = None, weighted: bool = True,
+                tolerance: float = 0.0) -> StackResult:
     """Cross-fit every candidate once, score every method and the whole selection by nested CV, and
     fit the chosen candidate on all rows. ``meta`` (``(n, m)``, see :mod:`ensemble.meta`) adds the
     ``logistic+meta`` method."""
     candidates = default_candidates(len(logits), c_grid, weighted=weighted, meta=meta is not None)
     with threadpool_limits(limits=1):  # BLAS threads only slow these tiny problems down (20x on a busy machine)
-        return _fit_stacker(names, candidates, logits, y, folds, meta)
+        return _fit_stacker(names, candidates, logits, y, folds, meta, tolerance)
 
 
-def _fit_stacker(names, candidates, logits, y, folds, meta) -> StackResult:
+def _fit_stacker(names, candidates, logits, y, folds, meta, tolerance) -> StackResult:
     grid = cross_fit_grid(candidates, logits, y, folds, meta)
     cv = grid.cv_loss(y)
-    nested, picked = grid.nested(candidates)
-    chosen = min(candidates, key=cv.get)
+    nested, picked = grid.nested(candidates, tolerance)
+    chosen = pick(candidates, cv, tolerance)
     model = chosen.build().fit(logits, y, meta=meta)
 
     methods = []
     for method in dict.fromkeys(c.method(names) for c in candidates):
         members = [c for c in candidates if c.method(names) == method]
-        probs, _ = grid.nested(members)
-        best = min(members, key=cv.get)
+        probs, _ = grid.nested(members, tolerance)
+        best = pick(members, cv, tolerance)
         fitted = model if best == chosen else best.build().fit(logits, y, meta=meta)
         weights = fitted.stage_weights(len(names))
         methods.append({"method": method, **{f"nested_{k}": v for k, v in scores(y, probs).items()

@@ -19,7 +19,9 @@ DEFAULT_CONFIG = {
     # The ensemble candidates (see ensemble/stacking.py): every stage alone, the plain average, the
     # simplex-weighted average ("weighted"), logistic stacking at each C, and logistic stacking with the
     # cheap meta features ("meta_features"). Each is scored by nested CV; "exclude" drops stages.
-    "stacker": {"C_grid": [0.01, 0.1, 1.0], "weighted": True, "meta_features": True, "exclude": []},
+    # "selection_tolerance" > 0 picks the simplest candidate within that much CV log loss of the best.
+    "stacker": {"C_grid": [0.01, 0.1, 1.0], "weighted": True, "meta_features": True, "exclude": [],
+                "selection_tolerance": 0.0},
     # Training-only external data, e.g.
     # {"sources": [{"kind": "competition", "path": "pandalm.csv", "source": "pandalm", "weight": 0.5}],
     #  "dedup": {"threshold": 0.8}, "shift_weighting": true}

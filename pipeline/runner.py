@@ -131,7 +131,8 @@ class Run:
     def stacker_options(self) -> dict:
         opts = self.config.get("stacker", {})
         return {"c_grid": tuple(opts.get("C_grid", [0.01, 0.1, 1.0])), "weighted": opts.get("weighted", True),
-                "meta_features": opts.get("meta_features", True), "exclude": set(opts.get("exclude", []))}
+                "meta_features": opts.get("meta_features", True), "exclude": set(opts.get("exclude", [])),
+                "tolerance": float(opts.get("selection_tolerance", 0.0))}
 
     def stack(self) -> dict:
         """Choose, fit and save the ensemble over every finished stage (``ensemble/ensemble.json``, the
@@ -145,7 +146,7 @@ class Run:
         y = label_index(self.train)
         meta = meta_features(self.train) if opts["meta_features"] else None
         stacked = fit_stacker(names, [r.oof_logits for r in results], y, self.folds, opts["c_grid"], meta=meta,
-                              weighted=opts["weighted"])
+                              weighted=opts["weighted"], tolerance=opts["tolerance"])
         summary = stacked.to_json(names)
         summary["prior_log_loss"] = prior_log_loss(y, self.folds)
         summary["stages_raw"] = {r.name: scores(y, raw_probs(r.oof_logits)) for r in results}

@@ -62,3 +62,13 @@ def test_weights_and_meta_features_are_found_and_scored_by_nested_cv():
     assert methods["weighted"]["weights"]["noise"] < 0.1 < methods["weighted"]["weights"]["good"]
     assert methods["logistic+meta"]["nested_log_loss"] < methods["logistic"]["nested_log_loss"] - 0.02
     assert result.chosen.meta and result.stage_weights["noise"] < 0.1 < result.stage_weights["good"]
+
+
+def test_pick_prefers_the_simplest_candidate_within_tolerance():
+    from ensemble.stacking import pick
+
+    losses = {"simple": 1.0405, "middle": 1.0401, "complex": 1.0390}
+    order = ["simple", "middle", "complex"]
+    assert pick(order, losses) == "complex"
+    assert pick(order, losses, tolerance=0.0012) == "middle"
+    assert pick(order, losses, tolerance=0.002) == "simple"
