@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from battles import read_battles  # noqa: E402
-from benchmarks.encoder_oof import minilm_dir  # noqa: E402
+from models.encoder import packaged_minilm_dir  # noqa: E402
 from models.stage import StageContext, make_stage  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
 
     battles, _ = read_battles(args.train)
     battles = battles.iloc[: max(args.n, args.steps * args.batch_size)]
-    params = {"model": args.model or minilm_dir(), "max_length": args.max_length, "max_steps": args.steps,
+    params = {"model": args.model or packaged_minilm_dir(), "max_length": args.max_length, "max_steps": args.steps,
               "train_batch_size": args.batch_size, "eval_batch_size": 32, "swap_augment": False}
     stage = make_stage("encoder", params, StageContext(progress=False))
     start = time.perf_counter()

