@@ -5,7 +5,8 @@ seeded sample of ``max_train_texts`` when there are more; no labels are read, so
 leakage) and caches its vectors in the run's resource folder,
 keyed by the corpus and the parameters, in word2vec's own binary format. Per side: the mean word
 vector (entering the model as A minus B) and the cosine to the prompt's mean vector; shared: the
-cosine between the replies.
+cosine between the replies. With the default single worker the same texts and seed give the same
+vectors in every process; ``workers`` > 1 trains faster but thread scheduling makes it irreproducible.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pipeline.artifacts import write_atomic, write_json
 
 log = logging.getLogger(__name__)
 DEFAULTS = {"vector_size": 64, "window": 5, "min_count": 3, "epochs": 5, "max_tokens_per_text": 2000,
-            "max_train_texts": 50_000}
+            "max_train_texts": 50_000, "workers": 1}
 
 
 def _corpus(battles: pd.DataFrame, limit: int) -> list[list[str]]:
@@ -64,7 +65,7 @@ class Word2VecBlock(FeatureBlock):
             corpus = [corpus[i] for i in sorted(rng.choice(len(corpus), p["max_train_texts"], replace=False))]
         log.info("word2vec: training on %d texts (%d tokens)", len(corpus), sum(map(len, corpus)))
         model = Word2Vec(sentences=corpus, vector_size=p["vector_size"], window=p["window"],
-                         min_count=p["min_count"], epochs=p["epochs"], workers=2,
+                         min_count=p["min_count"], epochs=p["epochs"], workers=p["workers"],
                          seed=getattr(self.context, "seed", 42))
         self.vectors = model.wv
         if path is not None:

@@ -63,3 +63,23 @@ def test_blocks_save_and_load(arena_battles, tmp_path):
         a, b = block.transform(battles.head(10)), again.transform(battles.head(10))
         np.testing.assert_allclose(a.a, b.a, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.shared, b.shared, rtol=1e-5, atol=1e-6)
+
+
+def test_word2vec_is_reproducible_across_processes(arena_battles, tmp_path):
+    """Same texts and seed give the same vectors in a fresh process (string hashing differs per process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from battles import read_battles; from features.registry import make_block;"
+        "from models.stage import StageContext;"
+        "b = read_battles(sys.argv[1])[0].head(60);"
+        "blk = make_block('word2vec', {'vector_size': 8, 'epochs': 1, 'min_count': 1}, StageContext());"
+        "blk.prepare(b); np.save(sys.argv[2], blk.transform(b).a)"
+    )
+    from tests.conftest import ROOT, shared_file
+
+    sample = shared_file("arena/train_sample.csv")
+    for name in ("one.npy", "two.npy"):
+        subprocess.run([sys.executable, "-c", code, str(sample), str(tmp_path / name)], check=True, cwd=ROOT)
+    np.testing.assert_array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"))
