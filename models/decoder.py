@@ -353,6 +353,12 @@ class DecoderStage(Stage):
             out[idx] = logits.float().cpu().numpy()
         return out
 
+    @property
+    def tta_from_orders(self) -> bool:
+        """True when ``predict_logits`` is exactly the average of both orders in this process (TTA on,
+        no multi-GPU split): the pipeline may then keep the two orders for the position-bias check."""
+        return bool(self.params["tta"]) and not (self.params["data_parallel"] and torch.cuda.device_count() > 1)
+
     def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
         n_gpu = torch.cuda.device_count()
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under accelerate/torchrun: no nested spawn

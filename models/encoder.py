@@ -293,8 +293,11 @@ class EncoderStage(Stage):
                      trainer.state.best_metric, trainer.state.best_global_step)
         return self
 
-    def _predict_one_order(self, battles: pd.DataFrame) -> np.ndarray:
+    def predict_one_order(self, battles: pd.DataFrame) -> np.ndarray:
         from transformers import DataCollatorWithPadding
+
+        if self.model is None:
+            raise RuntimeError("encoder stage is not fitted: call fit() or load() first")
 
         features = self._encoding()(battles, progress=False)
         order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
@@ -315,12 +318,18 @@ class EncoderStage(Stage):
                 out[idx] = self.model(**batch).logits.float().cpu().numpy()
         return out
 
+    @property
+    def tta_from_orders(self) -> bool:
+        """With swap TTA the answer is the base class's average of both orders: the pipeline may then
+        ask for the two orders itself and keep them for the position-bias check."""
+        return bool(self.params["swap_tta"])
+
     def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
         if self.model is None:
             raise RuntimeError("encoder stage is not fitted: call fit() or load() first")
         if self.params["swap_tta"]:
-            return swap_tta(self._predict_one_order, battles)
-        return self._predict_one_order(battles).astype(np.float64)
+            return swap_tta(self.predict_one_order, battles)
+        return self.predict_one_order(battles).astype(np.float64)
 
     def save(self, directory) -> None:
         from accelerate import PartialState

@@ -116,9 +116,9 @@ def swap_tta(predict_one_order: Callable[[pd.DataFrame], np.ndarray], battles: p
 def predict_with_orders(stage: Stage, battles: pd.DataFrame):
     """``(logits, straight, swapped)``: the stage's answer and, where the stage can give them without
     extra cost, its single-order log-probabilities (else ``None, None``). A stage whose
-    ``predict_logits`` is the base TTA gets them from one ``predict_both_orders`` call; a stage that
-    overrides ``predict_logits`` is asked only for that."""
-    if type(stage).predict_logits is Stage.predict_logits:
+    ``predict_logits`` is the base TTA, or that says its answer is exactly that (``tta_from_orders``),
+    gets them from one ``predict_both_orders`` call; any other stage is asked only for its answer."""
+    if type(stage).predict_logits is Stage.predict_logits or getattr(stage, "tta_from_orders", False):
         try:
             straight, swapped = stage.predict_both_orders(battles)
         except NotImplementedError:

@@ -19,7 +19,7 @@ from battles import make_folds, read_battles, swap_battles, swap_columns
 from models import decoder as dec
 from models.decoder import DecoderStage, length_batches, preference_loss, shard_indices
 from models.decoder_inputs import FINAL_QUESTION, BattleEncoder, encode_text, render
-from models.stage import StageContext, make_stage
+from models.stage import StageContext, make_stage, predict_with_orders
 from models.tiny_checkpoints import build_checkpoint, build_tokenizer
 from tests.conftest import shared_file
 
@@ -241,6 +241,9 @@ def test_swap_tta_exactly_equivariant(gemma_dir):
     np.testing.assert_allclose(swapped, swap_columns(straight), atol=1e-6)
     one_order = stage.predict_one_order(battles)
     assert not np.allclose(stage.predict_one_order(swap_battles(battles)), swap_columns(one_order), atol=1e-6)
+    combined, first, second = predict_with_orders(stage, battles)  # single orders kept for the bias check
+    assert first is not None and second is not None
+    np.testing.assert_allclose(combined, straight, atol=1e-6)
 
 
 def test_soft_labels_and_swap_augmentation_train(gemma_dir):

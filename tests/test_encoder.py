@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from battles.labels import LABEL_COLUMNS, swap_battles, swap_columns  # noqa: E402
 from models.encoder import BattleEncoding, EncoderStage, soft_cross_entropy, training_losses  # noqa: E402
-from models.stage import StageContext, make_stage  # noqa: E402
+from models.stage import StageContext, make_stage, predict_with_orders  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = StageContext(progress=False)
@@ -116,6 +116,10 @@ def test_tiny_deberta_fit_predict_save_load_and_swap_equivariance(tmp_path, tiny
     assert logits.shape == (16, 3) and np.isfinite(logits).all()
     # swap TTA: exactly equivariant
     np.testing.assert_allclose(stage.predict_logits(swap_battles(valid)), swap_columns(logits), atol=1e-6)
+    # the pipeline can keep both single orders (position-bias check) and gets the same answer
+    combined, straight, swapped = predict_with_orders(stage, valid)
+    assert straight is not None and swapped is not None
+    np.testing.assert_allclose(combined, logits, atol=1e-6)
     # save: safetensors + config + tokenizer + stage.json, no pickles; load gives identical logits
     stage.save(tmp_path / "enc")
     names = {p.name for p in (tmp_path / "enc").iterdir()}
