@@ -50,12 +50,22 @@ def label_index(battles: pd.DataFrame) -> np.ndarray:
     return battles[LABEL_COLUMNS].to_numpy().argmax(axis=1)
 
 
+SOFT_COLUMNS = ["soft_a", "soft_b", "soft_tie"]
+
+
+def soft_mask(battles: pd.DataFrame) -> np.ndarray:
+    """True where a row's target is its soft label (all three ``soft_*`` columns present and not NaN)."""
+    if not all(c in battles.columns for c in SOFT_COLUMNS):
+        return np.zeros(len(battles), dtype=bool)
+    return ~np.isnan(battles[SOFT_COLUMNS].to_numpy(dtype=float)).any(axis=1)
+
+
 def label_matrix(battles: pd.DataFrame) -> np.ndarray:
-    """Per-battle target distribution ``(n, 3)``: soft labels where given, else one-hot."""
-    if all(c in battles.columns for c in ("soft_a", "soft_b", "soft_tie")):
-        soft = battles[["soft_a", "soft_b", "soft_tie"]].to_numpy(dtype=float)
+    """Per-battle target distribution ``(n, 3)``: soft labels where given (:func:`soft_mask`), else one-hot."""
+    use_soft = soft_mask(battles)
+    if use_soft.any():
+        soft = battles[SOFT_COLUMNS].to_numpy(dtype=float)
         hard = np.eye(3)[label_index(battles)] if has_labels(battles) else np.full_like(soft, np.nan)
-        use_soft = ~np.isnan(soft).any(axis=1)
         return np.where(use_soft[:, None], soft, hard)
     return np.eye(3)[label_index(battles)]
 

@@ -25,7 +25,7 @@ import pandas as pd
 
 from battles.io import BattleDataError, TEXT_COLUMNS, battles_from_frame
 from battles.labels import LABEL_COLUMNS
-from battles.soft_labels import SOFT_COLUMNS
+from battles.labels import SOFT_COLUMNS
 from pipeline.artifacts import write_atomic
 
 log = logging.getLogger(__name__)

@@ -12,17 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from battles.labels import expand_targets, has_labels, label_matrix
-
-SOFT_COLUMNS = ["soft_a", "soft_b", "soft_tie"]
-
-
-def soft_mask(battles: pd.DataFrame) -> np.ndarray:
-    """True where a row has a complete soft label (all three soft columns present and not NaN)."""
-    if not all(c in battles.columns for c in SOFT_COLUMNS):
-        return np.zeros(len(battles), dtype=bool)
-    return ~np.isnan(battles[SOFT_COLUMNS].to_numpy(dtype=float)).any(axis=1)
-
+from battles.labels import SOFT_COLUMNS, expand_targets, has_labels, label_matrix, row_weights, soft_mask
 
 def expand_soft_labels(battles: pd.DataFrame, min_weight: float = 0.0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """``(expanded battles, y, sample_weight)``; ``expanded['row']`` points back at the input row.
@@ -31,7 +21,7 @@ def expand_soft_labels(battles: pd.DataFrame, min_weight: float = 0.0) -> tuple[
     without soft labels need hard labels. Soft labels must be non-negative and sum to 1 (1e-3).
     """
     soft = soft_mask(battles)
-    base_w = battles["weight"].fillna(1.0).to_numpy(dtype=float) if "weight" in battles.columns else np.ones(len(battles))
+    base_w = row_weights(battles)
     if (~soft).any() and not has_labels(battles):
         raise ValueError(f"{int((~soft).sum())} row(s) have neither soft labels nor hard label columns")
     probs = battles.loc[soft, SOFT_COLUMNS].to_numpy(dtype=float) if soft.any() else np.zeros((0, 3))

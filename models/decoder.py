@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from battles.labels import has_labels, label_matrix, swap_battles
+from battles.labels import has_labels, label_matrix, row_weights, soft_mask, swap_battles
 from models.decoder_inputs import BattleEncoder
 from models.stage import Stage, StageContext, swap_tta
 from pipeline.artifacts import read_json, write_json
@@ -181,21 +181,6 @@ def preference_loss(logits: torch.Tensor, target: torch.Tensor, soft: torch.Tens
     kl = (torch.special.xlogy(target, target) - target * logp).sum(-1)
     per_row = torch.where(soft.bool(), kl, cross)
     return (weight * per_row).sum() / weight.sum().clamp_min(1e-12)
-
-
-def soft_mask(battles: pd.DataFrame) -> np.ndarray:
-    """True for rows whose target comes from soft labels (all three ``soft_*`` present)."""
-    cols = ["soft_a", "soft_b", "soft_tie"]
-    if not all(c in battles.columns for c in cols):
-        return np.zeros(len(battles), dtype=bool)
-    return ~np.isnan(battles[cols].to_numpy(dtype=float)).any(axis=1)
-
-
-def row_weights(battles: pd.DataFrame) -> np.ndarray:
-    if "weight" not in battles.columns:
-        return np.ones(len(battles))
-    w = battles["weight"].to_numpy(dtype=float)
-    return np.where(np.isnan(w), 1.0, w)
 
 
 def _trainer_class():
