@@ -164,16 +164,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def _predictor_and_battles(args, data_path):
+    """The shared start of ``predict`` and ``pseudo-label``: refuse to overwrite ``--out`` unless told,
+    load the finished run, read the battles to score (labels, if any, ignored)."""
+    from battles.io import read_battles
+    from pipeline.predict import Predictor
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    return Predictor.load(args.run), read_battles(data_path, require_labels=False)[0]
+
+
 def _predict(args) -> int:
-    from battles.io import BattleDataError, read_battles
-    from pipeline.predict import Predictor, write_predictions
+    from battles.io import BattleDataError
+    from pipeline.predict import write_predictions
     from pipeline.runner import RunError
 
     try:
-        if Path(args.out).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-        predictor = Predictor.load(args.run)
-        battles, _ = read_battles(args.test, require_labels=False)
+        predictor, battles = _predictor_and_battles(args, args.test)
         frame = predictor.predict_frame(battles)
         write_predictions(frame, args.out, overwrite=args.overwrite)
     except (BattleDataError, RunError, FileNotFoundError, FileExistsError) as exc:
@@ -184,17 +192,13 @@ def _predict(args) -> int:
 
 
 def _pseudo_label(args) -> int:
-    from battles.io import BattleDataError, read_battles
+    from battles.io import BattleDataError
     from battles.pseudo_label import pseudo_label
     from pipeline.artifacts import config_key, read_json
-    from pipeline.predict import Predictor
     from pipeline.runner import RunError
 
     try:
-        if Path(args.out).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-        predictor = Predictor.load(args.run)
-        battles, _ = read_battles(args.data, require_labels=False)
+        predictor, battles = _predictor_and_battles(args, args.data)
         provenance = {"run": str(Path(args.run).resolve()), "data": str(Path(args.data).resolve()),
                       "stages": predictor.ensemble["stages"], "ensemble": predictor.ensemble["chosen"],
                       "run_config_hash": config_key(read_json(Path(args.run) / "config.json"))}
