@@ -194,14 +194,14 @@ def _predict(args) -> int:
 def _pseudo_label(args) -> int:
     from battles.io import BattleDataError
     from battles.pseudo_label import pseudo_label
-    from pipeline.artifacts import config_key, read_json
+    from battles.files import content_key, read_json
     from pipeline.runner import RunError
 
     try:
         predictor, battles = _predictor_and_battles(args, args.data)
         provenance = {"run": str(Path(args.run).resolve()), "data": str(Path(args.data).resolve()),
                       "stages": predictor.ensemble["stages"], "ensemble": predictor.ensemble["chosen"],
-                      "run_config_hash": config_key(read_json(Path(args.run) / "config.json"))}
+                      "run_config_hash": content_key(read_json(Path(args.run) / "config.json"))}
         pseudo_label(battles, predictor.predict_proba, args.out, provenance, source=args.source, weight=args.weight,
                      temperature=args.temperature, overwrite=args.overwrite)
     except (BattleDataError, RunError, FileNotFoundError, FileExistsError, ValueError) as exc:

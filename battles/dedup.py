@@ -2,7 +2,7 @@
 
 Two levels of "the same text", for prompts (all user turns) and replies (all turns of one side):
 
-* exact: equal after :func:`battles.folds.normalise_text` (case and whitespace);
+* exact: equal after :func:`battles.text.normalised` (case and whitespace);
 * near: Jaccard similarity of word n-gram shingles (``shingle`` words, punctuation ignored) at
   least ``threshold``; candidates come from MinHashLSH (run a little below the threshold for
   recall) and are checked on the true Jaccard of their shingle sets.
@@ -39,7 +39,8 @@ import pandas as pd
 from datasketch import MinHash, MinHashLSH
 from tqdm.auto import tqdm
 
-from battles.folds import normalise_text, prompt_groups
+from battles.folds import prompt_groups
+from battles.text import normalised, plain_text
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class DedupReport:
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", normalise_text(text))
+    return re.findall(r"\w+", normalised(text))
 
 
 def _shingles(words: list[str], k: int) -> list[bytes]:
@@ -102,7 +103,7 @@ def _shingles(words: list[str], k: int) -> list[bytes]:
 
 
 def _exact_key(text: str) -> str:
-    return hashlib.md5(normalise_text(text).encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.md5(normalised(text).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class _TextClusters:
@@ -153,10 +154,6 @@ class _TextClusters:
         return self.similarity.get((self.exact[i], self.exact[j]), float("nan"))  # nan: joined via a chain
 
 
-def _joined(turns) -> str:
-    return "\n".join(turns)
-
-
 def find_duplicates(target: pd.DataFrame, external: pd.DataFrame,
                     config: DedupConfig | None = None) -> tuple[np.ndarray, DedupReport]:
     """A reason per external row ('' = keep; a DROP_REASONS entry = drop) and the report.
@@ -169,9 +166,9 @@ def find_duplicates(target: pd.DataFrame, external: pd.DataFrame,
     both = pd.concat([target[["id", "prompt", "response_a", "response_b"]],
                       external[["id", "prompt", "response_a", "response_b"]]], ignore_index=True)
     prompts_exact = prompt_groups(both)
-    prompt_texts = [_joined(p) for p in both["prompt"]]
+    prompt_texts = [plain_text(p) for p in both["prompt"]]
     prompts = _TextClusters(prompt_texts, config, "prompts")
-    reply_texts = [_joined(r) for r in both["response_a"]] + [_joined(r) for r in both["response_b"]]
+    reply_texts = [plain_text(r) for r in both["response_a"]] + [plain_text(r) for r in both["response_b"]]
     replies = _TextClusters(reply_texts, config, "replies")
     n = len(both)
 

@@ -1,15 +1,16 @@
-"""External rows join training folds only: the one function a cross-fitting runner calls per fold.
+"""External rows join training folds only: their final weights, checked once before any training.
 
 Validation rows and every reported score stay on target data. External battles carry a ``weight``
-= per-source weight (from the config) x optional importance weight (:mod:`battles.shift`); target
-rows keep their own ``weight`` (1 when absent). Stages read ``weight`` as sample weights.
+= per-source weight (from the config) x optional importance weight (:mod:`battles.shift`) x any
+weight the file itself carries; target rows keep their own ``weight`` (1 when absent). Stages read
+``weight`` as sample weights (:func:`battles.labels.row_weights`).
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-TARGET_SOURCE = "target"
+from battles.labels import row_weights
 
 
 def external_weights(external: pd.DataFrame, source_weights: dict, shift_weights=None) -> np.ndarray:
@@ -22,9 +23,7 @@ def external_weights(external: pd.DataFrame, source_weights: dict, shift_weights
     unknown = sorted(set(sources) - set(source_weights))
     if unknown:
         raise KeyError(f"no weight for external source(s) {unknown}; source_weights has {sorted(source_weights)}")
-    w = np.array([float(source_weights[s]) for s in sources])
-    if "weight" in external.columns:
-        w = w * external["weight"].fillna(1.0).to_numpy(dtype=float)
+    w = np.array([float(source_weights[s]) for s in sources]) * row_weights(external)
     if shift_weights is not None:
         shift_weights = np.asarray(shift_weights, dtype=float)
         if shift_weights.shape != (len(external),):
@@ -35,30 +34,17 @@ def external_weights(external: pd.DataFrame, source_weights: dict, shift_weights
     return w
 
 
-def external_rows(external: pd.DataFrame, source_weights: dict, shift_weights=None) -> pd.DataFrame:
-    """External battles with their final ``weight`` (zero-weight rows left out): what the runner
-    passes as ``extra_train`` to :func:`pipeline.crossfit.crossfit_stage`, which adds them to every
-    fold's training part and never to validation or OOF."""
+def external_rows(external: pd.DataFrame, source_weights: dict, shift_weights=None,
+                  target_ids=None) -> pd.DataFrame:
+    """External battles with their final ``weight`` (zero-weight rows left out): the rows the runner
+    adds to every fold's training part (never to validation or OOF). Their ids must differ from
+    ``target_ids`` (the converters prefix ids with the source), or a row could be trained and scored."""
     ext = external.copy()
     ext["weight"] = external_weights(external, source_weights, shift_weights)
-    return ext[ext["weight"] > 0].reset_index(drop=True)
-
-
-def training_rows(target_train_fold: pd.DataFrame, external: pd.DataFrame | None, source_weights: dict,
-                  shift_weights=None) -> pd.DataFrame:
-    """One fold's training table: the fold's target rows plus all external rows, with ``weight``.
-
-    External rows with weight 0 are left out. Ids must not collide with target ids (the converters
-    prefix them with their source). The result is never used for validation.
-    """
-    train = target_train_fold.copy()
-    train["weight"] = train["weight"].fillna(1.0).astype(float) if "weight" in train.columns else 1.0
-    if "source" not in train.columns:
-        train["source"] = TARGET_SOURCE
-    if external is None or len(external) == 0:
-        return train.reset_index(drop=True)
-    ext = external_rows(external, source_weights, shift_weights)
-    clash = set(ext["id"].astype(str)) & set(train["id"].astype(str))
-    if clash:
-        raise ValueError(f"{len(clash)} external ids equal target ids (e.g. {sorted(clash)[:3]}); prefix them by source")
-    return pd.concat([train, ext], ignore_index=True, sort=False)
+    ext = ext[ext["weight"] > 0].reset_index(drop=True)
+    if target_ids is not None:
+        clash = set(ext["id"].astype(str)) & set(map(str, target_ids))
+        if clash:
+            raise ValueError(f"{len(clash)} external ids equal training ids (e.g. {sorted(clash)[:3]}); "
+                             "give external rows ids of their own (the converters prefix them with the source)")
+    return ext

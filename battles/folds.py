@@ -14,16 +14,13 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from battles.labels import has_labels, label_index
-
-
-def normalise_text(text: str) -> str:
-    return " ".join(text.lower().split())
+from battles.text import normalised
 
 
 def prompt_groups(battles: pd.DataFrame) -> np.ndarray:
     """A group key per battle: a hash of the whitespace- and case-normalised prompt turns."""
     return np.array(
-        [hashlib.md5(json.dumps([normalise_text(t) for t in p]).encode("utf-8", "surrogatepass")).hexdigest()
+        [hashlib.md5(json.dumps([normalised(t) for t in p]).encode("utf-8", "surrogatepass")).hexdigest()
          for p in battles["prompt"]]
     )
 

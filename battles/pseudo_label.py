@@ -5,7 +5,7 @@ File format (documented contract): JSONL. The first line is a provenance record
 summary of the predicted class shares); every other line is one battle in the competition layout
 (``prompt``/``response_a``/``response_b`` as lists of strings) with ``soft_a``, ``soft_b``,
 ``soft_tie``, ``weight`` and ``source``. :func:`read_pseudo_labels` gives back the battle table
-(with soft labels every stage can train on: :func:`battles.soft_labels.expand_soft_labels` for
+(with soft labels every stage can train on: :func:`battles.labels.expand_targets` for
 LightGBM, KL loss on :func:`battles.labels.label_matrix` for deep stages) and the provenance.
 
 Scoring goes through a plain ``predict_fn(battles) -> (n, 3) probabilities`` in ``[a, b, tie]``
@@ -26,7 +26,7 @@ import pandas as pd
 from battles.io import BattleDataError, TEXT_COLUMNS, battles_from_frame
 from battles.labels import LABEL_COLUMNS
 from battles.labels import SOFT_COLUMNS
-from pipeline.artifacts import write_atomic
+from battles.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ be told apart, 1.0 means it is a different world.
 The out-of-fold probability ``p = P(target | prompt)`` of each external prompt becomes an
 importance weight ``w = p / (1 - p) * (n_source / n_target)`` (density ratio target/source),
 normalised to mean 1 over the source's battles and clipped to ``[clip_min, clip_max]``. Train
-with these weights (times the source weight, :func:`battles.external.training_rows`) to lean on
+with these weights (times the source weight, :func:`battles.external.external_rows`) to lean on
 the external battles that look like target battles.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from battles.folds import prompt_groups
+from battles.text import plain_text
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ class ShiftConfig:
     C: float = 1.0
     clip_min: float = 0.05
     clip_max: float = 5.0
-
-
-def _prompt_text(prompt_turns) -> str:
-    return "\n".join(prompt_turns)
 
 
 def adversarial_auc(target_prompts: list[str], source_prompts: list[str],
@@ -79,7 +76,7 @@ def shift_weights(target: pd.DataFrame, external: pd.DataFrame,
     config = config or ShiftConfig()
     t_groups = prompt_groups(target)
     t_first = pd.Series(np.arange(len(target))).groupby(t_groups).first()
-    target_prompts = [_prompt_text(target["prompt"].iat[i]) for i in t_first.to_numpy()]
+    target_prompts = [plain_text(target["prompt"].iat[i]) for i in t_first.to_numpy()]
     e_groups = prompt_groups(external)
     sources = external["source"].astype(str).to_numpy()
     weights = np.ones(len(external))
@@ -88,7 +85,7 @@ def shift_weights(target: pd.DataFrame, external: pd.DataFrame,
         rows = np.flatnonzero(sources == source)
         uniq, inverse = np.unique(e_groups[rows], return_inverse=True)
         first = {g: rows[k] for k, g in reversed(list(enumerate(e_groups[rows])))}
-        source_prompts = [_prompt_text(external["prompt"].iat[first[g]]) for g in uniq]
+        source_prompts = [plain_text(external["prompt"].iat[first[g]]) for g in uniq]
         auc, p = adversarial_auc(target_prompts, source_prompts, config)
         w_rows = importance_weights(p[inverse], len(uniq), len(target_prompts), config.clip_min, config.clip_max)
         weights[rows] = w_rows

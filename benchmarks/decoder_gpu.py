@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.decoder import DEFAULT_PARAMS, add_lora, load_base_model, preference_loss  # noqa: E402
+from models.decoder import DecoderParams, add_lora, load_base_model, preference_loss  # noqa: E402
 
 logger = logging.getLogger("decoder_gpu")
 
@@ -89,7 +89,7 @@ def random_ids(batch: int, length: int, vocab: int) -> dict:
 def bench_train(path: Path, args) -> dict:
     import bitsandbytes as bnb
 
-    params = {**DEFAULT_PARAMS, "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r}
+    params = DecoderParams(model=str(path), lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
     model = add_lora(load_base_model(path, "4bit", pad_token_id=0), params)
     model.train()
     optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -125,7 +125,7 @@ def bench_infer(path: Path, quantization: str, args) -> dict:
     from peft import LoraConfig, get_peft_model
 
     # As at prediction time: the (quantised) base with un-merged LoRA adapters and the head on top.
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=DEFAULT_PARAMS["target_modules"],
+    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=DecoderParams.model_fields["target_modules"].default,
                       task_type="SEQ_CLS", modules_to_save=["score"])
     model = get_peft_model(load_base_model(path, quantization, pad_token_id=0), lora).eval()
     n_batches = max(1, args.infer_battles // args.infer_batch)

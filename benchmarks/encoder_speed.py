@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     battles, _ = read_battles(args.train)
     battles = battles.iloc[: max(args.n, args.steps * args.batch_size)]
     params = {"model": args.model or packaged_minilm_dir(), "max_length": args.max_length, "max_steps": args.steps,
-              "train_batch_size": args.batch_size, "eval_batch_size": 32, "swap_augment": False}
+              "train_batch_size": args.batch_size, "predict_batch_size": 32, "swap_augment": False}
     stage = make_stage("encoder", params, StageContext(progress=False))
     start = time.perf_counter()
     stage.fit(battles.iloc[: args.steps * args.batch_size])

@@ -20,7 +20,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
 from sklearn.linear_model import LogisticRegression
 
-from battles.labels import swap_columns
+from battles.labels import SWAP_PERMUTATION, swap_columns
 from ensemble.meta import META_NAMES, swap_meta
 
 
@@ -30,7 +30,7 @@ def stage_log_probs(logits: list[np.ndarray]) -> list[np.ndarray]:
 
 def _swap_stack(x: np.ndarray, n_stages: int) -> np.ndarray:
     """Swap A/B columns inside every stage's 3-column group of a stacked logit matrix."""
-    perm = np.concatenate([3 * s + np.array([1, 0, 2]) for s in range(n_stages)])
+    perm = np.concatenate([3 * s + np.array(SWAP_PERMUTATION) for s in range(n_stages)])
     return x[:, perm]
 
 
@@ -162,7 +162,7 @@ class LogisticStacker:
         self.meta_mean = self.meta_scale = None
         x, xs = self._features(logits, meta)
         w = np.ones(len(y)) if weight is None else weight
-        self.coef_, self.intercept_ = _multinomial_lr(np.vstack([x, xs]), np.concatenate([y, np.array([1, 0, 2])[y]]),
+        self.coef_, self.intercept_ = _multinomial_lr(np.vstack([x, xs]), np.concatenate([y, np.array(SWAP_PERMUTATION)[y]]),
                                                       np.concatenate([w, w]), self.C)
         return self
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from features.text import join_turns
+from battles.text import plain_text
 
 META_NAMES = ["log_len_diff", "log_len_total", "log_turns"]
 META_SWAP_SIGN = np.array([-1.0, 1.0, 1.0])
@@ -18,8 +18,8 @@ META_SWAP_SIGN = np.array([-1.0, 1.0, 1.0])
 
 def meta_features(battles: pd.DataFrame) -> np.ndarray:
     """``(n, 3)`` meta features in :data:`META_NAMES` order."""
-    len_a = np.array([len(join_turns(t)) for t in battles["response_a"]], dtype=np.float64)
-    len_b = np.array([len(join_turns(t)) for t in battles["response_b"]], dtype=np.float64)
+    len_a = np.array([len(plain_text(t)) for t in battles["response_a"]], dtype=np.float64)
+    len_b = np.array([len(plain_text(t)) for t in battles["response_b"]], dtype=np.float64)
     turns = np.array([len(t) for t in battles["prompt"]], dtype=np.float64)
     return np.column_stack([np.log1p(len_a) - np.log1p(len_b), np.log1p(len_a + len_b), np.log(turns)])
 

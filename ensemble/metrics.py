@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import softmax
 from sklearn.metrics import accuracy_score, log_loss
 
 from battles.labels import CLASS_NAMES
+
+
+def probs_from_logits(logits) -> np.ndarray:
+    """Probabilities ``(n, 3)`` from logits (log-probabilities up to a per-row constant): softmax."""
+    return softmax(np.asarray(logits, dtype=np.float64), axis=1)
 
 
 def clip_probs(probs: np.ndarray, eps: float = 1e-15) -> np.ndarray:

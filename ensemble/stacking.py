@@ -23,16 +23,27 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import softmax
+from pydantic import Field
 from sklearn.metrics import log_loss
 from threadpoolctl import threadpool_limits
 
-from ensemble.calibrators import LogisticStacker, TemperatureCalibrator, WeightedAverage, calibrator_from_json
+from battles.schema import Section
+from ensemble.calibrators import LogisticStacker, TemperatureCalibrator, WeightedAverage
 from ensemble.metrics import clip_probs, scores
 
 log = logging.getLogger(__name__)
 
 CARRY_WEIGHT = 0.05  # a stage "carries weight" in the chosen ensemble at this share or more
+
+
+class StackerConfig(Section):
+    """The ensemble candidates and how one is chosen (the config's ``stacker`` section)."""
+
+    C_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0])  # logistic stacking strengths
+    weighted: bool = True  # the simplex-weighted average as a candidate
+    meta_features: bool = True  # logistic stacking with the cheap meta features as candidates
+    exclude: list[str] = Field(default_factory=list)  # stages the ensemble never sees
+    selection_tolerance: float = 0.0  # > 0: the simplest candidate within this much CV log loss of the best
 
 
 @dataclass(frozen=True)
@@ -68,16 +79,15 @@ class Candidate:
         return TemperatureCalibrator(list(self.stages) if self.stages is not None else None)
 
 
-def default_candidates(n_stages: int, c_grid=(0.01, 0.1, 1.0), weighted: bool = True,
-                       meta: bool = False) -> list[Candidate]:
+def default_candidates(n_stages: int, config: StackerConfig, meta: bool = False) -> list[Candidate]:
     cands = [Candidate("temperature", (i,)) for i in range(n_stages)]
     if n_stages > 1:
         cands.append(Candidate("temperature", None))
-        if weighted:
+        if config.weighted:
             cands.append(Candidate("weighted"))
-        cands += [Candidate("logistic", None, C) for C in c_grid]
+        cands += [Candidate("logistic", None, C) for C in config.C_grid]
     if meta:  # meta features can help even one stage
-        cands += [Candidate("logistic", None, C, meta=True) for C in c_grid]
+        cands += [Candidate("logistic", None, C, meta=True) for C in config.C_grid]
     return cands
 
 
@@ -93,14 +103,6 @@ def _fit_predict(candidate: Candidate, logits, meta, y, fit_mask, predict_mask) 
 
 def _ll(y, probs) -> float:
     return float(log_loss(y, clip_probs(probs), labels=[0, 1, 2]))
-
-
-def cv_predict(candidate: Candidate, logits, y, folds, meta=None) -> np.ndarray:
-    """Out-of-fold probabilities of one candidate over the given folds."""
-    probs = np.zeros((len(y), 3))
-    for k in np.unique(folds):
-        probs[folds == k] = _fit_predict(candidate, logits, meta, y, folds != k, folds == k)
-    return probs
 
 
 @dataclass
@@ -171,14 +173,14 @@ class StackResult:
 
 
 def fit_stacker(names: list[str], logits: list[np.ndarray], y: np.ndarray, folds: np.ndarray,
-                c_grid=(0.01, 0.1, 1.0), meta: np.ndarray | None = None, weighted: bool = True,
-                tolerance: float = 0.0) -> StackResult:
+                config: StackerConfig | None = None, meta: np.ndarray | None = None) -> StackResult:
     """Cross-fit every candidate once, score every method and the whole selection by nested CV, and
     fit the chosen candidate on all rows. ``meta`` (``(n, m)``, see :mod:`ensemble.meta`) adds the
-    ``logistic+meta`` method."""
-    candidates = default_candidates(len(logits), c_grid, weighted=weighted, meta=meta is not None)
+    ``logistic+meta`` method; ``config.meta_features`` says whether the caller passes it."""
+    config = config or StackerConfig()
+    candidates = default_candidates(len(logits), config, meta=meta is not None)
     with threadpool_limits(limits=1):  # BLAS threads only slow these tiny problems down (20x on a busy machine)
-        return _fit_stacker(names, candidates, logits, y, folds, meta, tolerance)
+        return _fit_stacker(names, candidates, logits, y, folds, meta, config.selection_tolerance)
 
 
 def _fit_stacker(names, candidates, logits, y, folds, meta, tolerance) -> StackResult:
@@ -210,11 +212,3 @@ def _fit_stacker(names, candidates, logits, y, folds, meta, tolerance) -> StackR
     log.info("stacker: chose %s (CV %.4f); nested-CV log loss %.4f", chosen.label(names), cv[chosen], _ll(y, nested))
     weights = dict(zip(names, (float(w) for w in model.stage_weights(len(names)))))
     return StackResult(chosen, model, nested, table, scores(y, nested), methods, weights, meta=chosen.meta)
-
-
-def load_stacker(d: dict):
-    return calibrator_from_json(d["model"])
-
-
-def raw_probs(logits: np.ndarray) -> np.ndarray:
-    return softmax(np.asarray(logits, dtype=np.float64), axis=1)

@@ -9,6 +9,9 @@ augmentation cost no second feature pass.
 ``combine`` says which per-side views a block contributes to the model matrix: ``"a"``, ``"b"``
 (raw per-side values), ``"diff"`` (A minus B) and ``"ratio"`` (log of (A+1)/(B+1), for counts).
 
+Parameters are declared per block as a ``Params`` section (:mod:`battles.schema`): unknown keys
+and wrong types are errors, and the defaults live there and nowhere else.
+
 Lifecycle (all optional but ``transform``): ``prepare`` on every text of the run without labels
 (Word2Vec, embedding caches), ``fit`` on one fold's training battles (TF-IDF vocabularies),
 ``save``/``load`` in plain files (JSON, .npy, gensim's native format; never pickles).
@@ -20,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+
+from battles.context import StageContext
+from battles.schema import Section, validated
 
 
 @dataclass
@@ -61,13 +68,15 @@ class SidedFeatures:
 
 
 class FeatureBlock:
-    """Base class for a feature block. ``name`` prefixes its columns in the model matrix."""
+    """Base class for a feature block. ``name`` prefixes its columns in the model matrix; ``Params``
+    declares its parameters (none by default)."""
 
     name = "block"
+    Params: type[Section] = Section
 
-    def __init__(self, params: dict | None = None, context=None):
-        self.params = dict(params or {})
-        self.context = context
+    def __init__(self, params=None, context: StageContext | None = None):
+        self.params = validated(self.Params, params)
+        self.context = context or StageContext()
 
     def prepare(self, battles: pd.DataFrame) -> None:
         """Label-free fitting on every text of the run. Default: nothing."""
@@ -83,3 +92,18 @@ class FeatureBlock:
 
     def load(self, directory: Path) -> None:
         """Read what ``save`` wrote (the block is already constructed with its params)."""
+
+
+def row_cosine(x, y, unit_rows: bool = False) -> np.ndarray:
+    """Cosine similarity of matching rows of ``x`` and ``y`` (dense arrays or scipy sparse matrices);
+    0 where either row is all zeros. ``unit_rows``: the rows are already L2-normalised, so the
+    cosine is their dot product."""
+    if sp.issparse(x) or sp.issparse(y):
+        if not unit_rows:
+            raise ValueError("row_cosine on sparse rows expects L2-normalised rows (unit_rows=True)")
+        return np.asarray(x.multiply(y).sum(axis=1)).ravel()
+    dot = (x * y).sum(axis=1)
+    if unit_rows:
+        return dot
+    nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
+    return np.where((nx > 0) & (ny > 0), dot / np.maximum(nx * ny, 1e-12), 0.0)

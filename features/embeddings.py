@@ -22,37 +22,32 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from features.base import FeatureBlock, SidedFeatures
-from models.packing import join_turns
-from pipeline.artifacts import write_atomic
+from battles.files import write_atomic
+from battles.schema import Section
+from battles.text import labelled_text
+from features.base import FeatureBlock, SidedFeatures, row_cosine
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PARAMS = {"model": None, "max_length": 256, "batch_size": 32}
+
+
+class EmbeddingParams(Section):
+    model: str  # local Hugging Face checkpoint directory (required)
+    max_length: int = 256  # tokens per text; longer texts are cut to their beginning
+    batch_size: int = 32
 
 
 def _text_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    num = (x * y).sum(axis=1)
-    den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    return np.where(den > 0, num / np.maximum(den, 1e-12), 0.0)
-
-
 class EmbeddingBlock(FeatureBlock):
     name = "emb"
+    Params = EmbeddingParams
 
-    def __init__(self, params: dict | None = None, context=None):
+    def __init__(self, params=None, context=None):
         super().__init__(params, context)
-        unknown = sorted(set(self.params) - set(DEFAULT_PARAMS))
-        if unknown:
-            raise ValueError(f"unknown embeddings param(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
-        self.params = {**DEFAULT_PARAMS, **self.params}
-        if not self.params["model"]:
-            raise ValueError("embeddings block needs params['model']: a local checkpoint directory")
-        self.model_dir = Path(self.params["model"]).expanduser().resolve()
+        self.model_dir = Path(self.params.model).expanduser().resolve()
         if not (self.model_dir / "config.json").exists():
             raise FileNotFoundError(f"embeddings model directory not found or has no config.json: {self.model_dir}")
         self._vectors: dict[str, np.ndarray] = {}
@@ -61,11 +56,11 @@ class EmbeddingBlock(FeatureBlock):
 
     # ---- cache ----
     def _cache_dir(self) -> Path | None:
-        root = getattr(self.context, "resource_dir", None)
+        root = self.context.resource_dir
         if root is None:
             return None
         config = (self.model_dir / "config.json").read_bytes()
-        key = hashlib.sha1(config + str(self.model_dir).encode() + str(self.params["max_length"]).encode())
+        key = hashlib.sha1(config + str(self.model_dir).encode() + str(self.params.max_length).encode())
         return Path(root) / "embeddings" / f"{self.model_dir.name}-{key.hexdigest()[:12]}"
 
     def _read_cache(self) -> None:
@@ -107,13 +102,13 @@ class EmbeddingBlock(FeatureBlock):
         lengths = [len(t) for t in texts]
         order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding
         out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-        bs = int(self.params["batch_size"])
-        progress = bool(getattr(self.context, "progress", True))
+        bs = int(self.params.batch_size)
+        progress = self.context.progress
         with torch.inference_mode():
             for start in tqdm(range(0, len(texts), bs), desc="embedding texts", disable=not progress, leave=False):
                 idx = order[start:start + bs]
                 batch = tok([texts[i] for i in idx], padding=True, truncation=True,
-                            max_length=int(self.params["max_length"]), return_tensors="pt").to(device)
+                            max_length=int(self.params.max_length), return_tensors="pt").to(device)
                 hidden = model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
@@ -133,7 +128,7 @@ class EmbeddingBlock(FeatureBlock):
 
     @staticmethod
     def _texts(battles: pd.DataFrame) -> dict[str, list[str]]:
-        return {c: [join_turns(t) for t in battles[c]] for c in ("prompt", "response_a", "response_b")}
+        return {c: [labelled_text(t) for t in battles[c]] for c in ("prompt", "response_a", "response_b")}
 
     # ---- block contract ----
     def prepare(self, battles: pd.DataFrame) -> None:
@@ -147,14 +142,14 @@ class EmbeddingBlock(FeatureBlock):
         self._ensure([t for column in texts.values() for t in column])
         p, a, b = (np.stack([self._vectors[_text_hash(t)] for t in texts[c]])
                    for c in ("prompt", "response_a", "response_b"))
-        cos_pa, cos_pb = _cosine(p, a), _cosine(p, b)
+        cos_pa, cos_pb = row_cosine(p, a), row_cosine(p, b)
         names = [f"emb{i}" for i in range(a.shape[1])] + ["cos_prompt"]
         return SidedFeatures(
             names=names,
             a=np.hstack([a, cos_pa[:, None]]),
             b=np.hstack([b, cos_pb[:, None]]),
             shared_names=["cos_ab", "cos_prompt_mean"],
-            shared=np.stack([_cosine(a, b), 0.5 * (cos_pa + cos_pb)], axis=1),
+            shared=np.stack([row_cosine(a, b), 0.5 * (cos_pa + cos_pb)], axis=1),
             combine=("diff",),
         )
 

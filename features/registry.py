@@ -12,8 +12,12 @@ FEATURE_BLOCKS: dict[str, str] = {
 }
 
 
-def make_block(kind: str, params: dict | None = None, context=None):
+def block_class(kind: str):
     if kind not in FEATURE_BLOCKS:
         raise ValueError(f"unknown feature block {kind!r}; known: {sorted(FEATURE_BLOCKS)}")
     module, name = FEATURE_BLOCKS[kind].split(":")
-    return getattr(importlib.import_module(module), name)(params, context)
+    return getattr(importlib.import_module(module), name)
+
+
+def make_block(kind: str, params=None, context=None):
+    return block_class(kind)(params, context)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from features.base import FeatureBlock, SidedFeatures
-from features.text import join_turns, tokens
+from battles.text import plain_text, words
 
 
 def _jaccard(x: set, y: set) -> float:
@@ -24,9 +24,9 @@ class SimilarityBlock(FeatureBlock):
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
         side_a, side_b, shared = [], [], []
         for prompt, ra, rb in zip(battles["prompt"], battles["response_a"], battles["response_b"]):
-            p = set(tokens(join_turns(prompt)))
-            ta, tb = join_turns(ra), join_turns(rb)
-            a, b = set(tokens(ta)), set(tokens(tb))
+            p = set(words(plain_text(prompt)))
+            ta, tb = plain_text(ra), plain_text(rb)
+            a, b = set(words(ta)), set(words(tb))
             for side, toks in ((side_a, a), (side_b, b)):
                 side.append([len(p & toks) / len(p) if p else 0.0, _jaccard(p, toks)])
             total = len(ta) + len(tb)

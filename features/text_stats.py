@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from features.base import FeatureBlock, SidedFeatures
-from features.text import join_turns, tokens
+from battles.text import plain_text, words
 
 REFUSAL_PATTERNS = [
     r"\bas an ai\b", r"\bas a language model\b", r"\bi(?: a|')m (?:just )?an ai\b", r"\bi cannot\b",
@@ -52,14 +52,14 @@ SHARED_NAMES = ["prompt_chars", "prompt_words", "n_turns", "prompt_last_chars", 
 
 
 def reply_stats(turns: list[str]) -> list[float]:
-    text = join_turns(turns)
-    words = tokens(text)
-    n_words = len(words)
-    unique = len(set(words))
+    text = plain_text(turns)
+    toks = words(text)
+    n_words = len(toks)
+    unique = len(set(toks))
     row = [
         len(text), n_words, text.count("\n") + 1 if text else 0, unique,
         unique / n_words if n_words else 0.0,
-        sum(map(len, words)) / n_words if n_words else 0.0,
+        sum(map(len, toks)) / n_words if n_words else 0.0,
     ]
     row += [len(p.findall(text)) for p in _PATTERNS.values()]
     turn_chars = [len(t) for t in turns]
@@ -74,8 +74,8 @@ def reply_stats(turns: list[str]) -> list[float]:
 
 
 def prompt_stats(turns: list[str]) -> list[float]:
-    text = join_turns(turns)
-    return [len(text), len(tokens(text)), len(turns), len(turns[-1]), text.count("?")]
+    text = plain_text(turns)
+    return [len(text), len(words(text)), len(turns), len(turns[-1]), text.count("?")]
 
 
 class TextStatsBlock(FeatureBlock):

@@ -23,31 +23,39 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
 
-from features.base import FeatureBlock, SidedFeatures
-from features.text import join_turns
-
-DEFAULTS = {"word_ngrams": [1, 2], "char_ngrams": [3, 4], "char_limit": 500, "n_features": 2**18,
-            "svd_components": 32, "svd_max_rows": 20000, "chunk": 5000}
-FIELDS = ("prompt", "response_a", "response_b")
+from battles.schema import Section
+from battles.text import FIELDS, plain_text
+from features.base import FeatureBlock, SidedFeatures, row_cosine
 
 
 def _key(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 
+class TfidfParams(Section):
+    word_ngrams: tuple[int, int] = (1, 2)  # word n-gram range
+    char_ngrams: tuple[int, int] | None = (3, 4)  # char_wb n-gram range; null: no character n-grams
+    char_limit: int = 500  # characters of each text fed to the character n-grams
+    n_features: int = 2**18  # hashing space
+    svd_components: int = 32  # SVD coordinates per reply
+    svd_max_rows: int = 20000  # replies sampled to fit the SVD
+    chunk: int = 5000  # texts per chunk (memory stays flat)
+
+
 class TfidfBlock(FeatureBlock):
     name = "tfidf"
     fold_dependent = True
+    Params = TfidfParams
 
     def __init__(self, params=None, context=None):
-        super().__init__({**DEFAULTS, **(params or {})}, context)
+        super().__init__(params, context)
         p = self.params
-        self._word = HashingVectorizer(ngram_range=tuple(p["word_ngrams"]), n_features=p["n_features"],
+        self._word = HashingVectorizer(ngram_range=tuple(p.word_ngrams), n_features=p.n_features,
                                        alternate_sign=False, norm=None, dtype=np.float32)
         self._char = None
-        if p["char_ngrams"]:
-            self._char = HashingVectorizer(analyzer="char_wb", ngram_range=tuple(p["char_ngrams"]),
-                                           n_features=p["n_features"], alternate_sign=False, norm=None,
+        if p.char_ngrams:
+            self._char = HashingVectorizer(analyzer="char_wb", ngram_range=tuple(p.char_ngrams),
+                                           n_features=p.n_features, alternate_sign=False, norm=None,
                                            dtype=np.float32)
         self._index: dict[str, int] = {}
         self._counts: sp.csr_matrix | None = None
@@ -58,13 +66,13 @@ class TfidfBlock(FeatureBlock):
     def _count(self, texts: list[str]) -> sp.csr_matrix:
         m = self._word.transform(texts)
         if self._char is not None:
-            m = m + self._char.transform([t[: self.params["char_limit"]] for t in texts])
+            m = m + self._char.transform([t[: self.params.char_limit] for t in texts])
         return sp.csr_matrix(m, dtype=np.float32)
 
     def prepare(self, battles: pd.DataFrame) -> None:
-        texts = sorted({join_turns(t) for c in FIELDS for t in battles[c]})
+        texts = sorted({plain_text(t) for c in FIELDS for t in battles[c]})
         self._index = {_key(t): i for i, t in enumerate(texts)}
-        step = self.params["chunk"]
+        step = self.params.chunk
         self._counts = sp.vstack([self._count(texts[i:i + step]) for i in range(0, len(texts), step)]).tocsr()
 
     def _counts_for(self, texts: list[str]) -> sp.csr_matrix:
@@ -84,31 +92,31 @@ class TfidfBlock(FeatureBlock):
         return normalize(weighted)
 
     def fit(self, train: pd.DataFrame) -> None:
-        texts = sorted({join_turns(t) for c in FIELDS for t in train[c]})
-        step = self.params["chunk"]
-        df = np.zeros(self.params["n_features"], dtype=np.float64)
+        texts = sorted({plain_text(t) for c in FIELDS for t in train[c]})
+        step = self.params.chunk
+        df = np.zeros(self.params.n_features, dtype=np.float64)
         for i in range(0, len(texts), step):
             df += np.bincount(self._counts_for(texts[i:i + step]).indices, minlength=len(df))
         n = len(texts)
         self.idf_ = (np.log((1 + n) / (1 + df)) + 1).astype(np.float32)  # sklearn's smoothed idf
-        replies = sorted({join_turns(t) for c in FIELDS[1:] for t in train[c]})
-        rng = np.random.default_rng(getattr(self.context, "seed", 0))
-        if len(replies) > self.params["svd_max_rows"]:
-            replies = [replies[i] for i in sorted(rng.choice(len(replies), self.params["svd_max_rows"], replace=False))]
+        replies = sorted({plain_text(t) for c in FIELDS[1:] for t in train[c]})
+        rng = np.random.default_rng(self.context.seed)
+        if len(replies) > self.params.svd_max_rows:
+            replies = [replies[i] for i in sorted(rng.choice(len(replies), self.params.svd_max_rows, replace=False))]
         sample = self._tfidf(self._counts_for(replies))
-        k = min(self.params["svd_components"], sample.shape[0] - 1)
-        svd = TruncatedSVD(n_components=k, random_state=getattr(self.context, "seed", 0)).fit(sample)
+        k = min(self.params.svd_components, sample.shape[0] - 1)
+        svd = TruncatedSVD(n_components=k, random_state=self.context.seed).fit(sample)
         self.components_ = svd.components_.astype(np.float32)
 
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
         if self.idf_ is None:
             raise RuntimeError("TfidfBlock.transform called before fit")
-        step = self.params["chunk"]
+        step = self.params.chunk
         side_a, side_b, shared = [], [], []
         for i in range(0, len(battles), step):
             part = battles.iloc[i:i + step]
-            p, a, b = (self._tfidf(self._counts_for([join_turns(t) for t in part[c]])) for c in FIELDS)
-            cos = lambda x, y: np.asarray(x.multiply(y).sum(axis=1)).ravel()
+            p, a, b = (self._tfidf(self._counts_for([plain_text(t) for t in part[c]])) for c in FIELDS)
+            cos = lambda x, y: row_cosine(x, y, unit_rows=True)  # noqa: E731 (rows are L2-normalised)
             side_a.append(np.hstack([np.asarray(a @ self.components_.T), cos(p, a)[:, None]]))
             side_b.append(np.hstack([np.asarray(b @ self.components_.T), cos(p, b)[:, None]]))
             shared.append(cos(a, b)[:, None])

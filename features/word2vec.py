@@ -19,36 +19,46 @@ import numpy as np
 import pandas as pd
 from gensim.models import KeyedVectors, Word2Vec
 
-from features.base import FeatureBlock, SidedFeatures
-from features.text import join_turns, tokens
-from pipeline.artifacts import write_atomic, write_json
+from battles.files import write_atomic, write_json
+from battles.schema import Section
+from battles.text import plain_text, words
+from features.base import FeatureBlock, SidedFeatures, row_cosine
 
 log = logging.getLogger(__name__)
-DEFAULTS = {"vector_size": 64, "window": 5, "min_count": 3, "epochs": 5, "max_tokens_per_text": 2000,
-            "max_train_texts": 50_000, "workers": 1}
+
+
+class Word2VecParams(Section):
+    vector_size: int = 64
+    window: int = 5
+    min_count: int = 3
+    epochs: int = 5
+    max_tokens_per_text: int = 2000  # word tokens of a text used for training and pooling
+    max_train_texts: int = 50_000  # a seeded sample of the run's distinct texts trains the vectors
+    workers: int = 1  # 1: identical vectors in every process; more: faster, not reproducible
 
 
 def _corpus(battles: pd.DataFrame, limit: int) -> list[list[str]]:
     texts = set()
     for c in ("prompt", "response_a", "response_b"):
-        texts.update(join_turns(t) for t in battles[c])
-    return [tokens(t)[:limit] for t in sorted(texts)]
+        texts.update(plain_text(t) for t in battles[c])
+    return [words(t)[:limit] for t in sorted(texts)]
 
 
 class Word2VecBlock(FeatureBlock):
     name = "w2v"
+    Params = Word2VecParams
 
     def __init__(self, params=None, context=None):
-        super().__init__({**DEFAULTS, **(params or {})}, context)
+        super().__init__(params, context)
         self.vectors: KeyedVectors | None = None
         self.resource_name: str | None = None
 
     def _resource_dir(self) -> Path | None:
-        root = getattr(self.context, "resource_dir", None)
+        root = self.context.resource_dir
         return Path(root) if root else None
 
     def prepare(self, battles: pd.DataFrame) -> None:
-        p = self.params
+        p = self.params.as_dict()
         corpus = _corpus(battles, p["max_tokens_per_text"])
         digest = hashlib.sha256(json.dumps([p, corpus[:0], len(corpus)], sort_keys=True).encode())
         for doc in corpus:
@@ -61,12 +71,12 @@ class Word2VecBlock(FeatureBlock):
             log.info("word2vec: reusing %s (%d words)", path, len(self.vectors))
             return
         if len(corpus) > p["max_train_texts"]:  # a seeded sample is plenty for 64-d vectors, and bounded in time
-            rng = np.random.default_rng(getattr(self.context, "seed", 42))
+            rng = np.random.default_rng(self.context.seed)
             corpus = [corpus[i] for i in sorted(rng.choice(len(corpus), p["max_train_texts"], replace=False))]
         log.info("word2vec: training on %d texts (%d tokens)", len(corpus), sum(map(len, corpus)))
         model = Word2Vec(sentences=corpus, vector_size=p["vector_size"], window=p["window"],
                          min_count=p["min_count"], epochs=p["epochs"], workers=p["workers"],
-                         seed=getattr(self.context, "seed", 42))
+                         seed=self.context.seed)
         self.vectors = model.wv
         if path is not None:
             write_atomic(path, lambda tmp: self.vectors.save_word2vec_format(str(tmp), binary=True))
@@ -75,7 +85,7 @@ class Word2VecBlock(FeatureBlock):
     def _embed(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.vectors.vector_size), dtype=np.float32)
         for i, text in enumerate(texts):
-            ids = [self.vectors.key_to_index[w] for w in tokens(text)[: self.params["max_tokens_per_text"]]
+            ids = [self.vectors.key_to_index[w] for w in words(text)[: self.params.max_tokens_per_text]
                    if w in self.vectors.key_to_index]
             if ids:
                 out[i] = self.vectors.vectors[ids].mean(axis=0)
@@ -84,19 +94,16 @@ class Word2VecBlock(FeatureBlock):
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
         if self.vectors is None:
             raise RuntimeError("Word2VecBlock.transform called before prepare")
-        p, a, b = (self._embed([join_turns(t) for t in battles[c]]) for c in ("prompt", "response_a", "response_b"))
+        p, a, b = (self._embed([plain_text(t) for t in battles[c]]) for c in ("prompt", "response_a", "response_b"))
 
-        def cos(x, y):
-            nx, ny = np.linalg.norm(x, axis=1), np.linalg.norm(y, axis=1)
-            return np.where((nx > 0) & (ny > 0), (x * y).sum(axis=1) / np.maximum(nx * ny, 1e-12), 0.0)
-
+        cos = row_cosine
         names = [f"dim{i}" for i in range(a.shape[1])]
         return SidedFeatures(names + ["prompt_cos"], np.hstack([a, cos(p, a)[:, None]]),
                              np.hstack([b, cos(p, b)[:, None]]), ["ab_cos"], cos(a, b)[:, None],
                              combine=("diff",))
 
     def save(self, directory: Path) -> None:
-        write_json(Path(directory) / "word2vec.json", {"resource": self.resource_name, "params": self.params})
+        write_json(Path(directory) / "word2vec.json", {"resource": self.resource_name, "params": self.params.as_dict()})
 
     def load(self, directory: Path) -> None:
         meta = json.loads((Path(directory) / "word2vec.json").read_text())

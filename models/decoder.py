@@ -17,7 +17,7 @@ several GPUs, splits the battles across them (one process per GPU).
 
 Saved stage directory: ``decoder.json`` (params) plus peft's ``adapter_config.json`` and
 ``adapter_model.safetensors`` (LoRA weights and the head). The base checkpoint is not copied;
-``load`` reads it from ``params["model"]`` or from ``context.extra["model"]`` when moved.
+``load`` reads it from ``params.model``.
 
 Multi-GPU training: run the same command under ``accelerate launch`` (DDP; see
 ``configs/accelerate_fsdp.yaml`` for an FSDP example); the Trainer picks the process group up.
@@ -35,44 +35,47 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from typing import Literal
+
 from battles.labels import has_labels, label_matrix, row_weights, soft_mask, swap_battles
+from battles.schema import Section
 from models.decoder_inputs import BattleEncoder
 from models.stage import Stage, StageContext, swap_tta
-from pipeline.artifacts import read_json, write_json
+from battles.files import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PARAMS = {
-    "model": None,                  # local checkpoint directory (required)
-    "quantization": "4bit",         # "4bit" | "8bit" | "none"; ignored (unquantised fp32) without CUDA
-    "max_length": 2048,
-    "prompt_share": 0.2,            # packing: share of the text budget for the prompt
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.05,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "layers_to_transform": None,    # e.g. list(range(16, 42)): adapters only on upper layers
-    "head_init_std": 1e-3,
-    "learning_rate": 1e-4,
-    "epochs": 1,
-    "max_steps": -1,                # > 0 overrides epochs
-    "batch_size": 2,
-    "grad_accum": 8,
-    "warmup_ratio": 0.05,
-    "weight_decay": 0.0,
-    "max_grad_norm": 1.0,
-    "gradient_checkpointing": True,
-    "swap_augment": False,          # train on each battle in both A/B orders
-    "predict_batch_tokens": 16384,  # padded tokens per inference batch
-    "predict_batch_size": 32,
-    "tta": True,                    # average both A/B orders at prediction
-    "data_parallel": True,          # split inference across all visible GPUs
-    "attn_implementation": None,    # None: transformers' choice (Gemma-2: eager, keeps soft-capping);
-                                    # "flash_attention_2" where installed
-    "evaluate_valid": False,        # log the valid log loss after fit (an extra pass over valid)
-    "logging_steps": 10,
-}
 QUANTIZATIONS = ("4bit", "8bit", "none")
+
+
+class DecoderParams(Section):
+    model: str  # local checkpoint directory (required), e.g. /models/gemma-2-9b-it
+    quantization: Literal["4bit", "8bit", "none"] = "4bit"  # ignored (unquantised fp32) without CUDA
+    max_length: int = 2048
+    prompt_share: float = 0.2  # packing: share of the text budget for the prompt
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    layers_to_transform: list[int] | None = None  # e.g. list(range(16, 42)): adapters only on upper layers
+    head_init_std: float = 1e-3
+    learning_rate: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    train_batch_size: int = 2  # per device
+    grad_accum: int = 8
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    swap_augment: bool = False  # train on each battle in both A/B orders
+    predict_batch_tokens: int = 16384  # padded tokens per inference batch
+    predict_batch_size: int = 32
+    swap_tta: bool = True  # average both A/B orders at prediction
+    data_parallel: bool = True  # split inference across all visible GPUs
+    attn_implementation: str | None = None  # None: transformers' choice (Gemma-2: eager, keeps soft-capping)
+    evaluate_valid: bool = False  # log the valid log loss after fit (an extra pass over valid)
+    logging_steps: int = 10
 
 
 # ----------------------------------------------------------------------------- model loading
@@ -149,21 +152,21 @@ def add_lora(model, params: dict):
     """Re-initialise the head, prepare k-bit training, and wrap the model with LoRA adapters."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    torch.nn.init.normal_(model.score.weight, mean=0.0, std=float(params["head_init_std"]))
+    torch.nn.init.normal_(model.score.weight, mean=0.0, std=float(params.head_init_std))
     gc_kwargs = {"use_reentrant": False}
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params["gradient_checkpointing"],
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
-    elif params["gradient_checkpointing"]:
+    elif params.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    config = LoraConfig(r=int(params["lora_r"]), lora_alpha=int(params["lora_alpha"]),
-                        lora_dropout=float(params["lora_dropout"]), target_modules=list(params["target_modules"]),
-                        layers_to_transform=params["layers_to_transform"], task_type="SEQ_CLS",
+    config = LoraConfig(r=int(params.lora_r), lora_alpha=int(params.lora_alpha),
+                        lora_dropout=float(params.lora_dropout), target_modules=list(params.target_modules),
+                        layers_to_transform=params.layers_to_transform, task_type="SEQ_CLS",
                         modules_to_save=["score"])
     model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    logger.info("LoRA r=%s on %s: %s trainable of %s parameters", params["lora_r"], params["target_modules"],
+    logger.info("LoRA r=%s on %s: %s trainable of %s parameters", params.lora_r, params.target_modules,
                 f"{trainable:,}", f"{total:,}")
     return model
 
@@ -237,27 +240,23 @@ def shard_indices(lengths, n_shards: int) -> list[np.ndarray]:
 def _predict_shard(rank: int, stage_dir: str, parts: list, out_dir: str, devices: list) -> None:
     """Worker of :meth:`DecoderStage.predict_data_parallel`: ``parts[rank]`` on ``devices[rank]``."""
     stage = DecoderStage.load(stage_dir, StageContext(progress=False), device=devices[rank])
-    stage.params["data_parallel"] = False
+    stage.params.data_parallel = False
     np.save(Path(out_dir) / f"logits_{rank}.npy", stage.predict_logits(parts[rank]), allow_pickle=False)
 
 
 # ----------------------------------------------------------------------------- the stage
 class DecoderStage(Stage):
-    """QLoRA decoder sequence classifier. Params: see ``DEFAULT_PARAMS``; ``model`` is required."""
+    """QLoRA decoder sequence classifier. Params: :class:`DecoderParams`; ``model`` is required."""
 
     kind = "decoder"
+    Params = DecoderParams
 
-    def __init__(self, params: dict | None = None, context: StageContext | None = None, device=None):
-        unknown = set(params or {}) - set(DEFAULT_PARAMS)
-        if unknown:
-            raise ValueError(f"unknown decoder params {sorted(unknown)}; known: {sorted(DEFAULT_PARAMS)}")
-        super().__init__({**DEFAULT_PARAMS, **(params or {})}, context)
-        check_model_dir(self.params["model"])
-        if self.params["quantization"] not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.params['quantization']!r}")
+    def __init__(self, params=None, context: StageContext | None = None, device=None):
+        super().__init__(params, context)
+        check_model_dir(self.params.model)
         self.device = device
-        self.tokenizer = load_tokenizer(self.params["model"])
-        self.encoder = BattleEncoder(self.tokenizer, self.params["max_length"], self.params["prompt_share"])
+        self.tokenizer = load_tokenizer(self.params.model)
+        self.encoder = BattleEncoder(self.tokenizer, self.params.max_length, self.params.prompt_share)
         self.model = None
 
     # -- inputs
@@ -267,7 +266,7 @@ class DecoderStage(Stage):
 
     def training_table(self, train: pd.DataFrame) -> pd.DataFrame:
         """The battles the model trains on: with ``swap_augment``, each battle in both A/B orders."""
-        if self.params["swap_augment"]:
+        if self.params.swap_augment:
             return pd.concat([train, swap_battles(train)], ignore_index=True)
         return train
 
@@ -289,18 +288,18 @@ class DecoderStage(Stage):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         set_seed(self.context.seed)  # head re-init and LoRA init draw from the global RNG
-        base = load_base_model(p["model"], p["quantization"], self.tokenizer.pad_token_id,
-                               p["attn_implementation"], self.device)
+        base = load_base_model(p.model, p.quantization, self.tokenizer.pad_token_id,
+                               p.attn_implementation, self.device)
         self.model = add_lora(base, p)
         use_bf16 = compute_dtype() == torch.bfloat16
         with tempfile.TemporaryDirectory(prefix="decoder-trainer-") as scratch:
             args = TrainingArguments(
-                output_dir=scratch, per_device_train_batch_size=int(p["batch_size"]),
-                gradient_accumulation_steps=int(p["grad_accum"]), learning_rate=float(p["learning_rate"]),
-                num_train_epochs=float(p["epochs"]), max_steps=int(p["max_steps"]), lr_scheduler_type="cosine",
-                warmup_steps=float(p["warmup_ratio"]), weight_decay=float(p["weight_decay"]),
-                max_grad_norm=float(p["max_grad_norm"]), optim=optimizer_name(), bf16=use_bf16,
-                logging_steps=int(p["logging_steps"]), save_strategy="no", report_to="none",
+                output_dir=scratch, per_device_train_batch_size=int(p.train_batch_size),
+                gradient_accumulation_steps=int(p.grad_accum), learning_rate=float(p.learning_rate),
+                num_train_epochs=float(p.epochs), max_steps=int(p.max_steps), lr_scheduler_type="cosine",
+                warmup_steps=float(p.warmup_ratio), weight_decay=float(p.weight_decay),
+                max_grad_norm=float(p.max_grad_norm), optim=optimizer_name(), bf16=use_bf16,
+                logging_steps=int(p.logging_steps), save_strategy="no", report_to="none",
                 remove_unused_columns=False, train_sampling_strategy="group_by_length",
                 seed=self.context.seed, data_seed=self.context.seed, disable_tqdm=not self.context.progress,
                 ddp_find_unused_parameters=False, dataloader_pin_memory=torch.cuda.is_available(),
@@ -309,7 +308,7 @@ class DecoderStage(Stage):
                                        data_collator=DataCollatorWithPadding(self.tokenizer))
             trainer.train()
         self.model.eval()
-        if valid is not None and len(valid) and p["evaluate_valid"] and has_labels(valid):
+        if valid is not None and len(valid) and p.evaluate_valid and has_labels(valid):
             self.valid_log_loss_ = self.log_loss(valid)
             logger.info("decoder valid log loss %.4f on %d battles", self.valid_log_loss_, len(valid))
         return self
@@ -326,8 +325,8 @@ class DecoderStage(Stage):
             raise RuntimeError("decoder stage is not fitted or loaded")
         encoded = self.encode(battles)
         lengths = np.array([len(x) for x in encoded])
-        batches = length_batches(lengths, int(self.params["predict_batch_tokens"]),
-                                 int(self.params["predict_batch_size"]))
+        batches = length_batches(lengths, int(self.params.predict_batch_tokens),
+                                 int(self.params.predict_batch_size))
         device = next(self.model.parameters()).device
         out = np.zeros((len(battles), 3), dtype=np.float32)
         self.model.eval()
@@ -342,14 +341,14 @@ class DecoderStage(Stage):
     def tta_from_orders(self) -> bool:
         """True when ``predict_logits`` is exactly the average of both orders in this process (TTA on,
         no multi-GPU split): the pipeline may then keep the two orders for the position-bias check."""
-        return bool(self.params["tta"]) and not (self.params["data_parallel"] and torch.cuda.device_count() > 1)
+        return bool(self.params.swap_tta) and not (self.params.data_parallel and torch.cuda.device_count() > 1)
 
     def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
         n_gpu = torch.cuda.device_count()
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under accelerate/torchrun: no nested spawn
-        if self.params["data_parallel"] and n_gpu > 1 and not distributed and len(battles) >= n_gpu:
+        if self.params.data_parallel and n_gpu > 1 and not distributed and len(battles) >= n_gpu:
             return self.predict_data_parallel(battles, [f"cuda:{k}" for k in range(n_gpu)])
-        if self.params["tta"]:
+        if self.params.swap_tta:
             return swap_tta(self.predict_one_order, battles)
         return self.predict_one_order(battles).astype(np.float64)
 
@@ -389,7 +388,7 @@ class DecoderStage(Stage):
         if not directories:
             raise ValueError("predict_folds needs at least one saved fold directory")
         stage = cls.load(directories[0], context, device=device, adapter_name="fold0")
-        stage.params["data_parallel"] = False  # several adapters live in this one model: predict on one device
+        stage.params.data_parallel = False  # several adapters live in this one model: predict on one device
         for k, directory in enumerate(directories[1:], start=1):
             stage.model.load_adapter(directory, adapter_name=f"fold{k}")
         per_fold = []
@@ -406,7 +405,7 @@ class DecoderStage(Stage):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
-        write_json(directory / "decoder.json", {"kind": self.kind, "params": self.params})
+        write_json(directory / "stage.json", {"kind": self.kind, "params": self.params.as_dict()})
 
     @classmethod
     def load(cls, directory, context: StageContext | None = None, device=None,
@@ -414,15 +413,11 @@ class DecoderStage(Stage):
         from peft import PeftModel
 
         directory = Path(directory)
-        meta_path = directory / "decoder.json"
+        meta_path = directory / "stage.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: not a saved decoder stage directory")
-        params = read_json(meta_path)["params"]
-        context = context or StageContext()
-        if context.extra.get("model"):
-            params["model"] = context.extra["model"]
-        stage = cls(params, context, device=device)
-        base = load_base_model(params["model"], params["quantization"], stage.tokenizer.pad_token_id,
-                               params["attn_implementation"], device)
+        stage = cls(read_json(meta_path)["params"], context, device=device)
+        p = stage.params
+        base = load_base_model(p.model, p.quantization, stage.tokenizer.pad_token_id, p.attn_implementation, device)
         stage.model = PeftModel.from_pretrained(base, directory, adapter_name=adapter_name).eval()
         return stage

@@ -31,35 +31,40 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from typing import Literal
+
+from pydantic import Field
+
 from battles.labels import CLASS_NAMES, label_matrix, swap_battles
+from battles.files import write_json, write_text
+from battles.schema import Section
 from models.packing import PackingPolicy, pack_battle
 from models.stage import Stage, StageContext, swap_tta
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers threads + dataloader forks deadlock
 
-DEFAULT_PARAMS = {
-    "model": None,  # local checkpoint directory (required)
-    "max_length": 512,  # tokens per battle, special tokens included
-    "prompt_share": 0.2,  # packing: the prompt's share of the content budget
-    "learning_rate": 2e-5,
-    "weight_decay": 0.01,
-    "epochs": 1.0,
-    "max_steps": -1,  # > 0 caps optimizer steps (short schedules, CPU smoke runs)
-    "train_batch_size": 8,  # per device
-    "eval_batch_size": 32,  # per device, also used by predict_logits
-    "grad_accum": 1,
-    "warmup_ratio": 0.1,
-    "label_smoothing": 0.0,
-    "swap_augment": True,  # train on each battle and its A/B-swapped copy
-    "grad_checkpointing": False,
-    "precision": "auto",  # auto (bf16 if supported else fp16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    "eval_steps": None,  # evaluate every n steps; None = once per epoch
-    "early_stopping_patience": 2,  # evaluations without improvement before stopping; 0 disables
-    "logging_steps": 20,
-    "swap_tta": True,
-    "num_workers": 0,
-}
+class EncoderParams(Section):
+    model: str  # local checkpoint directory (required), e.g. /models/deberta-v3-base
+    max_length: int = Field(512, ge=16)  # tokens per battle, special tokens included
+    prompt_share: float = 0.2  # packing: the prompt's share of the content budget
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 caps optimizer steps (short schedules, CPU smoke runs)
+    train_batch_size: int = 8  # per device
+    predict_batch_size: int = 32  # per device, validation and prediction
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    label_smoothing: float = 0.0
+    swap_augment: bool = True  # train on each battle and its A/B-swapped copy
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 if supported, else fp16 on GPU; fp32 on CPU
+    eval_steps: int | None = None  # evaluate every n steps; None = once per epoch
+    early_stopping_patience: int = 2  # evaluations without improvement before stopping; 0 disables
+    logging_steps: int = 20
+    swap_tta: bool = True  # average both A/B orders at prediction
+    num_workers: int = 0
 
 
 def packaged_minilm_dir() -> str:
@@ -72,7 +77,7 @@ def packaged_minilm_dir() -> str:
 
 def _resolve_model_dir(path) -> Path:
     if not path:
-        raise ValueError("encoder stage needs params['model']: a local checkpoint directory (e.g. deberta-v3-base)")
+        raise ValueError("encoder stage needs params.model: a local checkpoint directory (e.g. deberta-v3-base)")
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"encoder model directory not found: {path}")
@@ -163,17 +168,12 @@ def _make_trainer_class():
 
 class EncoderStage(Stage):
     kind = "encoder"
+    Params = EncoderParams
 
     def __init__(self, params: dict | None = None, context: StageContext | None = None):
         super().__init__(params, context)
-        unknown = sorted(set(self.params) - set(DEFAULT_PARAMS))
-        if unknown:
-            raise ValueError(f"unknown encoder param(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
-        self.params = {**DEFAULT_PARAMS, **self.params}
-        self.model_dir = _resolve_model_dir(self.params["model"])
-        if int(self.params["max_length"]) < 16:
-            raise ValueError(f"encoder max_length must be at least 16, got {self.params['max_length']}")
-        self.precision = _mixed_precision(self.params["precision"])
+        self.model_dir = _resolve_model_dir(self.params.model)
+        self.precision = _mixed_precision(self.params.precision)
         self.model = None
         self.tokenizer = None
         self.log_history: list[dict] = []
@@ -191,12 +191,12 @@ class EncoderStage(Stage):
         if self.model.config.num_labels != 3:
             raise ValueError(f"{directory}: model has {self.model.config.num_labels} labels, the encoder stage needs 3")
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit and getattr(self.model.config, "position_biased_input", True) and self.params["max_length"] > limit:
-            raise ValueError(f"encoder max_length {self.params['max_length']} exceeds the model's "
+        if limit and getattr(self.model.config, "position_biased_input", True) and self.params.max_length > limit:
+            raise ValueError(f"encoder max_length {self.params.max_length} exceeds the model's "
                              f"max_position_embeddings {limit} ({directory})")
 
     def _encoding(self) -> BattleEncoding:
-        return BattleEncoding(self.tokenizer, int(self.params["max_length"]), float(self.params["prompt_share"]))
+        return BattleEncoding(self.tokenizer, int(self.params.max_length), float(self.params.prompt_share))
 
     def _dataset(self, battles: pd.DataFrame, with_swaps: bool) -> list[dict]:
         if with_swaps:
@@ -218,43 +218,43 @@ class EncoderStage(Stage):
 
         p = self.params
         self._load_pretrained(self.model_dir, num_labels_new=True)
-        train_set = self._dataset(train, with_swaps=bool(p["swap_augment"]))
+        train_set = self._dataset(train, with_swaps=bool(p.swap_augment))
         valid_set = self._dataset(valid, with_swaps=False) if valid is not None and len(valid) else None
         log.info("encoder: %d training sequences (swap_augment=%s), %d validation, model %s, precision %s",
-                 len(train_set), p["swap_augment"], len(valid_set or []), self.model_dir, self.precision)
+                 len(train_set), p.swap_augment, len(valid_set or []), self.model_dir, self.precision)
 
         has_eval = valid_set is not None
-        strategy = ("steps" if p["eval_steps"] else "epoch") if has_eval else "no"
+        strategy = ("steps" if p.eval_steps else "epoch") if has_eval else "no"
         args = TrainingArguments(
             output_dir=tempfile.gettempdir(),  # replaced below, once the process group exists
             use_cpu=not torch.cuda.is_available(),  # on CPU this makes torchrun/accelerate ranks a gloo group
-            learning_rate=float(p["learning_rate"]),
-            weight_decay=float(p["weight_decay"]),
-            num_train_epochs=float(p["epochs"]),
-            max_steps=int(p["max_steps"]),
-            per_device_train_batch_size=int(p["train_batch_size"]),
-            per_device_eval_batch_size=int(p["eval_batch_size"]),
-            gradient_accumulation_steps=int(p["grad_accum"]),
+            learning_rate=float(p.learning_rate),
+            weight_decay=float(p.weight_decay),
+            num_train_epochs=float(p.epochs),
+            max_steps=int(p.max_steps),
+            per_device_train_batch_size=int(p.train_batch_size),
+            per_device_eval_batch_size=int(p.predict_batch_size),
+            gradient_accumulation_steps=int(p.grad_accum),
             lr_scheduler_type="cosine",
-            warmup_steps=float(p["warmup_ratio"]),  # a float in [0, 1) is a ratio of total steps
+            warmup_steps=float(p.warmup_ratio),  # a float in [0, 1) is a ratio of total steps
             train_sampling_strategy="group_by_length",
-            activation_checkpointing=bool(p["grad_checkpointing"]),
+            activation_checkpointing=bool(p.gradient_checkpointing),
             bf16=self.precision == "bf16",
             fp16=self.precision == "fp16",
             eval_strategy=strategy,
             save_strategy=strategy,
-            eval_steps=p["eval_steps"],
-            save_steps=p["eval_steps"],
+            eval_steps=p.eval_steps,
+            save_steps=p.eval_steps,
             save_only_model=True,
             save_total_limit=1,
             load_best_model_at_end=has_eval,
             metric_for_best_model="log_loss",
             greater_is_better=False,
-            logging_steps=int(p["logging_steps"]),
+            logging_steps=int(p.logging_steps),
             report_to="none",
             disable_tqdm=not self.context.progress,
             seed=int(self.context.seed),
-            dataloader_num_workers=int(p["num_workers"]),
+            dataloader_num_workers=int(p.num_workers),
             remove_unused_columns=False,
             label_names=["labels"],
         )
@@ -265,10 +265,10 @@ class EncoderStage(Stage):
         broadcast_object_list(work)
         work_dir = args.output_dir = work[0]
         callbacks = []
-        if has_eval and int(p["early_stopping_patience"]) > 0:
-            callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(p["early_stopping_patience"])))
+        if has_eval and int(p.early_stopping_patience) > 0:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(p.early_stopping_patience)))
         trainer_cls = _make_trainer_class()
-        trainer_cls.smoothing = float(p["label_smoothing"])
+        trainer_cls.smoothing = float(p.label_smoothing)
         trainer = trainer_cls(
             model=self.model,
             args=args,
@@ -307,7 +307,7 @@ class EncoderStage(Stage):
             self.model.to("cuda")
             device = torch.device("cuda")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        batch_size = int(self.params["eval_batch_size"])
+        batch_size = int(self.params.predict_batch_size)
         out = np.zeros((len(features), 3), dtype=np.float32)
         self.model.eval()
         starts = range(0, len(order), batch_size)
@@ -322,12 +322,12 @@ class EncoderStage(Stage):
     def tta_from_orders(self) -> bool:
         """With swap TTA the answer is the base class's average of both orders: the pipeline may then
         ask for the two orders itself and keep them for the position-bias check."""
-        return bool(self.params["swap_tta"])
+        return bool(self.params.swap_tta)
 
     def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
         if self.model is None:
             raise RuntimeError("encoder stage is not fitted: call fit() or load() first")
-        if self.params["swap_tta"]:
+        if self.params.swap_tta:
             return swap_tta(self.predict_one_order, battles)
         return self.predict_one_order(battles).astype(np.float64)
 
@@ -342,9 +342,9 @@ class EncoderStage(Stage):
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)  # safetensors
         self.tokenizer.save_pretrained(directory)
-        params = {**self.params, "model": str(self.model_dir)}
-        (directory / "stage.json").write_text(json.dumps({"kind": self.kind, "params": params}, indent=2))
-        (directory / "training_log.json").write_text(json.dumps(self.log_history, indent=2, default=float))
+        params = {**self.params.as_dict(), "model": str(self.model_dir)}
+        write_json(directory / "stage.json", {"kind": self.kind, "params": params})
+        write_text(directory / "training_log.json", json.dumps(self.log_history, indent=2, default=float))
 
     @classmethod
     def load(cls, directory, context: StageContext | None = None) -> "EncoderStage":

@@ -14,29 +14,34 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from battles.files import write_json
 from battles.labels import expand_targets, label_matrix, row_weights, swap_battles
-from features.text import join_turns, tokens
+from battles.schema import Section
+from battles.text import plain_text, words
 from models.stage import Stage, StageContext
-from pipeline.artifacts import write_json
 
 
 def length_features(battles: pd.DataFrame) -> np.ndarray:
     def side(col):
-        texts = [join_turns(t) for t in battles[col]]
-        return np.log1p([len(t) for t in texts]), np.log1p([len(tokens(t)) for t in texts])
+        texts = [plain_text(t) for t in battles[col]]
+        return np.log1p([len(t) for t in texts]), np.log1p([len(words(t)) for t in texts])
 
     (ca, wa), (cb, wb) = side("response_a"), side("response_b")
     return np.column_stack([ca - cb, wa - wb, np.abs(ca - cb), np.abs(wa - wb), ca + cb, wa + wb])
 
 
+class LengthParams(Section):
+    C: float = 1.0  # inverse L2 strength of the logistic regression
+
+
 class LengthLogisticStage(Stage):
     kind = "length_lr"
+    Params = LengthParams
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
-        self.params.setdefault("C", 1.0)
         self.scaler = StandardScaler()
-        self.model = LogisticRegression(C=self.params["C"], max_iter=1000)
+        self.model = LogisticRegression(C=self.params.C, max_iter=1000)
 
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "LengthLogisticStage":
         both = pd.concat([train, swap_battles(train)], ignore_index=True)
@@ -50,7 +55,7 @@ class LengthLogisticStage(Stage):
 
     def save(self, directory) -> None:
         write_json(Path(directory) / "stage.json", {
-            "kind": self.kind, "params": self.params,
+            "kind": self.kind, "params": self.params.as_dict(),
             "scaler_mean": self.scaler.mean_, "scaler_scale": self.scaler.scale_,
             "coef": self.model.coef_, "intercept": self.model.intercept_, "classes": self.model.classes_,
         })

@@ -9,44 +9,96 @@ The booster is saved in LightGBM's text format; block state as .npy/JSON.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from pathlib import Path
+from typing import Annotated, Any, Literal, Union
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+from pydantic import Field, create_model, field_validator
 from scipy.special import log_softmax
 
+from battles.files import write_json
 from battles.labels import expand_targets, label_matrix, row_weights, swap_columns
+from battles.schema import Section
 from features.assemble import FeatureMatrix
-from features.registry import make_block
+from features.registry import FEATURE_BLOCKS, block_class, make_block
 from models.stage import Stage, StageContext
-from pipeline.artifacts import write_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCKS = [{"type": "text_stats"}, {"type": "similarity"}, {"type": "tfidf"}, {"type": "word2vec"}]
+# LightGBM's parameters over which a stage's ``lgb`` dict is laid (its keys replace these).
 DEFAULT_LGB = {
     "objective": "multiclass", "num_class": 3, "learning_rate": 0.05, "num_leaves": 15,
     "min_data_in_leaf": 40, "feature_fraction": 0.5, "bagging_fraction": 0.8, "bagging_freq": 1,
-    "lambda_l2": 5.0, "max_bin": 63, "verbose": -1, "num_threads": 2,
+    "lambda_l2": 5.0, "max_bin": 63, "verbosity": -1, "num_threads": 2,
 }
+
+
+def lightgbm_parameter_names() -> dict[str, str]:
+    """Every name LightGBM accepts (main names and aliases) -> its main name, from LightGBM itself."""
+    from lightgbm.basic import _ConfigAliases
+
+    names = {}
+    for main, aliases in _ConfigAliases._get_all_param_aliases().items():
+        names[main] = main
+        for alias in aliases:
+            names.setdefault(alias, main)
+    return names
+
+
+def _block_spec_union():
+    """``{"type": <block>, "params": {...}}`` validated by that block's own ``Params``."""
+    specs = [create_model(f"{kind}_block", __base__=Section, type=(Literal[kind], ...),
+                          params=(block_class(kind).Params, Field(default_factory=block_class(kind).Params)))
+             for kind in FEATURE_BLOCKS]
+    return Annotated[Union[tuple(specs)], Field(discriminator="type")]
+
+
+BlockSpec = _block_spec_union()
+
+
+class LightGBMParams(Section):
+    blocks: list[BlockSpec] = Field(default_factory=lambda: [  # feature blocks, in column order
+        {"type": "text_stats"}, {"type": "similarity"}, {"type": "tfidf"}, {"type": "word2vec"}],
+        validate_default=True)
+    num_boost_round: int = 2000  # cap on boosting rounds
+    early_stopping_rounds: int = 50  # patience on the fold's validation battles
+    rounds_without_valid: int = 300  # rounds when fitted without validation battles
+    swap_augment: bool = True  # train on every battle in both A/B orders
+    lgb: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_LGB))  # LightGBM parameters
+
+    @field_validator("lgb", mode="before")
+    @classmethod
+    def _lightgbm_names(cls, value):
+        """Keys must be LightGBM parameter names or aliases (stored under the main name) and are
+        laid over :data:`DEFAULT_LGB`, so the saved config holds every value LightGBM gets."""
+        if not isinstance(value, dict):
+            return value
+        known = lightgbm_parameter_names()
+        out = dict(DEFAULT_LGB)
+        for key, v in value.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"{key!r} is not a LightGBM parameter{hint}")
+            out[known[key]] = v
+        if "seed" in out:
+            raise ValueError("'seed' comes from the run's seed; set the top-level 'seed' instead")
+        return out
 
 
 class LightGBMStage(Stage):
     kind = "lgbm"
+    Params = LightGBMParams
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
-        self.params.setdefault("blocks", DEFAULT_BLOCKS)
-        self.params.setdefault("num_boost_round", 2000)
-        self.params.setdefault("early_stopping_rounds", 50)
-        self.params.setdefault("rounds_without_valid", 300)
-        self.params.setdefault("swap_augment", True)
-        self.lgb_params = {**DEFAULT_LGB, "seed": self.context.seed, **self.params.get("lgb", {})}
-        self.features = FeatureMatrix([make_block(b["type"], b.get("params"), self.context)
-                                       for b in self.params["blocks"]])
+        self.lgb_params = {**self.params.lgb, "seed": self.context.seed}
+        self.features = FeatureMatrix([make_block(b.type, b.params, self.context) for b in self.params.blocks])
         self.booster: lgb.Booster | None = None
         self.feature_names: list[str] = []
 
@@ -61,7 +113,7 @@ class LightGBMStage(Stage):
         targets, weights = label_matrix(battles), row_weights(battles)
         rows, y, w = expand_targets(targets, weights)
         xx, yy, ww = [x[rows]], [y], [w]
-        if self.params["swap_augment"]:
+        if self.params.swap_augment:
             srows, sy, sw = expand_targets(swap_columns(targets), weights)
             xx.append(xs[srows]), yy.append(sy), ww.append(sw)
         return lgb.Dataset(np.vstack(xx), np.concatenate(yy), weight=np.concatenate(ww),
@@ -75,13 +127,13 @@ class LightGBMStage(Stage):
         callbacks = [lgb.log_evaluation(period=0)]
         if valid is not None and len(valid):
             dvalid = self._dataset(valid, reference=dtrain)
-            callbacks.append(lgb.early_stopping(self.params["early_stopping_rounds"], verbose=False))
-            self.booster = lgb.train(self.lgb_params, dtrain, self.params["num_boost_round"],
+            callbacks.append(lgb.early_stopping(self.params.early_stopping_rounds, verbose=False))
+            self.booster = lgb.train(self.lgb_params, dtrain, self.params.num_boost_round,
                                      valid_sets=[dvalid], valid_names=["valid"], callbacks=callbacks)
             log.info("lgbm: best iteration %d, valid multi_logloss %.4f", self.booster.best_iteration,
                      self.booster.best_score["valid"]["multi_logloss"])
         else:
-            self.booster = lgb.train(self.lgb_params, dtrain, self.params["rounds_without_valid"])
+            self.booster = lgb.train(self.lgb_params, dtrain, self.params.rounds_without_valid)
         return self
 
     def predict_both_orders(self, battles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -94,17 +146,13 @@ class LightGBMStage(Stage):
         swapped = log_softmax(self.booster.predict(xs, raw_score=True, num_iteration=it), axis=1)
         return straight, swapped
 
-    def feature_importance(self) -> pd.Series:
-        gain = self.booster.feature_importance(importance_type="gain")
-        return pd.Series(gain, index=self.booster.feature_name()).sort_values(ascending=False)
-
     def save(self, directory) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.booster.save_model(str(directory / "model.txt"), num_iteration=self.booster.best_iteration or None)
         for i, block in enumerate(self.features.blocks):
             block.save(directory / f"block{i}_{block.name}")
-        write_json(directory / "stage.json", {"kind": self.kind, "params": self.params, "lgb": self.lgb_params})
+        write_json(directory / "stage.json", {"kind": self.kind, "params": self.params.as_dict()})
 
     @classmethod
     def load(cls, directory, context: StageContext | None = None) -> "LightGBMStage":

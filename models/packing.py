@@ -10,9 +10,9 @@ Rules
    ``prompt_share`` (20%); each reply gets half of the rest (40% each). A field that needs less
    than its share keeps only what it needs and the surplus is handed to the other fields in
    proportion to their shares (water-filling), so no field is cut while another wastes room.
-2. **Turn layout.** A single-turn field is its text as is. A multi-turn field labels each turn
-   ``"Turn k: "`` (k counts from 1 in the original conversation) and joins turns with
-   ``TURN_SEPARATOR`` (a blank line).
+2. **Turn layout.** A field is laid out as :func:`battles.text.labelled_text` does it: a single
+   turn as is, several turns labelled ``"Turn k: "`` (k counts from 1 in the original
+   conversation) and separated by a blank line.
 3. **Most recent turns first.** When a field does not fit, turns are kept from the last one
    backwards; older turns are dropped first and a marker ``"[k earlier turns omitted]"`` opens the
    field saying how many. The turn that does not fit whole keeps its head (beginning), followed by
@@ -30,8 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-FIELDS = ("prompt", "response_a", "response_b")
-TURN_SEPARATOR = "\n\n"
+from battles.text import FIELDS, TURN_SEPARATOR, labelled_text, turn_label
 
 
 @dataclass
@@ -60,19 +59,8 @@ class PackedBattle:
     truncated: dict = field(default_factory=dict)  # field name -> bool
 
 
-def turn_label(k: int, text: str) -> str:
-    return f"Turn {k}: {text}"
-
-
 def dropped_marker(n_dropped: int) -> str:
     return f"[{n_dropped} earlier turn{'s' if n_dropped != 1 else ''} omitted]"
-
-
-def join_turns(turns: Sequence[str]) -> str:
-    """The untruncated layout of one field (rule 2)."""
-    if len(turns) == 1:
-        return turns[0]
-    return TURN_SEPARATOR.join(turn_label(k + 1, t) for k, t in enumerate(turns))
 
 
 def allocate_budget(needs: Sequence[int], shares: Sequence[float], total: int) -> list[int]:
@@ -112,7 +100,7 @@ def pack_field(turns: Sequence[str], budget: int, count_tokens: Callable[[str], 
                policy: PackingPolicy) -> tuple[str, bool]:
     """Pack one field's turns into ``budget`` tokens (rules 2-4). Returns ``(text, truncated)``."""
     turns = list(turns)
-    full = join_turns(turns)
+    full = labelled_text(turns)
     if count_tokens(full) <= budget:
         return full, False
     multi = len(turns) > 1
@@ -143,7 +131,7 @@ def pack_battle(prompt_turns: Sequence[str], a_turns: Sequence[str], b_turns: Se
     """Pack one battle's three fields into ``policy.max_tokens`` tokens as counted by ``count_tokens``."""
     policy = policy or PackingPolicy()
     fields = [list(prompt_turns), list(a_turns), list(b_turns)]
-    needs = [count_tokens(join_turns(f)) for f in fields]
+    needs = [count_tokens(labelled_text(f)) for f in fields]
     reply_share = (1.0 - policy.prompt_share) / 2
     budgets = allocate_budget(needs, [policy.prompt_share, reply_share, reply_share], policy.max_tokens)
     texts, truncated = [], {}

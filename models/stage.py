@@ -1,6 +1,7 @@
 """The stage contract: anything that turns battles into ``(n, 3)`` logits in ``[a, b, tie]`` order.
 
-A stage is built from a plain-JSON params dict, optionally ``prepare``s label-free resources on all
+A stage is built from its params (a dict or its ``Params`` section: declared keys, types and
+defaults, :mod:`battles.schema`), optionally ``prepare``s label-free resources on all
 texts of the run (e.g. Word2Vec, an embedding cache), is ``fit`` on one fold's training battles
 (with that fold's validation battles for early stopping), returns logits with ``predict_logits``,
 and round-trips through ``save(dir)`` / ``load(dir)`` with no pickles.
@@ -18,15 +19,15 @@ position-bias check); :func:`predict_with_orders` is the one call that gives bot
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 from scipy.special import log_softmax
 
+from battles.context import StageContext
 from battles.labels import swap_battles, swap_columns
+from battles.schema import Section, validated
 
 # Stage type name -> "module:Class". Imported lazily so a LightGBM-only run never imports torch.
 STAGE_TYPES: dict[str, str] = {
@@ -37,25 +38,18 @@ STAGE_TYPES: dict[str, str] = {
 }
 
 
-@dataclass
-class StageContext:
-    """What the pipeline hands every stage besides data: where to cache, how loud to be."""
-
-    resource_dir: Path | None = None  # run-level cache for label-free resources (word2vec, embeddings)
-    seed: int = 42
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-
 class Stage:
-    """Base class. Subclasses set ``kind`` and implement ``fit``, ``save``, ``load``, and either
-    ``predict_one_order`` / ``predict_both_orders`` (then ``predict_logits`` is the base swap TTA and
-    cross-fitting keeps the single-order OOF logits for the position-bias check) or ``predict_logits``."""
+    """Base class. Subclasses set ``kind`` and ``Params`` and implement ``fit``, ``save``, ``load``, and
+    either ``predict_one_order`` / ``predict_both_orders`` (then ``predict_logits`` is the base swap TTA
+    and cross-fitting keeps the single-order OOF logits for the position-bias check) or
+    ``predict_logits``. As in scikit-learn, ``__init__`` only stores params and context: the work
+    (loading tokenizers, probing devices) happens in ``fit`` / ``load``."""
 
     kind: str = "stage"
+    Params: type[Section] = Section
 
-    def __init__(self, params: dict | None = None, context: StageContext | None = None):
-        self.params = dict(params or {})
+    def __init__(self, params=None, context: StageContext | None = None):
+        self.params = validated(self.Params, params)
         self.context = context or StageContext()
 
     def prepare(self, battles: pd.DataFrame) -> None:
@@ -94,7 +88,7 @@ def stage_class(kind: str) -> type[Stage]:
     return getattr(importlib.import_module(module), name)
 
 
-def make_stage(kind: str, params: dict | None = None, context: StageContext | None = None) -> Stage:
+def make_stage(kind: str, params=None, context: StageContext | None = None) -> Stage:
     return stage_class(kind)(params, context)
 
 

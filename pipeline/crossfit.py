@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from battles.io import data_hash
 from battles.labels import LABEL_COLUMNS, has_labels, label_index
-from ensemble.metrics import scores
-from ensemble.stacking import raw_probs
+from ensemble.metrics import probs_from_logits, scores
 from models.stage import StageContext, average_logits, make_stage, predict_with_orders
-from pipeline.artifacts import config_key, read_json, read_logits, write_json, write_logits
+from battles.files import content_key, read_json, write_json
+from pipeline.rundir import read_logits, write_logits
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _done(path: Path, key: str) -> bool:
 
 def stage_key(spec: dict, train: pd.DataFrame, folds: np.ndarray, test: pd.DataFrame | None,
               extra: pd.DataFrame | None, seed: int) -> str:
-    return config_key(spec, data_hash(train), folds.tolist(), data_hash(test) if test is not None else None,
+    return content_key(spec, data_hash(train), folds.tolist(), data_hash(test) if test is not None else None,
                       data_hash(extra) if extra is not None else None, seed)
 
 
@@ -83,7 +83,7 @@ def crossfit_stage(run_dir, name: str, spec: dict, train: pd.DataFrame, folds: n
     for k in bar:
         fold_dir = stage_dir / f"fold{k}"
         valid_mask = folds == k
-        fold_key = config_key(key, int(k))
+        fold_key = content_key(key, int(k))
         if _done(fold_dir / "done.json", fold_key):
             valid_ids = train.loc[valid_mask, "id"].tolist()
             oof[valid_mask] = read_logits(fold_dir / "valid_logits.csv", valid_ids)
@@ -104,6 +104,7 @@ def crossfit_stage(run_dir, name: str, spec: dict, train: pd.DataFrame, folds: n
         if extra_train is not None and len(extra_train):
             fit_rows = pd.concat([fit_rows, extra_train], ignore_index=True)
         valid = train[valid_mask]
+        stage.context.work_dir = fold_dir  # the fold's own scratch space (training checkpoints)
         stage.fit(fit_rows, valid)
         oof[valid_mask], straight, swapped = predict_with_orders(stage, valid)
         write_logits(fold_dir / "valid_logits.csv", valid["id"].tolist(), oof[valid_mask])
@@ -131,7 +132,7 @@ def crossfit_stage(run_dir, name: str, spec: dict, train: pd.DataFrame, folds: n
         write_logits(stage_dir / "test_logits.csv", test["id"].tolist(), test_logits)
     metrics = {"stage": name, "type": spec["type"], "seconds": round(time.time() - started, 1)}
     if has_labels(train):
-        metrics["oof"] = scores(label_index(train), raw_probs(oof))
+        metrics["oof"] = scores(label_index(train), probs_from_logits(oof))
         log.info("stage %s: OOF log loss %.4f, accuracy %.3f", name, metrics["oof"]["log_loss"],
                  metrics["oof"]["accuracy"])
     write_json(stage_dir / "metrics.json", metrics)

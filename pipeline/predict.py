@@ -27,7 +27,7 @@ from battles.io import TEXT_COLUMNS, battles_from_frame
 from ensemble.calibrators import calibrator_from_json
 from ensemble.meta import meta_features
 from models.stage import StageContext, average_logits, stage_class
-from pipeline.artifacts import read_json
+from battles.files import read_json
 from pipeline.runner import ENSEMBLE_DIR, RunError, probs_frame
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def check_complete(run_dir) -> None:
 
 def write_predictions(frame: pd.DataFrame, out, overwrite: bool = False) -> Path:
     """Write a prediction table atomically; refuse to replace an existing file unless ``overwrite``."""
-    from pipeline.artifacts import write_atomic
+    from battles.files import write_atomic
 
     out = Path(out)
     if out.exists() and not overwrite:

@@ -23,13 +23,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy.special import softmax  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
 from battles.labels import CLASS_NAMES, LABEL_COLUMNS, label_index, swap_columns  # noqa: E402
-from ensemble.metrics import scores  # noqa: E402
-from features.text import join_turns  # noqa: E402
-from pipeline.artifacts import write_atomic  # noqa: E402
+from ensemble.metrics import probs_from_logits, scores  # noqa: E402
+from battles.text import plain_text  # noqa: E402
+from battles.files import write_atomic  # noqa: E402
 from pipeline.crossfit import load_single_order_oof, load_stage_result  # noqa: E402
 
 FINAL = "final (nested CV)"
@@ -154,7 +153,7 @@ def position_bias(run, names: list[str]) -> list[dict]:
         orders = load_single_order_oof(run.dir, name, run.train)
         if orders is None:
             continue
-        straight, swapped = (softmax(o, axis=1) for o in orders)
+        straight, swapped = (probs_from_logits(o) for o in orders)
         realigned = swap_columns(swapped)
         tta = load_stage_result(run.dir, name, run.train, None).oof_logits
         rows.append({"stage": name,
@@ -163,13 +162,13 @@ def position_bias(run, names: list[str]) -> list[dict]:
                      "mean_abs_prob_change": float(np.abs(straight - realigned).sum(axis=1).mean() / 2),
                      "log_loss_straight": scores(y, straight)["log_loss"],
                      "log_loss_swapped": scores(y, realigned)["log_loss"],
-                     "log_loss_tta": scores(y, softmax(tta, axis=1))["log_loss"]})
+                     "log_loss_tta": scores(y, probs_from_logits(tta))["log_loss"]})
     return rows
 
 
 def subgroup_scores(battles: pd.DataFrame, y: np.ndarray, outputs: dict) -> pd.DataFrame:
     """Log loss per output on: prompt length quartiles, single vs multi-turn, tie vs non-tie battles."""
-    chars = np.array([len(join_turns(p)) for p in battles["prompt"]])
+    chars = np.array([len(plain_text(p)) for p in battles["prompt"]])
     edges = np.unique(np.quantile(chars, [0, 0.25, 0.5, 0.75, 1.0]).round())
     bucket = np.clip(np.searchsorted(edges, chars, side="right") - 1, 0, len(edges) - 2)
     turns = np.array([len(p) for p in battles["prompt"]])
@@ -219,7 +218,7 @@ def write_report(run, summary: dict) -> None:
     y = label_index(run.train)
     names = list(summary["stages_raw"])
     final = pd.read_csv(run.dir / "ensemble" / "oof_probs.csv")[LABEL_COLUMNS].to_numpy()
-    raw = {n: softmax(load_stage_result(run.dir, n, run.train, None).oof_logits, axis=1) for n in names}
+    raw = {n: probs_from_logits(load_stage_result(run.dir, n, run.train, None).oof_logits) for n in names}
     outputs = {**raw, FINAL: final}
 
     score_rows = []

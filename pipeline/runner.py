@@ -18,8 +18,9 @@ from battles.io import data_hash, read_battles
 from battles.labels import LABEL_COLUMNS, label_index
 from ensemble.metrics import prior_log_loss, scores
 from ensemble.meta import meta_features
-from ensemble.stacking import fit_stacker, raw_probs
-from pipeline.artifacts import read_json, write_atomic, write_json
+from ensemble.metrics import probs_from_logits
+from ensemble.stacking import StackerConfig, fit_stacker
+from battles.files import read_json, write_atomic, write_json
 from pipeline.crossfit import crossfit_stage, load_stage_result
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Run:
             weights, report["shift"] = shift_weights(self.train, external,
                                                      ShiftConfig(seed=self.config["seed"], **spec.get("shift", {})))
         source_weights = {s["source"]: s.get("weight", 1.0) for s in spec["sources"]}
-        rows = external_rows(external, source_weights, weights)
+        rows = external_rows(external, source_weights, weights, target_ids=self.train["id"])
         report["rows_added"] = {k: int(v) for k, v in rows["source"].value_counts().items()}
         write_json(self.dir / "external_report.json", report)
         log.info("external data: %d training-only rows from %s", len(rows), report["rows_added"])
@@ -118,38 +119,30 @@ class Run:
         log.info("folds: %d grouped folds by prompt, sizes %s", n_folds, np.bincount(self.folds).tolist())
 
     # -- stages ---------------------------------------------------------------------------------
-    def run_stage(self, name: str, progress: bool = True, extra_train: pd.DataFrame | None = None):
+    def run_stage(self, name: str, progress: bool = True):
         spec = self.config["stages"][name]
-        extra = self.extra_train if extra_train is None else extra_train
-        return crossfit_stage(self.dir, name, spec, self.train, self.folds, self.test, extra,
+        return crossfit_stage(self.dir, name, spec, self.train, self.folds, self.test, self.extra_train,
                               seed=self.config["seed"], progress=progress)
 
     def finished_stages(self) -> list[str]:
         return [n for n in self.config["stages"] if (self.dir / "stages" / n / "done.json").exists()]
 
     # -- stacking -------------------------------------------------------------------------------
-    def stacker_options(self) -> dict:
-        opts = self.config.get("stacker", {})
-        return {"c_grid": tuple(opts.get("C_grid", [0.01, 0.1, 1.0])), "weighted": opts.get("weighted", True),
-                "meta_features": opts.get("meta_features", True), "exclude": set(opts.get("exclude", [])),
-                "tolerance": float(opts.get("selection_tolerance", 0.0))}
-
     def stack(self) -> dict:
         """Choose, fit and save the ensemble over every finished stage (``ensemble/ensemble.json``, the
         file :class:`pipeline.predict.Predictor` reads); write the nested OOF probabilities and, with a
         test set, the submission from the saved test logits."""
-        opts = self.stacker_options()
-        names = [n for n in self.finished_stages() if n not in opts["exclude"]]
+        opts = StackerConfig.model_validate(self.config.get("stacker", {}))
+        names = [n for n in self.finished_stages() if n not in opts.exclude]
         if not names:
             raise RunError(f"{self.dir}: no finished stage to stack; run the stages first")
         results = [load_stage_result(self.dir, n, self.train, self.test) for n in names]
         y = label_index(self.train)
-        meta = meta_features(self.train) if opts["meta_features"] else None
-        stacked = fit_stacker(names, [r.oof_logits for r in results], y, self.folds, opts["c_grid"], meta=meta,
-                              weighted=opts["weighted"], tolerance=opts["tolerance"])
+        meta = meta_features(self.train) if opts.meta_features else None
+        stacked = fit_stacker(names, [r.oof_logits for r in results], y, self.folds, opts, meta=meta)
         summary = stacked.to_json(names)
         summary["prior_log_loss"] = prior_log_loss(y, self.folds)
-        summary["stages_raw"] = {r.name: scores(y, raw_probs(r.oof_logits)) for r in results}
+        summary["stages_raw"] = {r.name: scores(y, probs_from_logits(r.oof_logits)) for r in results}
         summary["stages_calibrated"] = {row["single_stage"]: row["cv_log_loss"] for row in stacked.table
                                         if row["single_stage"]}
         # the stage fits this ensemble was tuned on: predict refuses stages refitted since

@@ -47,5 +47,5 @@ def test_embedding_block_features_and_cache(tmp_path, minilm_dir, arena_battles)
 def test_embedding_block_bad_params(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
         make_block("embeddings", {"model": str(tmp_path / "nope")})
-    with pytest.raises(ValueError, match="unknown embeddings param"):
+    with pytest.raises(ValueError, match="pooling\n  Extra inputs are not permitted"):
         make_block("embeddings", {"model": str(tmp_path), "pooling": "cls"})

@@ -8,13 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from battles.external import training_rows
+from battles.external import external_rows
 from battles.folds import make_folds
 from battles.io import BattleDataError
-from battles.labels import LABEL_COLUMNS
+from battles.labels import LABEL_COLUMNS, expand_targets, label_matrix, row_weights
 from battles.pseudo_label import pseudo_label, read_pseudo_labels
 from battles.shift import ShiftConfig, importance_weights, shift_weights
-from battles.soft_labels import expand_soft_labels
 
 
 def _battles(n, source="target", seed=0, prompt_words=("how", "do", "i")):
@@ -28,38 +27,34 @@ def _battles(n, source="target", seed=0, prompt_words=("how", "do", "i")):
     return pd.DataFrame(rows)
 
 
-def test_training_rows_weights_and_validation_stays_target():
+def test_external_rows_weights_and_id_clash():
     target = _battles(60)
     ext = pd.concat([_battles(10, "pandalm", 1), _battles(5, "hh", 2)], ignore_index=True)
-    folds = make_folds(target, n_folds=3, seed=0)
     shift = np.linspace(0.5, 1.5, len(ext))
-    seen_valid = []
-    for k in range(3):
-        train = training_rows(target[folds != k], ext, {"pandalm": 0.5, "hh": 2.0}, shift)
-        valid = target[folds == k]
-        assert not set(valid["id"]) & set(ext["id"])
-        assert set(ext["id"]) <= set(train["id"])
-        tw = train.set_index("id")["weight"]
-        assert tw[target.loc[folds != k, "id"]].eq(1.0).all()
-        np.testing.assert_allclose(tw[ext["id"]].to_numpy(), np.r_[np.full(10, 0.5), np.full(5, 2.0)] * shift)
-        seen_valid += valid["id"].tolist()
-    assert sorted(seen_valid) == sorted(target["id"])  # OOF = target rows only, each once
+    rows = external_rows(ext, {"pandalm": 0.5, "hh": 2.0}, shift, target_ids=target["id"])
+    np.testing.assert_allclose(rows["weight"].to_numpy(), np.r_[np.full(10, 0.5), np.full(5, 2.0)] * shift)
     with pytest.raises(KeyError, match="no weight for external source"):
-        training_rows(target, ext, {"pandalm": 1.0})
-    dropped = training_rows(target, ext, {"pandalm": 0.0, "hh": 1.0})
+        external_rows(ext, {"pandalm": 1.0})
+    dropped = external_rows(ext, {"pandalm": 0.0, "hh": 1.0})
     assert not dropped["source"].eq("pandalm").any()
     clash = ext.assign(id=target["id"].iloc[:15].to_numpy())
-    with pytest.raises(ValueError, match="external ids equal target ids"):
-        training_rows(target, clash, {"pandalm": 1.0, "hh": 1.0})
+    with pytest.raises(ValueError, match="external ids equal training ids"):
+        external_rows(clash, {"pandalm": 1.0, "hh": 1.0}, target_ids=target["id"])
 
 
-def test_expand_soft_labels_matches_soft_cross_entropy():
+def _expand(battles):
+    """Soft rows -> weighted hard rows, the one expansion (battles.labels.expand_targets)."""
+    rows, y, w = expand_targets(label_matrix(battles), row_weights(battles))
+    return battles.iloc[rows].reset_index(drop=True).assign(row=rows), y, w
+
+
+def test_expand_targets_matches_soft_cross_entropy():
     b = _battles(4)
     b["soft_a"] = [0.7, np.nan, 0.0, 1 / 3]
     b["soft_b"] = [0.2, np.nan, 0.5, 1 / 3]
     b["soft_tie"] = [0.1, np.nan, 0.5, 1 / 3]
     b["weight"] = [1.0, 2.0, 1.0, 3.0]
-    expanded, y, w = expand_soft_labels(b)
+    expanded, y, w = _expand(b)
     assert expanded["row"].tolist() == [0, 0, 0, 1, 2, 2, 3, 3, 3]  # zero-probability class left out
     assert y.tolist() == [0, 1, 2, int(np.argmax(b.loc[1, LABEL_COLUMNS])), 1, 2, 0, 1, 2]
     np.testing.assert_allclose(w, [0.7, 0.2, 0.1, 2.0, 0.5, 0.5, 1.0, 1.0, 1.0])
@@ -70,10 +65,6 @@ def test_expand_soft_labels_matches_soft_cross_entropy():
     soft_ce = -(b["weight"].to_numpy()[:, None] * target * np.log(probs)).sum()
     expanded_ce = -(w * np.log(probs[expanded["row"], y])).sum()
     assert expanded_ce == pytest.approx(soft_ce)
-    bad = b.copy()
-    bad.loc[0, "soft_a"] = 0.9
-    with pytest.raises(ValueError, match="sum to 1"):
-        expand_soft_labels(bad)
 
 
 def test_shift_weights_separate_sources_and_are_clipped():
@@ -110,7 +101,7 @@ def test_pseudo_label_round_trip_trains_lightgbm(tmp_path):
     np.testing.assert_allclose(battles[["soft_a", "soft_b", "soft_tie"]].to_numpy(), predict_fn(unlabelled), atol=1e-12)
     assert battles["response_a"].tolist() == unlabelled["response_a"].tolist()
     assert (battles["weight"] == 0.5).all() and (battles["source"] == "pseudo").all()
-    expanded, y, w = expand_soft_labels(battles)
+    expanded, y, w = _expand(battles)
     x = np.array([[len(a[0]), len(c[0])] for a, c in zip(expanded["response_a"], expanded["response_b"])], dtype=float)
     model = lgb.LGBMClassifier(n_estimators=30, min_child_samples=5, verbose=-1, n_jobs=1).fit(x, y, sample_weight=w)
     probe = np.array([[200.0, 5.0], [5.0, 200.0]])
@@ -126,7 +117,7 @@ def test_pseudo_label_round_trip_trains_lightgbm(tmp_path):
 
 def test_crossfit_hook_external_rows_train_only(tmp_path):
     from battles.external import external_rows
-    from pipeline.artifacts import read_logits
+    from pipeline.rundir import read_logits
     from pipeline.crossfit import crossfit_stage
 
     target = _battles(60)

@@ -3,8 +3,9 @@ import os
 
 import pytest
 
+from battles.text import FIELDS, labelled_text as join_turns
 from models.packing import (
-    FIELDS, PackingPolicy, allocate_budget, dropped_marker, join_turns, pack_battle, pack_field,
+    PackingPolicy, allocate_budget, dropped_marker, pack_battle, pack_field,
 )
 
 @pytest.fixture(scope="module")

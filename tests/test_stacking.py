@@ -6,7 +6,7 @@ import numpy as np
 from battles.labels import swap_columns
 from ensemble.calibrators import LogisticStacker, TemperatureCalibrator, WeightedAverage, calibrator_from_json
 from ensemble.meta import swap_meta
-from ensemble.stacking import fit_stacker
+from ensemble.stacking import StackerConfig, fit_stacker
 
 
 def _synthetic(n=900, seed=0):
@@ -56,7 +56,7 @@ def test_weights_and_meta_features_are_found_and_scored_by_nested_cv():
     # a meta feature that flips sign under swap and carries signal the stages lack (like a length gap)
     gap = np.where(y == 0, 1.0, np.where(y == 1, -1.0, 0.0)) + rng.normal(0, 0.7, len(y))
     meta = np.column_stack([gap, rng.normal(size=len(y)), rng.normal(size=len(y))])
-    result = fit_stacker(["good", "noise", "overconfident"], logits, y, folds, c_grid=(0.1,), meta=meta)
+    result = fit_stacker(["good", "noise", "overconfident"], logits, y, folds, StackerConfig(C_grid=[0.1]), meta=meta)
     methods = {m["method"]: m for m in result.methods}
     assert set(methods) >= {"single: good", "average", "weighted", "logistic", "logistic+meta", "selected (nested over all)"}
     assert methods["weighted"]["weights"]["noise"] < 0.1 < methods["weighted"]["weights"]["good"]

@@ -12,7 +12,7 @@ import pytest
 import run as cli
 from battles.labels import LABEL_COLUMNS
 from models.stage import combine_orders
-from pipeline.artifacts import read_logits
+from pipeline.rundir import read_logits
 from pipeline.predict import IncompleteRunError, Predictor
 
 

@@ -1,0 +1,73 @@
+"""Writing files safely, for every layer: atomic writes, JSON, and content keys.
+
+The ground floor of the house: data, features, models, ensemble and pipeline all write through
+these helpers, so a crash never leaves half a file and a multi-process launch never has two
+writers. Nothing here knows what a run directory looks like (that is :mod:`pipeline.rundir`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def is_main_process() -> bool:
+    """False in the non-zero ranks of a multi-process launch (``accelerate launch``, ``torchrun``)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_atomic(path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves half a file.
+
+    Under a multi-process launch only the main process writes: every rank computes the same run
+    files, and one writer keeps them whole.
+    """
+    if not is_main_process():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    write_atomic(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path, data: bytes) -> None:
+    write_atomic(path, lambda p: Path(p).write_bytes(data))
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=jsonable))
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def jsonable(obj):
+    """``json.dumps`` ``default=``: numpy scalars and arrays, paths."""
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def content_key(*parts) -> str:
+    """A short stable hash of JSON-able parts (resolved config, data hash, folds): decides reuse."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=jsonable).encode()).hexdigest()[:16]
