@@ -80,6 +80,25 @@ class Stage:
     def load(cls, directory, context: StageContext | None = None) -> "Stage":
         raise NotImplementedError
 
+    @classmethod
+    def load_folds(cls, directories, context: StageContext | None = None) -> "FoldModels":
+        """Several saved models of this stage (one per fold, or the one refitted on all rows), ready to
+        predict together. Stages whose models share a large part override this (the decoder loads its
+        base model once for every fold's adapter)."""
+        return FoldModels([cls.load(d, context) for d in directories])
+
+
+class FoldModels:
+    """The saved models of one stage, predicting as cross-fitting averages its test logits."""
+
+    def __init__(self, models: list):
+        if not models:
+            raise ValueError("FoldModels needs at least one model")
+        self.models = models
+
+    def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
+        return average_logits([m.predict_logits(battles) for m in self.models])
+
 
 def stage_class(kind: str) -> type[Stage]:
     if kind not in STAGE_TYPES:

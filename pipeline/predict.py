@@ -26,7 +26,7 @@ import pandas as pd
 from battles.io import TEXT_COLUMNS, battles_from_frame
 from ensemble.calibrators import calibrator_from_json
 from ensemble.meta import meta_features
-from models.stage import StageContext, average_logits, stage_class
+from models.stage import StageContext, stage_class
 from battles.files import read_json
 from pipeline.runner import ENSEMBLE_DIR, RunError, probs_frame
 
@@ -65,7 +65,7 @@ class Predictor:
     def __init__(self, run_dir, stage_names: list[str], fold_models: dict, ensemble: dict):
         self.run_dir = Path(run_dir)
         self.stage_names = stage_names
-        self.fold_models = fold_models  # stage name -> list of loaded Stage, one per fold
+        self.fold_models = fold_models  # stage name -> FoldModels (every fold's model of the stage)
         self.ensemble = ensemble
         self.model = calibrator_from_json(ensemble["model"])
         self.uses_meta = bool(ensemble.get("meta_features"))
@@ -81,16 +81,15 @@ class Predictor:
         fold_models = {}
         for name in ensemble["stages"]:
             spec = read_json(run_dir / "stages" / name / "spec.json")
-            cls_ = stage_class(spec["type"])
-            fold_models[name] = [cls_.load(run_dir / "stages" / name / f"fold{k}" / "model", context)
-                                 for k in range(n_folds)]
+            fold_models[name] = stage_class(spec["type"]).load_folds(
+                [run_dir / "stages" / name / f"fold{k}" / "model" for k in range(n_folds)], context)
         log.info("predictor: %s, stages %s x %d folds, ensemble %s", run_dir, ensemble["stages"], n_folds,
                  ensemble["chosen"])
         return cls(run_dir, list(ensemble["stages"]), fold_models, ensemble)
 
     def stage_logits(self, battles: pd.DataFrame) -> list[np.ndarray]:
         """Per stage: the fold models' logits averaged like cross-fitting averages test logits."""
-        return [average_logits([m.predict_logits(battles) for m in self.fold_models[n]]) for n in self.stage_names]
+        return [self.fold_models[n].predict_logits(battles) for n in self.stage_names]
 
     def predict_proba(self, data) -> np.ndarray:
         battles = as_battles(data)
