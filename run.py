@@ -3,29 +3,31 @@
 
   python run.py --train train.csv [--test test.csv] --out runs/first      # everything, end to end
   python run.py train STAGE --train train.csv [--test ...] --out runs/x    # one stage (name or type)
-  python run.py stack --run runs/x                                         # refit only the stacker
   python run.py tune --run runs/x                                          # compare ensembles, save the chosen one
   python run.py predict --run runs/x --test new.csv --out preds.csv        # predict new battles with a run
+  python run.py pseudo-label --run runs/x --data unlabelled.jsonl --out pseudo.jsonl   # soft labels for training
 
 A rerun of the same command resumes: finished folds and stages are reused. Every command that fits the
 ensemble writes runs/x/ensemble/ensemble.json (what predict uses), submission.csv (with a test set) and
-report.html. See README.md.
+report.html. A mistake in a file, a config or the command line ends in one line naming it and exit code 2
+(--verbose shows the traceback); Ctrl-C ends with exit code 130 and says what finished. See README.md.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
-COMMANDS = ("all", "train", "stack", "tune", "predict", "pseudo-label")
+COMMANDS = ("all", "train", "tune", "predict", "pseudo-label")
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 log = logging.getLogger("run")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("gensim", "smart_open", "matplotlib", "PIL", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -34,31 +36,37 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
 
-    def common(sp, need_train=True):
-        sp.add_argument("--train", required=False, help="labelled battles (.csv/.parquet/.jsonl)")
-        sp.add_argument("--test", help="unlabelled battles to predict; writes submission.csv")
-        sp.add_argument("--out", "--run", dest="out", required=True, help="run directory")
-        sp.add_argument("--config", help="JSON config over the defaults (see pipeline/config.py)")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override one config value, e.g. --set n_folds=3 or --set stages.lgbm_full.params.lgb.learning_rate=0.05")
+    def loudness(sp):
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
-        sp.add_argument("--verbose", action="store_true")
+        sp.add_argument("--verbose", action="store_true", help="debug logs, and the traceback of an error")
 
-    common(sub.add_parser("all", help="run every configured stage, stack, report (the default)"))
-    t = sub.add_parser("train", help="cross-fit one stage (by name in the config, or by stage type)")
+    def training(sp):
+        sp.add_argument("--train", help="labelled battles (.csv/.parquet/.jsonl); a resumed run remembers it")
+        sp.add_argument("--test", help="unlabelled battles to predict; writes submission.csv")
+        sp.add_argument("--out", "--run", dest="out", required=True, help="run directory (new, empty, or a run of ours)")
+        sp.add_argument("--config", help="JSON config over the defaults (README: configuration reference)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set n_folds=3 or "
+                             "--set stages.lgbm_full.params.lgb.learning_rate=0.1 (value as JSON)")
+        loudness(sp)
+
+    training(sub.add_parser("all", help="run every configured stage, fit the ensemble, report (the default)"))
+    t = sub.add_parser("train", help="cross-fit one stage (by name in the config, or by stage type), then the ensemble")
     t.add_argument("stage")
     t.add_argument("--model", help="local checkpoint directory for deep stages (sets params.model)")
-    common(t)
-    common(sub.add_parser("stack", help="refit only the stacking layer on the saved OOF logits"))
-    common(sub.add_parser("tune", help="compare ensembles (average, weighted, logistic, +meta) by nested CV on "
-                                       "the saved OOF logits; save the chosen one; refresh submission and report"))
-    pr = sub.add_parser("predict", help="predict new battles with a finished run's fold models and ensemble")
+    training(t)
+    tu = sub.add_parser("tune", help="compare ensembles (single stages, average, weighted, logistic, +meta) by nested "
+                                     "CV on the saved OOF logits; save the chosen one; refresh submission and report")
+    tu.add_argument("--run", "--out", dest="out", required=True, help="a run directory with finished stages")
+    tu.add_argument("--config", help="a config whose 'stacker' section replaces the run's")
+    tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set stacker.C_grid=[0.1]")
+    loudness(tu)
+    pr = sub.add_parser("predict", help="predict new battles with a finished run's models and ensemble")
     pr.add_argument("--run", required=True, help="a finished run directory")
     pr.add_argument("--test", required=True, help="battles to predict (.csv/.parquet/.jsonl; labels ignored)")
-    pr.add_argument("--out", required=True, help="where to write the predictions (CSV: id + winner_* columns)")
+    pr.add_argument("--out", required=True, help="the CSV to write (id + winner_* columns)")
     pr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    pr.add_argument("--quiet", action="store_true")
-    pr.add_argument("--verbose", action="store_true")
+    loudness(pr)
     pl = sub.add_parser("pseudo-label", help="score unlabelled battles with a finished run; write soft labels "
                                              "with provenance (JSONL) for training")
     pl.add_argument("--run", required=True, help="a finished run directory")
@@ -68,171 +76,216 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--weight", type=float, default=1.0, help="training weight written on every row")
     pl.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens, > 1 softens the soft labels")
     pl.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    pl.add_argument("--quiet", action="store_true")
-    pl.add_argument("--verbose", action="store_true")
+    loudness(pl)
     return p
 
 
-def _apply_sets(cfg: dict, sets: list[str]) -> dict:
-    for item in sets:
-        if "=" not in item:
-            raise SystemExit(f"--set {item!r}: expected KEY=JSON")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = cfg
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return cfg
+class _Session:
+    """What the running command has done, for the message after Ctrl-C."""
+
+    run = None
 
 
-def _resolve_config(args) -> dict:
-    from pipeline.config import load_config, validate_config
+# ----------------------------------------------------------------------------------------------- config
+def _config(args, saved_ok: bool = True):
+    """The resolved config: the run's saved config (resuming without --config) or the defaults, the
+    --config file, the stage ``train`` adds, then every --set."""
+    from battles.files import read_json
+    from pipeline.config import load_config
+    from pipeline.rundir import RunDir
 
-    saved = Path(args.out) / "config.json"
-    if args.config is None and saved.exists():
-        cfg = json.loads(saved.read_text())
-        log.info("using the run's saved config %s", saved)
-    else:
-        cfg = load_config(args.config)
-    if getattr(args, "command", None) == "train":
-        _add_trained_stage(cfg, args)
-    cfg = _apply_sets(cfg, args.set)  # after the trained stage exists, so --set can tune its params
-    validate_config(cfg, args.config or saved)
-    return cfg
+    run = RunDir(args.out)
+    saved = read_json(run.config) if saved_ok and args.config is None and run.is_ours() and run.config.exists() else None
+    if saved is not None:
+        log.info("using the run's saved config %s", run.config)
+    edit = (lambda data: _add_trained_stage(data, args)) if args.command == "train" else None
+    return load_config(args.config, args.set, saved=saved, edit=edit)
 
 
-def _add_trained_stage(cfg: dict, args) -> None:
+def _add_trained_stage(data: dict, args) -> None:
+    """``train NAME``: a stage of the config, or a stage type (its stages; with --model, a stage of that
+    type named after it, reading the checkpoint from --model)."""
     from models.stage import STAGE_TYPES
+    from pipeline.config import ConfigError
 
-    name = args.stage
-    if name not in cfg["stages"]:
+    name, stages = args.stage, data["stages"]
+    if name not in stages:
         if name not in STAGE_TYPES:
-            raise SystemExit(f"unknown stage {name!r}: not in the config's stages {sorted(cfg['stages'])} "
-                             f"nor a stage type {sorted(STAGE_TYPES)}")
-        same_type = [n for n, s in cfg["stages"].items() if s["type"] == name]
+            raise ConfigError(f"train {name}: not a stage of the config {sorted(stages)} nor a stage type "
+                              f"{sorted(STAGE_TYPES)}")
+        same_type = [n for n, s in stages.items() if s["type"] == name]
         if same_type and not args.model:
             args.stage_names = same_type
             return
-        cfg["stages"][name] = {"type": name, "params": {}}
+        stages[name] = {"type": name, "params": {}}
     if args.model:
-        cfg["stages"][name].setdefault("params", {})["model"] = str(Path(args.model).resolve())
+        stages[name].setdefault("params", {})["model"] = str(Path(args.model).resolve())
     args.stage_names = [name]
 
 
+# ----------------------------------------------------------------------------------------------- commands
+def _cmd_train(args) -> int:
+    from pipeline.runner import Run, run_all
+
+    run = _Session.run = Run(args.out, _config(args), args.train, args.test, progress=not args.quiet)
+    if args.command == "all":
+        summary = run_all(run)
+    else:
+        run.load_data()
+        for name in args.stage_names:
+            run.fit_stage(name)
+        summary = run.fit_ensemble()
+        run.write_report(summary)
+        run.finish()
+    _print_summary(summary, args.out)
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from battles.files import read_json
+    from pipeline.config import load_config
+    from pipeline.rundir import RunDir
+    from pipeline.runner import Run
+
+    rundir = RunDir.open(args.out)
+    config = load_config(None, args.set, saved=read_json(rundir.config),
+                         overrides={"stacker": _stacker_section(args.config)} if args.config else None)
+    run = _Session.run = Run(args.out, config, progress=not args.quiet)
+    run.load_data()
+    summary = run.fit_ensemble()
+    run.write_report(summary)
+    run.finish()
+    _print_summary(summary, args.out)
+    _print_tune_table(summary, args.out)
+    return 0
+
+
+def _stacker_section(path) -> dict:
+    from pipeline.config import read_config_file
+
+    return read_config_file(path).get("stacker", {})
+
+
+def _cmd_predict(args) -> int:
+    from battles.files import check_output_file, write_atomic
+    from battles.io import read_battles
+    from pipeline.predict import Predictor
+
+    out = check_output_file(args.out, args.overwrite)
+    battles, _ = read_battles(args.test, require_labels=False)
+    predictor = Predictor.load(args.run, progress=not args.quiet)
+    frame = predictor.predict_frame(battles)
+    write_atomic(out, lambda p: frame.to_csv(p, index=False, float_format="%.9g"))
+    print(f"wrote {len(frame)} predictions to {out} (ensemble: {predictor.ensemble['chosen']})")
+    return 0
+
+
+def _cmd_pseudo_label(args) -> int:
+    from battles.files import check_output_file, content_key, read_json
+    from battles.io import read_battles
+    from battles.pseudo_label import pseudo_label
+    from pipeline.predict import Predictor
+
+    check_output_file(args.out, args.overwrite)
+    battles, _ = read_battles(args.data, require_labels=False)
+    predictor = Predictor.load(args.run, progress=not args.quiet)
+    provenance = {"run": str(Path(args.run).resolve()), "data": str(Path(args.data).resolve()),
+                  "stages": predictor.ensemble["stages"], "ensemble": predictor.ensemble["chosen"],
+                  "run_config_hash": content_key(read_json(predictor.run.config))}
+    pseudo_label(battles, predictor.predict_proba, args.out, provenance, source=args.source, weight=args.weight,
+                 temperature=args.temperature, overwrite=args.overwrite)
+    print(f"wrote {len(battles)} pseudo-labelled battles to {args.out}")
+    return 0
+
+
+HANDLERS = {"all": _cmd_train, "train": _cmd_train, "tune": _cmd_tune, "predict": _cmd_predict,
+            "pseudo-label": _cmd_pseudo_label}
+
+
+# ----------------------------------------------------------------------------------------------- errors
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["all", *argv]
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
-
-    from battles.io import BattleDataError
-    from pipeline.config import ConfigError
-    from pipeline.runner import Run, RunError, run_all
-
-    if args.command == "predict":
-        return _predict(args)
-    if args.command == "pseudo-label":
-        return _pseudo_label(args)
-    try:
-        cfg = _resolve_config(args)
-        run = Run(args.out, cfg, args.train, args.test)
-        if args.command == "all":
-            if args.train is None and not (Path(args.out) / "run.json").exists():
-                raise SystemExit("--train is required for a new run")
-            summary = run_all(run, progress=not args.quiet)
-        else:
-            run.load_data()
-            if args.command == "train":
-                for name in args.stage_names:
-                    run.run_stage(name, progress=not args.quiet)
-            summary = run.stack()
-            from pipeline.report import write_report
-
-            write_report(run, summary)
-    except (BattleDataError, ConfigError, RunError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
-    _print_summary(summary, args.out)
-    if args.command == "tune":
-        _print_tune_table(summary, args.out)
-    return 0
-
-
-def _predictor_and_battles(args, data_path):
-    """The shared start of ``predict`` and ``pseudo-label``: refuse to overwrite ``--out`` unless told,
-    load the finished run, read the battles to score (labels, if any, ignored)."""
-    from battles.io import read_battles
-    from pipeline.predict import Predictor
-
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    return Predictor.load(args.run), read_battles(data_path, require_labels=False)[0]
-
-
-def _predict(args) -> int:
-    from battles.io import BattleDataError
-    from pipeline.predict import write_predictions
-    from pipeline.runner import RunError
+    _Session.run = None
+    from battles.errors import UserError
 
     try:
-        predictor, battles = _predictor_and_battles(args, args.test)
-        frame = predictor.predict_frame(battles)
-        write_predictions(frame, args.out, overwrite=args.overwrite)
-    except (BattleDataError, RunError, FileNotFoundError, FileExistsError) as exc:
-        log.error("%s", exc)
-        return 2
-    print(f"wrote {len(frame)} predictions to {args.out} (ensemble: {predictor.ensemble['chosen']})")
-    return 0
+        return HANDLERS[args.command](args)
+    except KeyboardInterrupt:
+        log.error("interrupted. %s", _interrupt_note(args))
+        return EXIT_INTERRUPTED
+    except UserError as exc:
+        return _fail(str(exc), args)
+    except OSError as exc:  # a user's path: missing, a directory, not writable, disk full
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}", args)
 
 
-def _pseudo_label(args) -> int:
-    from battles.io import BattleDataError
-    from battles.pseudo_label import pseudo_label
-    from battles.files import content_key, read_json
-    from pipeline.runner import RunError
-
-    try:
-        predictor, battles = _predictor_and_battles(args, args.data)
-        provenance = {"run": str(Path(args.run).resolve()), "data": str(Path(args.data).resolve()),
-                      "stages": predictor.ensemble["stages"], "ensemble": predictor.ensemble["chosen"],
-                      "run_config_hash": content_key(read_json(Path(args.run) / "config.json"))}
-        pseudo_label(battles, predictor.predict_proba, args.out, provenance, source=args.source, weight=args.weight,
-                     temperature=args.temperature, overwrite=args.overwrite)
-    except (BattleDataError, RunError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    print(f"wrote {len(battles)} pseudo-labelled battles to {args.out}")
-    return 0
+def _fail(message: str, args) -> int:
+    log.error("%s", message)
+    if args.verbose:
+        traceback.print_exc()
+    else:
+        log.info("(run again with --verbose for the traceback)")
+    return EXIT_USER_ERROR
 
 
+def _interrupt_note(args) -> str:
+    run = _Session.run
+    if run is None or not run.dir.path.exists():
+        return "Nothing was written."
+    finished = [n for n in run.config.stages if run.dir.stage(n).done.exists()]
+    partial = []
+    for name in run.config.stages:
+        if name in finished:
+            continue
+        folds = sorted(p.parent.name for p in run.dir.stage(name).path.glob("fold*/done.json"))
+        if folds:
+            partial.append(f"{name} ({', '.join(folds)} done)")
+    parts = [f"finished stages: {', '.join(finished) or 'none'}"]
+    if partial:
+        parts.append(f"partly done: {'; '.join(partial)}")
+    return "; ".join(parts) + ". Run the same command again to resume: finished folds and stages are reused."
+
+
+# ----------------------------------------------------------------------------------------------- output
 def _print_tune_table(summary: dict, out) -> None:
     names = summary["stages"]
     width = max(len(m["method"]) for m in summary["methods"]) + 2
-    print(f"\nensemble tuning (every row scored by nested CV on the run's folds; weights: share per stage)")
+    print(f"\nensemble tuning on {summary['rows']} rows (every row scored by nested CV; weights: share per stage)")
     print(f"{'method':<{width}}{'nested LL':>10}{'accuracy':>10}  {'best candidate':<24}" + "".join(f"{n[:14]:>15}" for n in names))
     for m in summary["methods"]:
         mark = " *" if m["chosen"] and not m["method"].startswith("selected") else ""
         print(f"{m['method'] + mark:<{width}}{m['nested_log_loss']:>10.4f}{m['nested_accuracy']:>10.3f}  "
               f"{m['best_candidate']:<24}" + "".join(f"{m['weights'][n]:>15.3f}" for n in names))
-    print(f"chosen: {summary['chosen']} (* above); saved to {Path(out) / 'ensemble' / 'ensemble.json'}")
+    lo, hi = summary["nested_interval"]
+    print(f"chosen: {summary['chosen']} (* above); selected nested log loss 90% interval {lo:.4f}-{hi:.4f} "
+          f"on {summary['rows']} rows; saved to {Path(out) / 'ensemble' / 'ensemble.json'}")
     print(f"stages carrying weight (share >= 5%): {', '.join(summary['carrying_weight']) or 'none'}")
+    if len(summary["stage_sets"]) > 1:
+        print("\nstage sets (each on the rows all its stages cover; compared on the common rows):")
+        for t in summary["stage_sets"]:
+            print(f"  {' + '.join(t['stages']):<40}{t['rows']:>7} rows  nested {t['nested_log_loss']:.4f} "
+                  f"[{t['interval'][0]:.4f}, {t['interval'][1]:.4f}]  minus chosen on {t['common_rows']} common rows "
+                  f"{t['minus_chosen_on_common_rows']:+.4f} [{t['minus_chosen_interval'][0]:+.4f}, "
+                  f"{t['minus_chosen_interval'][1]:+.4f}]{'  (chosen)' if t['chosen'] else ''}")
 
 
 def _print_summary(summary: dict, out) -> None:
     print(f"\nrun directory: {out}")
-    print(f"{'output':<28}{'OOF log loss':>14}{'calibrated':>12}{'accuracy':>10}")
-    print(f"{'class prior':<28}{summary['prior_log_loss']:>14.4f}")
+    print(f"{'output':<28}{'rows':>7}{'OOF log loss':>14}{'calibrated':>12}{'accuracy':>10}")
+    print(f"{'class prior':<28}{summary['rows']:>7}{summary['prior_log_loss']:>14.4f}")
     for name, s in summary["stages_raw"].items():
         cal = summary["stages_calibrated"].get(name, float("nan"))
-        print(f"{name:<28}{s['log_loss']:>14.4f}{cal:>12.4f}{s['accuracy']:>10.3f}")
-    f = summary["nested_scores"]
-    print(f"{'final: ' + summary['chosen']:<28}{f['log_loss']:>14.4f}{'(nested)':>12}{f['accuracy']:>10.3f}")
+        print(f"{name:<28}{s['n']:>7}{s['log_loss']:>14.4f}{cal:>12.4f}{s['accuracy']:>10.3f}")
+    f, (lo, hi) = summary["nested_scores"], summary["nested_interval"]
+    print(f"{'final: ' + summary['chosen']:<28}{summary['rows']:>7}{f['log_loss']:>14.4f}{'(nested)':>12}"
+          f"{f['accuracy']:>10.3f}   90% interval {lo:.4f}-{hi:.4f}")
+    for w in summary.get("warnings", []):
+        print(f"WARNING: {w}")
 
 
 if __name__ == "__main__":

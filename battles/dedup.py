@@ -40,6 +40,7 @@ from datasketch import MinHash, MinHashLSH
 from tqdm.auto import tqdm
 
 from battles.folds import prompt_groups
+from battles.schema import Section
 from battles.text import normalised, plain_text
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ DROP_REASONS = ["exact_battle_in_target", "near_battle_in_target", "exact_prompt
 FLAG_REASONS = ["exact_reply_in_target", "near_reply_in_target"]
 
 
-@dataclass
-class DedupConfig:
+class DedupConfig(Section):
+    """The config's ``external.dedup`` section (``false`` turns de-duplication off)."""
+
     threshold: float = 0.8
     num_perm: int = 128
     shingle: int = 3
@@ -190,7 +192,7 @@ def find_duplicates(target: pd.DataFrame, external: pd.DataFrame,
             lookups["exact_reply"].setdefault(replies.exact[j], i)
             lookups["near_reply"].setdefault(replies.cluster[j], i)
 
-    report = DedupReport(n_target=nt, n_external=ne, config=asdict(config))
+    report = DedupReport(n_target=nt, n_external=ne, config=config.as_dict())
     reasons = np.full(ne, "", dtype=object)
     seen_exact: dict = {}
     seen_near: dict = {}

@@ -7,10 +7,52 @@ weight the file itself carries; target rows keep their own ``weight`` (1 when ab
 """
 from __future__ import annotations
 
+import difflib
+import inspect
+from typing import Any, Literal
+
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
+from battles.dedup import DedupConfig
 from battles.labels import row_weights
+from battles.schema import Section
+from battles.shift import ShiftConfig
+
+# Source kinds and their converters (battles/converters.py), imported when a source is converted.
+SOURCE_KINDS = ("competition", "preference_pairs", "scored_answers", "arena_conversations")
+
+
+class ExternalSource(Section):
+    """One external data set: how to read it, its tag, and how much each of its rows weighs."""
+
+    kind: Literal[SOURCE_KINDS] = "competition"  # type: ignore[valid-type]  # the converter
+    path: str  # the file
+    source: str  # the tag written on its rows (and prefixed to their ids)
+    weight: float = Field(1.0, ge=0)  # per-row training weight; 0 drops the source
+    options: dict[str, Any] = Field(default_factory=dict)  # the converter's keyword options
+
+    @model_validator(mode="after")
+    def _known_options(self):
+        from battles.converters import CONVERTERS
+
+        accepted = [n for n in inspect.signature(CONVERTERS[self.kind]).parameters if n not in ("data", "source", "path")]
+        for key in self.options:
+            if key not in accepted:
+                close = difflib.get_close_matches(key, accepted, n=1)
+                raise ValueError(f"options: {key!r} is not an option of the {self.kind!r} converter "
+                                 f"(options: {accepted}){f'; did you mean {close[0]!r}?' if close else ''}")
+        return self
+
+
+class ExternalConfig(Section):
+    """The config's ``external`` section: training-only data, de-duplicated and optionally weighted."""
+
+    sources: list[ExternalSource] = Field(default_factory=list)
+    dedup: DedupConfig | Literal[False] = Field(default_factory=DedupConfig)  # false: keep duplicates
+    shift_weighting: bool = False  # weight external rows by how much their prompts look like yours
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)
 
 
 def external_weights(external: pd.DataFrame, source_weights: dict, shift_weights=None) -> np.ndarray:

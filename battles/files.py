@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from battles.errors import UserError
+
 
 def is_main_process() -> bool:
     """False in the non-zero ranks of a multi-process launch (``accelerate launch``, ``torchrun``)."""
@@ -71,3 +73,20 @@ def jsonable(obj):
 def content_key(*parts) -> str:
     """A short stable hash of JSON-able parts (resolved config, data hash, folds): decides reuse."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=jsonable).encode()).hexdigest()[:16]
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """A result file would replace something the user did not ask to replace."""
+
+
+def check_output_file(path, overwrite: bool = False) -> Path:
+    """The one overwrite rule for result files (predictions, pseudo-labels, converted data): a directory
+    is never replaced; an existing file only with ``overwrite`` (``--overwrite``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path}: is a directory; --out names the file to write")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path}: exists; pass --overwrite to replace it")
+    if not path.parent.exists():
+        raise OutputExistsError(f"{path}: the folder {path.parent} does not exist")
+    return path

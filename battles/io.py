@@ -4,8 +4,13 @@ The battle table is a pandas DataFrame with ``id``, ``prompt``, ``response_a``, 
 lists of strings (one per turn), optional ``model_a``/``model_b``, the label columns
 ``winner_model_a/winner_model_b/winner_tie`` when labelled, and ``source``.
 
-Bad input raises :class:`BattleDataError` naming the file, the row and the column. Known quirks of
-real files are repaired and counted in a :class:`RepairReport`:
+Bad input raises :class:`BattleDataError` naming the file, the row (or, for JSONL and encoding
+problems, the line) and the column. Ids are text everywhere: a CSV cell ``NaN``, ``null`` or ``NA``
+is the id ``"NaN"``, not a missing value; integer ids in parquet/JSONL become their decimal text;
+a missing, empty or non-integral number id is an error. Targets are hard labels (``winner_*``, one 1
+per row) or soft labels (``soft_a/soft_b/soft_tie``: finite, >= 0, summing to 1 within 1e-3), per
+row; a row may carry both (the soft label is the target). Known quirks of real files are repaired
+and counted in a :class:`RepairReport`:
 
 * ``null`` turns (a reply the arena failed to record) become empty strings;
 * lone UTF-16 surrogates (half of an escaped emoji pair) become U+FFFD;
@@ -14,32 +19,43 @@ real files are repaired and counted in a :class:`RepairReport`:
 """
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from battles.labels import LABEL_COLUMNS
+from battles.errors import UserError
+from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, soft_label_problem
 
 TEXT_COLUMNS = ["prompt", "response_a", "response_b"]
 REQUIRED_COLUMNS = ["id", *TEXT_COLUMNS]
-OPTIONAL_COLUMNS = ["model_a", "model_b", *LABEL_COLUMNS, "source", "soft_a", "soft_b", "soft_tie", "weight"]
+OPTIONAL_COLUMNS = ["model_a", "model_b", *LABEL_COLUMNS, "source", *SOFT_COLUMNS, "weight"]
+FILE_TYPES = ".csv, .csv.gz, .parquet, .jsonl or .jsonl.gz"
+PROVENANCE_KEY = "provenance"  # first JSONL line of a pseudo-label file: {"provenance": {...}}
 
 
-class BattleDataError(ValueError):
-    """A battle file that cannot be read as the battle table. The message names file, row and column."""
+class BattleDataError(UserError, ValueError):
+    """A battle file that cannot be read as the battle table. The message names file, row (or line)
+    and column."""
 
-    def __init__(self, path, message: str, row: int | None = None, column: str | None = None):
+    def __init__(self, path, message: str, row: int | None = None, column: str | None = None,
+                 line: int | None = None):
         where = str(path)
+        if line is not None:
+            where += f", line {line}"
         if row is not None:
             where += f", row {row}"
         if column is not None:
             where += f", column '{column}'"
         super().__init__(f"{where}: {message}")
-        self.path, self.row, self.column = str(path), row, column
+        self.path, self.row, self.column, self.line = str(path), row, column, line
 
 
 @dataclass
@@ -53,7 +69,9 @@ class RepairReport:
     empty_replies: int = 0
     empty_prompts: int = 0
     multi_turn_battles: int = 0
+    soft_labelled: int = 0
     examples: list = field(default_factory=list)
+    provenance: dict | None = None  # a pseudo-label file's provenance line
 
     def note(self, kind: str, row: int, column: str) -> None:
         if len(self.examples) < 10:
@@ -109,43 +127,211 @@ def parse_turns(value, path, row: int, column: str, report: RepairReport) -> lis
     return out
 
 
-def _read_frame(path: Path) -> pd.DataFrame:
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if not path.exists():
-        raise BattleDataError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise BattleDataError(path, "empty file: no header and no battles")
+def file_type(path: Path) -> str:
+    """``.csv``, ``.parquet``, ``.jsonl``, ``.json`` (with ``.gz`` kept for csv/jsonl), or raise."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    suffix = "".join(suffixes) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])
+    known = {".csv": ".csv", ".csv.gz": ".csv", ".parquet": ".parquet", ".pq": ".parquet",
+             ".jsonl": ".jsonl", ".jsonl.gz": ".jsonl", ".json": ".json"}
+    if suffix not in known:
+        what = f"unknown file type '{suffix}'" if suffix else "no file extension"
+        raise BattleDataError(path, f"{what}: battle files are {FILE_TYPES}")
+    return known[suffix]
+
+
+def _open_text(path: Path):
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    return opener(path, "rt", encoding="utf-8", newline="")
+
+
+def _not_utf8(path: Path, what: str, **where) -> BattleDataError:
+    return BattleDataError(path, f"{what} is not UTF-8 text; re-encode the file as UTF-8 (e.g. "
+                                 f"`iconv -f latin1 -t utf-8 '{path.name}' > fixed{''.join(path.suffixes)}`, "
+                                 "or re-save it as 'CSV UTF-8' / UTF-8)", **where)
+
+
+def _locate_bad_bytes(path: Path) -> BattleDataError:
+    """The first CSV row (and column) holding bytes that are not UTF-8."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        if any(_has_escaped_bytes(h) for h in header):
+            return _not_utf8(path, "the header")
+        for row, cells in enumerate(reader, start=1):
+            for col, cell in zip(header, cells):
+                if _has_escaped_bytes(cell):
+                    return _not_utf8(path, "the cell", row=row, column=col, line=reader.line_num)
+    return _not_utf8(path, "the file")
+
+
+def _has_escaped_bytes(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        if suffix in (".csv", ".csv.gz"):
-            # Text cells are read as plain strings: 'null', 'NA' or '' must not become NaN silently.
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
-        elif suffix in (".parquet", ".pq"):
-            frame = pd.read_parquet(path)
-        elif suffix in (".jsonl", ".jsonl.gz", ".json"):
-            frame = pd.read_json(path, lines=suffix != ".json", dtype=False)
-        else:
-            raise BattleDataError(path, f"unknown file type '{suffix}': use .csv, .parquet or .jsonl")
-    except BattleDataError:
-        raise
+        # Every cell is read as text: 'NaN', 'null', 'NA' or '' must not become missing values.
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _locate_bad_bytes(path) from None
     except pd.errors.EmptyDataError:
         raise BattleDataError(path, "empty file: no header and no battles") from None
-    except (ValueError, OSError) as exc:
-        raise BattleDataError(path, f"cannot be parsed as {suffix}: {exc}") from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise BattleDataError(path, f"cannot be parsed as CSV: {exc}") from None
+
+
+def _read_jsonl(path: Path, report: RepairReport) -> pd.DataFrame:
+    """One JSON object per line; errors name the line. A first line ``{"provenance": {...}}`` (a
+    pseudo-label file) is kept in ``report.provenance``."""
+    records = []
+    with _open_text(path) as f:
+        line_no = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError:
+                raise _not_utf8(path, "the line", line=line_no + 1) from None
+            if not line:
+                break
+            line_no += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BattleDataError(path, f"not a JSON object ({exc.msg} at character {exc.colno})",
+                                      line=line_no) from None
+            if not isinstance(record, dict):
+                raise BattleDataError(path, f"expected a JSON object, got {type(record).__name__}", line=line_no)
+            if not records and report.provenance is None and set(record) == {PROVENANCE_KEY}:
+                report.provenance = record[PROVENANCE_KEY]
+                continue
+            records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _read_frame(path: Path, report: RepairReport | None = None) -> pd.DataFrame:
+    report = report if report is not None else RepairReport(file=str(path))
+    if not path.exists():
+        raise BattleDataError(path, "file not found")
+    if path.is_dir():
+        raise BattleDataError(path, f"is a directory; expected a battle file ({FILE_TYPES})")
+    kind = file_type(path)
+    if path.stat().st_size == 0:
+        raise BattleDataError(path, "empty file: no header and no battles")
+    if kind == ".csv":
+        frame = _read_csv(path)
+    elif kind == ".jsonl":
+        frame = _read_jsonl(path, report)
+    else:
+        try:
+            frame = pd.read_parquet(path) if kind == ".parquet" else pd.read_json(path, dtype=False)
+        except UnicodeDecodeError:
+            raise _not_utf8(path, "the file") from None
+        except (ValueError, OSError) as exc:
+            raise BattleDataError(path, f"cannot be parsed as {kind}: {exc}") from None
     if len(frame) == 0:
-        raise BattleDataError(path, "empty file: a header but no battles")
+        raise BattleDataError(path, "empty file: a header but no battles" if kind == ".csv" else "no battles")
     return frame
 
 
-def _parse_label(value, path, row: int, column: str) -> int:
+def _id_text(value, path, row: int) -> str:
+    """An id cell as text: strings as they are (stripped), integers in decimal; anything else is an error."""
+    if isinstance(value, str):
+        text = value.strip()
+    elif isinstance(value, (bool, np.bool_)):
+        raise BattleDataError(path, f"id must be text or an integer, got {value!r}", row, "id")
+    elif isinstance(value, numbers.Integral):
+        text = str(int(value))
+    elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        text = str(int(value))  # an integer column that a missing value turned into floats elsewhere
+    elif value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
+        text = ""
+    else:
+        raise BattleDataError(path, f"id must be text or an integer, got {value!r}", row, "id")
+    if not text:
+        raise BattleDataError(path, "empty id", row, "id")
+    return text
+
+
+def _number(value) -> float:
+    """A numeric cell as float; blank text and missing values are NaN, other text raises ValueError."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, str):
+        return float("nan") if not value.strip() else float(value)
     if isinstance(value, (bool, np.bool_)):
-        return int(value)
+        raise ValueError(value)
+    return float(value)
+
+
+def _parse_label(value, path, row: int, column: str) -> float:
+    """A hard-label cell: 0 or 1 (NaN when blank)."""
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
     try:
-        number = float(value)
+        number = _number(value)
     except (TypeError, ValueError):
         raise BattleDataError(path, f"label must be 0 or 1, got {value!r}", row, column) from None
-    if number not in (0.0, 1.0):
+    if not (math.isnan(number) or number in (0.0, 1.0)):
         raise BattleDataError(path, f"label must be 0 or 1, got {value!r}", row, column)
-    return int(number)
+    return number
+
+
+def _read_targets(frame: pd.DataFrame, out: pd.DataFrame, path, present_labels, present_soft,
+                  report: RepairReport) -> None:
+    """Hard labels into ``winner_*`` (int 0/1, or float with NaN where a soft-labelled row has none)
+    and soft labels into ``soft_*`` (NaN where a row has none). Every row gets a target."""
+    n = len(frame)
+    soft = np.full((n, 3), np.nan)
+    if present_soft:
+        for j, c in enumerate(SOFT_COLUMNS):
+            for i, v in enumerate(frame[c].tolist()):
+                try:
+                    soft[i, j] = _number(v)
+                except (TypeError, ValueError):
+                    raise BattleDataError(path, f"soft label must be a number, got {v!r}", i + 1, c) from None
+        for i in range(n):
+            problem = soft_label_problem(soft[i])
+            if problem:
+                raise BattleDataError(path, f"{problem}: {dict(zip(SOFT_COLUMNS, soft[i].tolist()))}", i + 1,
+                                      SOFT_COLUMNS[0])
+    has_soft = ~np.isnan(soft).any(axis=1)
+    report.soft_labelled = int(has_soft.sum())
+    hard = np.full((n, 3), np.nan)
+    if present_labels:
+        for j, c in enumerate(LABEL_COLUMNS):
+            for i, v in enumerate(frame[c].tolist()):
+                hard[i, j] = _parse_label(v, path, i + 1, c)
+    blank = np.isnan(hard).all(axis=1)
+    for i in range(n):
+        if blank[i] and not has_soft[i]:
+            raise BattleDataError(path, f"no target: a training battle needs {LABEL_COLUMNS} (exactly one 1) or "
+                                        f"{SOFT_COLUMNS}", i + 1, LABEL_COLUMNS[0])
+        if not blank[i] and (np.isnan(hard[i]).any() or hard[i].sum() != 1):
+            got = dict(zip(LABEL_COLUMNS, [None if math.isnan(x) else int(x) for x in hard[i]]))
+            raise BattleDataError(path, f"a labelled battle needs exactly one winner, got {got}", i + 1,
+                                  LABEL_COLUMNS[0])
+    if present_labels:
+        for j, c in enumerate(LABEL_COLUMNS):
+            out[c] = hard[:, j].astype(np.int64) if not blank.any() else hard[:, j]
+    if present_soft:
+        for j, c in enumerate(SOFT_COLUMNS):
+            out[c] = soft[:, j]
+
+
+def _read_weights(values, path) -> np.ndarray:
+    """Row weights: finite and >= 0; a blank cell is weight 1 (as :func:`battles.labels.row_weights` reads it)."""
+    w = np.empty(len(values))
+    for i, v in enumerate(values):
+        try:
+            w[i] = _number(v)
+        except (TypeError, ValueError):
+            raise BattleDataError(path, f"weight must be a number, got {v!r}", i + 1, "weight") from None
+        if math.isinf(w[i]) or w[i] < 0:
+            raise BattleDataError(path, f"weight must be finite and >= 0, got {v!r}", i + 1, "weight")
+    return w
 
 
 def battles_from_frame(frame: pd.DataFrame, path="<DataFrame>", source: str | None = None,
@@ -162,18 +348,16 @@ def battles_from_frame(frame: pd.DataFrame, path="<DataFrame>", source: str | No
     if missing:
         raise BattleDataError(path, f"missing column(s) {missing}; found {list(frame.columns)}")
     present_labels = [c for c in LABEL_COLUMNS if c in frame.columns]
-    if require_labels and len(present_labels) < 3:
-        raise BattleDataError(path, f"missing label column(s) {[c for c in LABEL_COLUMNS if c not in present_labels]}")
-    if require_labels is None and 0 < len(present_labels) < 3:
-        raise BattleDataError(
-            path, f"has label column(s) {present_labels} but not {[c for c in LABEL_COLUMNS if c not in present_labels]}"
-        )
-    labelled = len(present_labels) == 3 and require_labels is not False
+    present_soft = [c for c in SOFT_COLUMNS if c in frame.columns]
+    for present, names, what in ((present_labels, LABEL_COLUMNS, "label"), (present_soft, SOFT_COLUMNS, "soft-label")):
+        if 0 < len(present) < 3 and require_labels is not False:
+            raise BattleDataError(path, f"has {what} column(s) {present} but not {[c for c in names if c not in present]}")
+    labelled = require_labels is not False and (len(present_labels) == 3 or len(present_soft) == 3)
+    if require_labels and not labelled:
+        raise BattleDataError(path, f"missing label columns: a training file needs {LABEL_COLUMNS} (hard labels) "
+                                    f"or {SOFT_COLUMNS} (soft labels)")
 
-    ids = frame["id"].astype(str).str.strip()
-    blank = np.flatnonzero((ids == "") | frame["id"].isna().to_numpy())
-    if len(blank):
-        raise BattleDataError(path, "empty id", int(blank[0]) + 1, "id")
+    ids = pd.Series([_id_text(v, path, i + 1) for i, v in enumerate(frame["id"].tolist())], dtype=object)
     dup = ids.duplicated(keep=False)
     if dup.any():
         rows = np.flatnonzero(dup.to_numpy())[:2] + 1
@@ -207,25 +391,9 @@ def battles_from_frame(frame: pd.DataFrame, path="<DataFrame>", source: str | No
         if c in frame.columns:
             out[c] = frame[c].astype(str).to_numpy()
     if labelled:
-        labels = np.zeros((len(frame), 3), dtype=np.int64)
-        for j, c in enumerate(LABEL_COLUMNS):
-            values = frame[c].tolist()
-            for i, v in enumerate(values):
-                labels[i, j] = _parse_label(v, path, i + 1, c)
-        bad = np.flatnonzero(labels.sum(axis=1) != 1)
-        if len(bad):
-            r = int(bad[0])
-            raise BattleDataError(
-                path,
-                f"a labelled battle needs exactly one winner, got {dict(zip(LABEL_COLUMNS, labels[r].tolist()))}",
-                r + 1,
-                "winner_model_a",
-            )
-        for j, c in enumerate(LABEL_COLUMNS):
-            out[c] = labels[:, j]
-    for c in ("soft_a", "soft_b", "soft_tie", "weight"):
-        if c in frame.columns:
-            out[c] = pd.to_numeric(frame[c], errors="coerce").to_numpy(dtype=float)
+        _read_targets(frame, out, path, present_labels, present_soft, report)
+    if "weight" in frame.columns:
+        out["weight"] = _read_weights(frame["weight"].tolist(), path)
     if "source" in frame.columns:
         out["source"] = frame["source"].astype(str).to_numpy()
     else:
@@ -236,9 +404,16 @@ def battles_from_frame(frame: pd.DataFrame, path="<DataFrame>", source: str | No
 
 
 def read_battles(path, source: str | None = None, require_labels: bool | None = None) -> tuple[pd.DataFrame, RepairReport]:
-    """Read a battle file (.csv, .parquet, .jsonl) into the validated battle table and its repair report."""
+    """Read a battle file (.csv, .parquet, .jsonl) into the validated battle table and its repair report.
+
+    ``require_labels``: True demands a target per row (hard or soft labels), False ignores labels,
+    None takes them when present. A pseudo-label file's provenance line lands in the report."""
     path = Path(path)
-    return battles_from_frame(_read_frame(path), path, source=source, require_labels=require_labels)
+    read = RepairReport(file=str(path))
+    frame = _read_frame(path, read)
+    battles, report = battles_from_frame(frame, path, source=source, require_labels=require_labels)
+    report.provenance = read.provenance
+    return battles, report
 
 
 def battles_to_frame(battles: pd.DataFrame) -> pd.DataFrame:
@@ -252,7 +427,7 @@ def battles_to_frame(battles: pd.DataFrame) -> pd.DataFrame:
 def data_hash(battles: pd.DataFrame) -> str:
     """A stable fingerprint of a battle table's content (ids, texts, labels), for resume keys."""
     h = hashlib.sha256()
-    cols = [c for c in ["id", *TEXT_COLUMNS, *LABEL_COLUMNS, "soft_a", "soft_b", "soft_tie", "weight", "source"]
+    cols = [c for c in ["id", *TEXT_COLUMNS, *LABEL_COLUMNS, *SOFT_COLUMNS, "weight", "source"]
             if c in battles.columns]
     for c in cols:
         h.update(c.encode())

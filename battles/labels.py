@@ -43,14 +43,40 @@ def has_labels(battles: pd.DataFrame) -> bool:
     return all(c in battles.columns for c in LABEL_COLUMNS)
 
 
+def hard_mask(battles: pd.DataFrame) -> np.ndarray:
+    """True where a row has a hard label (soft-labelled rows of a pseudo-label file may have none)."""
+    if not has_labels(battles):
+        return np.zeros(len(battles), dtype=bool)
+    return ~np.isnan(battles[LABEL_COLUMNS].to_numpy(dtype=float)).any(axis=1)
+
+
 def label_index(battles: pd.DataFrame) -> np.ndarray:
-    """Hard class index (0=a, 1=b, 2=tie) per battle."""
+    """Hard class index (0=a, 1=b, 2=tie) per battle; every row must have a hard label."""
     if not has_labels(battles):
         raise ValueError(f"battle table has no label columns {LABEL_COLUMNS}")
-    return battles[LABEL_COLUMNS].to_numpy().argmax(axis=1)
+    values = battles[LABEL_COLUMNS].to_numpy(dtype=float)
+    if np.isnan(values).any():
+        raise ValueError(f"{int(np.isnan(values).any(axis=1).sum())} row(s) have no hard label (soft labels only)")
+    return values.argmax(axis=1)
 
 
 SOFT_COLUMNS = ["soft_a", "soft_b", "soft_tie"]
+SOFT_TOLERANCE = 1e-3  # a soft label's three probabilities must sum to 1 within this
+
+
+def soft_label_problem(values) -> str | None:
+    """Why one row's ``(soft_a, soft_b, soft_tie)`` is not a soft label, or None when it is one (or
+    when all three are missing: the row has no soft label). The one validity rule for soft labels."""
+    v = np.asarray(values, dtype=np.float64)
+    if np.isnan(v).all():
+        return None
+    if np.isnan(v).any():
+        return "soft labels need all three of soft_a, soft_b, soft_tie"
+    if not np.isfinite(v).all() or (v < 0).any():
+        return "soft labels must be finite and >= 0"
+    if abs(v.sum() - 1.0) > SOFT_TOLERANCE:
+        return f"soft labels must sum to 1 (within {SOFT_TOLERANCE:g}), got {v.sum():.6g}"
+    return None
 
 
 def soft_mask(battles: pd.DataFrame) -> np.ndarray:
@@ -65,7 +91,10 @@ def label_matrix(battles: pd.DataFrame) -> np.ndarray:
     use_soft = soft_mask(battles)
     if use_soft.any():
         soft = battles[SOFT_COLUMNS].to_numpy(dtype=float)
-        hard = np.eye(3)[label_index(battles)] if has_labels(battles) else np.full_like(soft, np.nan)
+        hard = np.full_like(soft, np.nan)
+        have = hard_mask(battles)
+        if have.any():
+            hard[have] = np.eye(3)[battles.loc[have, LABEL_COLUMNS].to_numpy(dtype=float).argmax(axis=1)]
         return np.where(use_soft[:, None], soft, hard)
     return np.eye(3)[label_index(battles)]
 

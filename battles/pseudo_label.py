@@ -120,7 +120,7 @@ def read_pseudo_labels(path) -> tuple[pd.DataFrame, dict]:
     if missing:
         raise BattleDataError(path, f"missing soft-label column(s) {missing}")
     frame = frame.drop(columns=[c for c in LABEL_COLUMNS if c in frame.columns])
-    battles, _ = battles_from_frame(frame, path, require_labels=False)
+    battles, _ = battles_from_frame(frame, path, require_labels=True)
     soft = battles[SOFT_COLUMNS].to_numpy(dtype=float)
     bad = np.flatnonzero(np.isnan(soft).any(axis=1) | (np.abs(soft.sum(axis=1) - 1) > 1e-3) | (soft < 0).any(axis=1))
     if len(bad):

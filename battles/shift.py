@@ -15,7 +15,6 @@ the external battles that look like target battles.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -24,16 +23,18 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
+from battles.context import DEFAULT_SEED
 from battles.folds import prompt_groups
+from battles.schema import Section
 from battles.text import plain_text
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ShiftConfig:
+class ShiftConfig(Section):
+    """The config's ``external.shift`` section: the adversarial classifier and the weight clipping."""
+
     n_folds: int = 5
-    seed: int = 42
     max_chars: int = 2000  # prompt text per battle fed to TF-IDF
     max_features: int = 50_000
     C: float = 1.0
@@ -42,7 +43,7 @@ class ShiftConfig:
 
 
 def adversarial_auc(target_prompts: list[str], source_prompts: list[str],
-                    config: ShiftConfig | None = None) -> tuple[float, np.ndarray]:
+                    config: ShiftConfig | None = None, seed: int = DEFAULT_SEED) -> tuple[float, np.ndarray]:
     """OOF AUC of target-vs-source on unique prompts and P(target) for each source prompt."""
     config = config or ShiftConfig()
     texts = [t[:config.max_chars] for t in target_prompts] + [t[:config.max_chars] for t in source_prompts]
@@ -52,7 +53,7 @@ def adversarial_auc(target_prompts: list[str], source_prompts: list[str],
         raise ValueError(f"need at least 2 distinct prompts on each side, got {len(target_prompts)} target "
                          f"and {len(source_prompts)} source prompts")
     oof = np.zeros(len(texts))
-    for train_idx, valid_idx in StratifiedKFold(n_folds, shuffle=True, random_state=config.seed).split(texts, y):
+    for train_idx, valid_idx in StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(texts, y):
         vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=config.max_features, sublinear_tf=True)
         x_train = vec.fit_transform([texts[i] for i in train_idx])
         model = LogisticRegression(C=config.C, max_iter=1000, class_weight="balanced")
@@ -70,7 +71,7 @@ def importance_weights(p_target: np.ndarray, n_source: int, n_target: int, clip_
 
 
 def shift_weights(target: pd.DataFrame, external: pd.DataFrame,
-                  config: ShiftConfig | None = None) -> tuple[np.ndarray, dict]:
+                  config: ShiftConfig | None = None, seed: int = DEFAULT_SEED) -> tuple[np.ndarray, dict]:
     """Importance weight per external battle (mean 1 per source before clipping) and a report
     ``{source: {auc, n_target_prompts, n_source_prompts, weight_min/median/max}}``."""
     config = config or ShiftConfig()
@@ -86,7 +87,7 @@ def shift_weights(target: pd.DataFrame, external: pd.DataFrame,
         uniq, inverse = np.unique(e_groups[rows], return_inverse=True)
         first = {g: rows[k] for k, g in reversed(list(enumerate(e_groups[rows])))}
         source_prompts = [plain_text(external["prompt"].iat[first[g]]) for g in uniq]
-        auc, p = adversarial_auc(target_prompts, source_prompts, config)
+        auc, p = adversarial_auc(target_prompts, source_prompts, config, seed)
         w_rows = importance_weights(p[inverse], len(uniq), len(target_prompts), config.clip_min, config.clip_max)
         weights[rows] = w_rows
         report[source] = {"auc": auc, "n_target_prompts": len(target_prompts), "n_source_prompts": len(uniq),

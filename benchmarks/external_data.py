@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     results = {}
     for i, (name, external) in enumerate(settings.items()):
         out = Path(args.out_dir) / f"setting{i}"
-        summary = run_all(Run(out, load_config(None, {"external": external}), target), progress=True)
+        summary = run_all(Run(out, load_config(None, overrides={"external": external}), target))
         results[name] = summary
         report_path = out / "external_report.json"
         if report_path.exists() and i == len(settings) - 1:

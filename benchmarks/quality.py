@@ -32,7 +32,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.fresh and Path(args.out).exists():
         sys.exit(f"{args.out} exists; remove it or drop --fresh")
-    cfg = load_config(args.config, {"n_folds": 5})
+    cfg = load_config(args.config, overrides={"n_folds": 5})
     started = time.time()
     summary = run_all(Run(args.out, cfg, args.data), progress=True)
     print(f"\ngrouped 5-fold OOF log loss on {args.data} ({time.time() - started:.0f} s wall)")

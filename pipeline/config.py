@@ -1,79 +1,262 @@
-"""Run configuration: defaults, loading a user's JSON over them, and validation with clear errors."""
+"""The run configuration: one schema, assembled from the sections each layer declares.
+
+    RunConfig                                   (this module)
+      seed, n_folds
+      stages: {name: StageSpec}                 type, params, folds, refit_full
+        params                                  the stage type's own Params (models/*.py), e.g.
+                                                LightGBMParams with its feature blocks' Params
+      stacker: StackerConfig                    (ensemble/stacking.py)
+      external: ExternalConfig                  (battles/external.py; dedup, shift sections)
+
+Every key has one declared type and one default, where the code that reads it lives. A config is
+built from layers, each checked as it is laid on, so an error names where it came from: the
+defaults, then a run's saved ``config.json`` (when a run is resumed without ``--config``), then the
+user's ``--config`` file, then what a command adds (``train decoder --model ...``), then each
+``--set key=value`` in order. Unknown keys and wrong types are errors that name the layer and the key
+path and suggest the closest known key. What a run saves (``config.json``) and hashes into its
+resume keys is the *resolved* config: every default written out, so changing a default in code
+invalidates the finished stages it affects.
+"""
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+import types
+import typing
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
-DEFAULT_CONFIG = {
-    "seed": 42,
-    "n_folds": 5,
-    # Stage name -> {"type": registered stage type, "params": {...}}. Several LightGBM feature sets
-    # are several stages. The stacker sees the OOF logits of every stage listed here.
-    "stages": {
-        "length_lr": {"type": "length_lr", "params": {}},
-        "lgbm_stats": {"type": "lgbm", "params": {"blocks": [{"type": "text_stats"}, {"type": "similarity"}]}},
-        "lgbm_full": {"type": "lgbm", "params": {"blocks": [
-            {"type": "text_stats"}, {"type": "similarity"}, {"type": "tfidf"}, {"type": "word2vec"}]}},
-    },
-    # The ensemble candidates (see ensemble/stacking.py): every stage alone, the plain average, the
-    # simplex-weighted average ("weighted"), logistic stacking at each C, and logistic stacking with the
-    # cheap meta features ("meta_features"). Each is scored by nested CV; "exclude" drops stages.
-    # "selection_tolerance" > 0 picks the simplest candidate within that much CV log loss of the best.
-    "stacker": {"C_grid": [0.01, 0.1, 1.0], "weighted": True, "meta_features": True, "exclude": [],
-                "selection_tolerance": 0.0},
-    # Training-only external data, e.g.
-    # {"sources": [{"kind": "competition", "path": "pandalm.csv", "source": "pandalm", "weight": 0.5}],
-    #  "dedup": {"threshold": 0.8}, "shift_weighting": true}
-    # kinds: competition, preference_pairs, scored_answers, arena_conversations (battles/converters.py)
-    "external": {},
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from battles.context import DEFAULT_SEED
+from battles.errors import UserError
+from battles.external import ExternalConfig
+from battles.schema import Section
+from ensemble.stacking import StackerConfig
+from models.stage import STAGE_TYPES, stage_class
+
+# The stages a run fits when the config names none. lgbm_full uses LightGBMParams' default blocks.
+DEFAULT_STAGES = {
+    "length_lr": {"type": "length_lr"},
+    "lgbm_stats": {"type": "lgbm", "params": {"blocks": [{"type": "text_stats"}, {"type": "similarity"}]}},
+    "lgbm_full": {"type": "lgbm"},
 }
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config that cannot run; the message names the file or ``--set`` it came from and the key."""
 
 
-def _merge(base: dict, override: dict) -> dict:
+class StageSpec(Section):
+    """One stage of the run: its type, its params, and which folds it is fitted on."""
+
+    type: str  # a stage type: length_lr, lgbm, encoder, decoder
+    params: dict[str, Any] = Field(default_factory=dict)  # the type's Params (checked by the stage type)
+    folds: list[int] | None = None  # cross-fit only these folds (OOF logits for their rows); null: all
+    refit_full: bool = False  # after the folds, one more model on every training row gives the test logits
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value):
+        if value not in STAGE_TYPES:
+            raise ValueError(f"unknown stage type {value!r}{_did_you_mean(value, STAGE_TYPES)}; "
+                             f"types: {sorted(STAGE_TYPES)}")
+        return value
+
+    @field_validator("folds")
+    @classmethod
+    def _fold_list(cls, value):
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError("folds must be a non-empty list of distinct fold indices (or null for all folds)")
+        return None if value is None else sorted(value)
+
+
+class RunConfig(Section):
+    """The whole run. ``n_folds >= 3``: the stacker's nested CV chooses by an inner CV on the other folds."""
+
+    seed: int = DEFAULT_SEED  # folds, models, samples: every random choice of the run
+    n_folds: int = Field(5, ge=3)  # grouped folds by prompt
+    stages: dict[str, StageSpec] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_STAGES), min_length=1,
+                                         validate_default=True)
+    stacker: StackerConfig = Field(default_factory=StackerConfig)
+    external: ExternalConfig = Field(default_factory=ExternalConfig)
+
+    @model_validator(mode="after")
+    def _folds_exist(self):
+        for name, spec in self.stages.items():
+            bad = [k for k in spec.folds or [] if not 0 <= k < self.n_folds]
+            if bad:
+                raise ValueError(f"stages.{name}.folds: {bad} not among the run's folds 0..{self.n_folds - 1}")
+        return self
+
+    def stage(self, name: str) -> StageSpec:
+        return self.stages[name]
+
+    def stage_names_of_type(self, kind: str) -> list[str]:
+        return [n for n, s in self.stages.items() if s.type == kind]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_config(path=None, sets: Iterable[str] = (), *, saved: dict | None = None, overrides: dict | None = None,
+                edit: Callable[[dict], None] | None = None) -> RunConfig:
+    """The resolved config from its layers (see the module docstring), each checked as it is laid on.
+
+    ``saved``: a run's saved config (the base when resuming without a file); ``overrides``: a dict laid
+    on after the file (programmatic use, e.g. benchmarks); ``edit``: a function that changes the dict
+    after the file (a command adding its stage); ``sets``: ``key.path=JSON`` strings, in order."""
+    data = RunConfig().as_dict() if saved is None else copy.deepcopy(saved)
+    _check(data, "the saved run config" if saved is not None else "the defaults")
+    if path is not None:
+        data = merge(data, read_config_file(path))
+        data = _check(data, str(path))
+    if overrides:
+        data = _check(merge(data, overrides), "the overrides")
+    if edit is not None:
+        edit(data)
+        data = _check(data, "the command line")
+    for item in sets:
+        data = _check(apply_set(data, item), f"--set {item}")
+    return RunConfig.model_validate(data)
+
+
+def read_config_file(path) -> dict:
+    path = Path(path)
+    try:
+        user = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a JSON config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: a config is a JSON object of sections, got {type(user).__name__}")
+    return user
+
+
+def merge(base: dict, override: dict) -> dict:
+    """``override`` laid over ``base``: objects merge key by key, except ``stages``, which a user's
+    layer replaces whole (they say which stages run), and anything else, which replaces."""
     out = copy.deepcopy(base)
-    for k, v in override.items():
-        if k == "stages":  # a user's stage list replaces ours: they say which stages run
-            out[k] = copy.deepcopy(v)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+    for key, value in override.items():
+        if key == "stages" or not (isinstance(value, dict) and isinstance(out.get(key), dict)):
+            out[key] = copy.deepcopy(value)
         else:
-            out[k] = v
+            out[key] = merge(out[key], value)
     return out
 
 
-def load_config(path=None, overrides: dict | None = None) -> dict:
-    cfg = copy.deepcopy(DEFAULT_CONFIG)
-    if path is not None:
-        path = Path(path)
+def apply_set(data: dict, item: str) -> dict:
+    """``key.path=value`` (value as JSON, else as a plain string) laid on a copy of ``data``."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set n_folds=3")
+    key, raw = item.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    out = copy.deepcopy(data)
+    node, parts = out, key.strip().split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item}: {'.'.join(parts[:depth + 1])} is {json.dumps(child)}, not an object")
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- checking
+def _check(data: dict, origin: str) -> dict:
+    """Validate ``data`` (raise :class:`ConfigError` naming ``origin``); return it with every stage's
+    params resolved by its type's ``Params`` (defaults written out)."""
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin, RunConfig, (), data)) from None
+    resolved = config.as_dict()
+    for name, spec in config.stages.items():
+        params_cls = stage_class(spec.type).Params
         try:
-            user = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        cfg = _merge(cfg, user)
-    if overrides:
-        cfg = _merge(cfg, overrides)
-    validate_config(cfg, path or "<config>")
-    return cfg
+            resolved["stages"][name]["params"] = params_cls.model_validate(spec.params).as_dict()
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, origin, params_cls, ("stages", name, "params"), data)) from None
+    return resolved
 
 
-def validate_config(cfg: dict, where="<config>") -> None:
-    from models.stage import STAGE_TYPES
+def _describe(exc: ValidationError, origin: str, model: type, prefix: tuple, data: dict) -> str:
+    """The first error as one line: origin, key path, what is wrong, and the closest known key."""
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    path = ".".join(str(p) for p in prefix + _visible(model, loc))
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        known = _keys_at(model, loc[:-1])
+        return f"{origin}: unknown key {path!r}{_did_you_mean(str(loc[-1]), known)}" + (
+            f" (known here: {', '.join(sorted(known))})" if known and len(known) <= 12 else "")
+    if kind == "missing" and prefix == () and len(loc) == 3 and loc[0] == "stages" and loc[2] == "type":
+        name = loc[1]
+        others = [n for n in data.get("stages", {}) if n != name and isinstance(data["stages"][n], dict)
+                  and "type" in data["stages"][n]]
+        return (f"{origin}: stage {name!r} has no 'type'{_did_you_mean(str(name), others)} "
+                f"(stages: {', '.join(others) or 'none'}; types: {', '.join(sorted(STAGE_TYPES))})")
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    return f"{origin}: {path}: {message}" if path else f"{origin}: {message}"
 
-    if not isinstance(cfg.get("n_folds"), int) or cfg["n_folds"] < 3:
-        # the stacker's nested CV chooses on the other folds by an inner CV: that needs two of them
-        raise ConfigError(f"{where}: n_folds must be an integer >= 3 (nested CV), got {cfg.get('n_folds')!r}")
-    stages = cfg.get("stages")
-    if not isinstance(stages, dict) or not stages:
-        raise ConfigError(f"{where}: 'stages' must be a non-empty object of name -> {{type, params}}")
-    for name, spec in stages.items():
-        if not isinstance(spec, dict) or spec.get("type") not in STAGE_TYPES:
-            raise ConfigError(f"{where}: stage {name!r} needs a 'type' among {sorted(STAGE_TYPES)}, got "
-                              f"{spec.get('type') if isinstance(spec, dict) else spec!r}")
-        spec.setdefault("params", {})
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _visible(model: type, loc: tuple) -> tuple:
+    """``loc`` without the tags pydantic adds for discriminated unions (e.g. a block's type name)."""
+    out, annotation = [], model
+    for part in loc:
+        annotation, is_tag = _step(annotation, part)
+        if not is_tag:
+            out.append(part)
+    return tuple(out)
+
+
+def _keys_at(model: type, loc: tuple) -> list[str]:
+    """The keys a config object accepts at ``loc`` below ``model`` ([] when not an object of ours)."""
+    annotation = model
+    for part in loc:
+        annotation, _ = _step(annotation, part)
+    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, Section) else []
+
+
+def _step(annotation, part):
+    """The annotation one level down ``part`` (a field name, a dict key, a list index or a union tag),
+    and whether ``part`` was a union tag."""
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        field = annotation.model_fields.get(str(part))
+        return (field.annotation if field else None), False
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (dict, list) and args:
+        return args[-1], False
+    if origin in (typing.Union, types.UnionType):
+        for member in args:
+            member = _unwrap(member)
+            if isinstance(member, type) and member.__name__ == part:  # pydantic names the union member tried
+                return member, True
+            if isinstance(member, type) and issubclass(member, Section):
+                tag = member.model_fields.get("type")
+                if tag is not None and part in typing.get_args(tag.annotation):
+                    return member, True
+        sections = [m for m in map(_unwrap, args) if isinstance(m, type) and issubclass(m, Section)]
+        if len(sections) == 1:
+            return _step(sections[0], part)
+    return None, False
+
+
+def _unwrap(annotation):
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation

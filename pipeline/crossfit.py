@@ -1,161 +1,256 @@
 """Cross-fitting one stage over the run's folds, with resume.
 
-For every fold the stage is fitted on the other folds (plus any extra training-only rows, such as
-external data) with the fold's battles as its validation set, then predicts the fold (out-of-fold
-logits) and the test battles. Each finished fold is written to ``stages/<name>/fold<k>/`` with a
-``done.json`` holding the resume key (stage config, data, folds); a rerun skips folds whose key
-matches. When every fold is done the stage's ``oof_logits.csv``, ``test_logits.csv`` (fold average)
-and ``metrics.json`` are written and the stage is marked done.
+For every fold of the stage's plan the stage is fitted on the other folds (plus any training-only
+rows, such as external data) with the fold's battles as its validation set, then predicts the fold
+(out-of-fold logits) and the test battles. The plan (:class:`pipeline.config.StageSpec`) may name a
+subset of the folds (``folds: [0]``: one model, OOF logits for fold 0's rows only) and may add one
+model refitted on every training row (``refit_full``), whose test logits then replace the folds'.
 
-Stages that can (see :func:`models.stage.predict_with_orders`) also leave their single-order OOF
-log-probabilities, before swap TTA: ``oof_logits_straight.csv`` (battles as given) and
-``oof_logits_swapped.csv`` (battles with A and B swapped, columns as predicted for the swapped
-battle). The report's position-bias check reads them; nothing else does.
+Resume: each fitted model lives in its own directory (``stages/<name>/fold<k>/`` or ``full/``) with
+a ``done.json`` holding its key: the stage type and resolved params, the training data, the folds,
+the training-only rows and the seed. The plan and the test file are not part of that key: widening
+``folds`` reuses the folds already fitted, and a new test file is predicted by the saved model
+without refitting (the fold's test logits are keyed by the test data's hash). A fold directory whose
+key changed is emptied before it is refitted; one with the same key keeps what an interrupted fit
+left there (a deep stage's training checkpoints, :attr:`battles.context.StageContext.work_dir`).
+
+Stages that can (:func:`models.stage.predict_with_orders`) also leave their single-order OOF
+log-probabilities before swap TTA (``oof_logits_straight.csv`` / ``oof_logits_swapped.csv``), for the
+report's position-bias check.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from battles.io import data_hash
-from battles.labels import LABEL_COLUMNS, has_labels, label_index
-from ensemble.metrics import probs_from_logits, scores
-from models.stage import StageContext, average_logits, make_stage, predict_with_orders
+from battles.context import StageContext
 from battles.files import content_key, read_json, write_json
-from pipeline.rundir import read_logits, write_logits
+from battles.io import data_hash
+from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, hard_mask, label_index
+from ensemble.metrics import probs_from_logits, scores
+from models.stage import average_logits, make_stage, predict_with_orders, stage_class
+from pipeline.config import StageSpec
+from pipeline.rundir import (ORDERS, FoldDir, RunDir, as_stored, read_logit_ids, read_logits, wait_for_everyone,
+                             write_logits)
+from pipeline.timings import Timings
 
 log = logging.getLogger(__name__)
 
 
-ORDERS = ("straight", "swapped")  # single-order OOF files: oof_logits_straight.csv, oof_logits_swapped.csv
-
-
 @dataclass
 class StageResult:
+    """A finished stage: OOF logits where it has them (NaN rows elsewhere), test logits, metrics."""
+
     name: str
-    oof_logits: np.ndarray
+    oof_logits: np.ndarray  # (n_train, 3); NaN on rows the plan does not cover
+    covered: np.ndarray  # (n_train,) bool: rows with OOF logits
     test_logits: np.ndarray | None
     metrics: dict
+    orders: tuple[np.ndarray, np.ndarray] | None = None  # single-order OOF log-probs (straight, swapped)
+
+
+def planned_folds(spec: StageSpec, folds: np.ndarray) -> list[int]:
+    return list(spec.folds) if spec.folds is not None else sorted(int(k) for k in np.unique(folds))
+
+
+def model_key(spec: StageSpec, train: pd.DataFrame, folds: np.ndarray, extra: pd.DataFrame | None, seed: int,
+              which) -> str:
+    """What one fitted model depends on (``which``: a fold index or "full"); not the plan, not the test file."""
+    return content_key({"type": spec.type, "params": spec.params}, data_hash(train), folds.tolist(),
+                       data_hash(extra) if extra is not None else None, seed, which)
 
 
 def _label_free(battles: pd.DataFrame) -> pd.DataFrame:
-    return battles.drop(columns=[c for c in [*LABEL_COLUMNS, "soft_a", "soft_b", "soft_tie"] if c in battles.columns])
+    return battles.drop(columns=[c for c in [*LABEL_COLUMNS, *SOFT_COLUMNS] if c in battles.columns])
 
 
-def _done(path: Path, key: str) -> bool:
-    return path.exists() and read_json(path).get("key") == key
+def _done(fold: FoldDir, key: str) -> dict | None:
+    if fold.done.exists():
+        record = read_json(fold.done)
+        if record.get("key") == key:
+            return record
+    return None
 
 
-def stage_key(spec: dict, train: pd.DataFrame, folds: np.ndarray, test: pd.DataFrame | None,
-              extra: pd.DataFrame | None, seed: int) -> str:
-    return content_key(spec, data_hash(train), folds.tolist(), data_hash(test) if test is not None else None,
-                      data_hash(extra) if extra is not None else None, seed)
+class _Fitter:
+    """The stage object of one cross-fitting call, prepared on first use (label-free resources)."""
+
+    def __init__(self, name, spec, context, everything, timings):
+        self.name, self.spec, self.context, self.everything, self.timings = name, spec, context, everything, timings
+        self.stage = None
+        self.holds = None  # which model the stage object holds now (a fold index or "full")
+
+    def get(self):
+        if self.stage is None:
+            self.stage = make_stage(self.spec.type, self.spec.params, self.context)
+            with self.timings.step(f"{self.name}: features"):
+                self.stage.prepare(self.everything())
+        return self.stage
 
 
-def crossfit_stage(run_dir, name: str, spec: dict, train: pd.DataFrame, folds: np.ndarray,
+def crossfit_stage(run: RunDir, name: str, spec: StageSpec, train: pd.DataFrame, folds: np.ndarray,
                    test: pd.DataFrame | None = None, extra_train: pd.DataFrame | None = None,
-                   seed: int = 42, progress: bool = True) -> StageResult:
-    """Fit ``spec`` (``{"type", "params"}``) fold by fold; return OOF and fold-averaged test logits."""
-    run_dir = Path(run_dir)
-    stage_dir = run_dir / "stages" / name
-    key = stage_key(spec, train, folds, test, extra_train, seed)
-    ids = train["id"].tolist()
-    if _done(stage_dir / "done.json", key):
+                   seed: int = 42, progress: bool = True, timings: Timings | None = None) -> StageResult:
+    """Fit the stage's fold plan (resuming what is done); return its OOF and test logits."""
+    timings = timings or Timings()
+    stage_dir = run.stage(name)
+    plan = planned_folds(spec, folds)
+    test_hash = data_hash(test) if test is not None else None
+    keys = {k: model_key(spec, train, folds, extra_train, seed, k) for k in plan}
+    if spec.refit_full:
+        keys["full"] = model_key(spec, train, folds, extra_train, seed, "full")
+    stage_key = content_key(keys, spec.folds, spec.refit_full, test_hash)
+    if stage_dir.done.exists() and read_json(stage_dir.done).get("key") == stage_key:
         log.info("stage %s: finished earlier with the same config and data, reusing it", name)
-        return load_stage_result(run_dir, name, train, test)
+        return load_stage_result(run, name, train, test)
 
-    context = StageContext(resource_dir=run_dir / "resources", seed=seed, progress=progress)
-    stage = make_stage(spec["type"], spec.get("params"), context)
+    context = StageContext(resource_dir=run.resources, seed=seed, progress=progress)
+    fitter = _Fitter(name, spec, context, lambda: pd.concat(
+        [_label_free(x) for x in (train, test, extra_train) if x is not None], ignore_index=True), timings)
     started = time.time()
-    prepared = False
-    oof = np.zeros((len(train), 3))
-    orders = {o: np.zeros((len(train), 3)) for o in ORDERS}
+    n = len(train)
+    oof = np.full((n, 3), np.nan)
+    orders = {o: np.full((n, 3), np.nan) for o in ORDERS}
     have_orders = True
     test_per_fold = []
-    fold_ids = sorted(np.unique(folds))
-    bar = tqdm(fold_ids, desc=f"{name}", unit="fold", disable=not progress)
+    bar = tqdm(plan, desc=name, unit="fold", disable=not progress)
     for k in bar:
-        fold_dir = stage_dir / f"fold{k}"
-        valid_mask = folds == k
-        fold_key = content_key(key, int(k))
-        if _done(fold_dir / "done.json", fold_key):
-            valid_ids = train.loc[valid_mask, "id"].tolist()
-            oof[valid_mask] = read_logits(fold_dir / "valid_logits.csv", valid_ids)
-            for o in ORDERS:
-                have_orders = have_orders and (fold_dir / f"valid_logits_{o}.csv").exists()
-                if have_orders:
-                    orders[o][valid_mask] = read_logits(fold_dir / f"valid_logits_{o}.csv", valid_ids)
-            if test is not None:
-                test_per_fold.append(read_logits(fold_dir / "test_logits.csv", test["id"].tolist()))
-            bar.set_postfix_str(f"fold {k} reused")
-            continue
-        if not prepared:
-            everything = pd.concat([_label_free(x) for x in (train, test, extra_train) if x is not None],
-                                   ignore_index=True)
-            stage.prepare(everything)
-            prepared = True
-        fit_rows = train[~valid_mask]
-        if extra_train is not None and len(extra_train):
-            fit_rows = pd.concat([fit_rows, extra_train], ignore_index=True)
+        fold, valid_mask = stage_dir.fold(k), folds == k
         valid = train[valid_mask]
-        stage.context.work_dir = fold_dir  # the fold's own scratch space (training checkpoints)
-        stage.fit(fit_rows, valid)
-        oof[valid_mask], straight, swapped = predict_with_orders(stage, valid)
-        write_logits(fold_dir / "valid_logits.csv", valid["id"].tolist(), oof[valid_mask])
-        if straight is None:
-            have_orders = False
+        record = _done(fold, keys[k])
+        if record is not None:
+            oof[valid_mask] = read_logits(fold.valid_logits, valid["id"].tolist())
+            have_orders = have_orders and all(fold.valid_order(o).exists() for o in ORDERS)
+            if have_orders:
+                for o in ORDERS:
+                    orders[o][valid_mask] = read_logits(fold.valid_order(o), valid["id"].tolist())
+            bar.set_postfix_str(f"fold {k} reused")
         else:
-            for o, values in zip(ORDERS, (straight, swapped)):
-                orders[o][valid_mask] = values
-                write_logits(fold_dir / f"valid_logits_{o}.csv", valid["id"].tolist(), values)
-        if test is not None:
-            test_per_fold.append(stage.predict_logits(test))
-            write_logits(fold_dir / "test_logits.csv", test["id"].tolist(), test_per_fold[-1])
-        stage.save(fold_dir / "model")
-        write_json(fold_dir / "done.json", {"key": fold_key, "stage": name, "fold": int(k)})
-
-    write_logits(stage_dir / "oof_logits.csv", ids, oof)
-    for o in ORDERS:
-        if have_orders:
-            write_logits(stage_dir / f"oof_logits_{o}.csv", ids, orders[o])
-        elif (stage_dir / f"oof_logits_{o}.csv").exists():
-            (stage_dir / f"oof_logits_{o}.csv").unlink()
+            with timings.step(f"{name}: fold {k}"):
+                stage = fitter.get()
+                fold.claim(keys[k])
+                fit_rows = train[~valid_mask]
+                if extra_train is not None and len(extra_train):
+                    fit_rows = pd.concat([fit_rows, extra_train], ignore_index=True)
+                stage.context.work_dir = fold.path  # the fold's own scratch space (training checkpoints)
+                stage.fit(fit_rows, valid)
+                oof[valid_mask], straight, swapped = predict_with_orders(stage, valid)
+                write_logits(fold.valid_logits, valid["id"].tolist(), oof[valid_mask])
+                if straight is None:
+                    have_orders = False
+                else:
+                    for o, values in zip(ORDERS, (straight, swapped)):
+                        orders[o][valid_mask] = values
+                        write_logits(fold.valid_order(o), valid["id"].tolist(), values)
+                stage.save(fold.model)
+                fitter.holds = k
+                record = {"key": keys[k], "stage": name, "fold": int(k), "test": None}
+                write_json(fold.done, record)
+                wait_for_everyone()
+        if test is not None and not spec.refit_full:
+            test_per_fold.append(_test_logits(fitter, k, fold, record, test, test_hash, timings,
+                                              f"{name}: test fold {k}"))
     test_logits = None
-    if test is not None:
+    if spec.refit_full:
+        test_logits = _refit_full(fitter, stage_dir.full, keys["full"], train, extra_train, test, test_hash, timings)
+    elif test is not None:
         test_logits = average_logits(test_per_fold)
-        write_logits(stage_dir / "test_logits.csv", test["id"].tolist(), test_logits)
-    metrics = {"stage": name, "type": spec["type"], "seconds": round(time.time() - started, 1)}
-    if has_labels(train):
-        metrics["oof"] = scores(label_index(train), probs_from_logits(oof))
-        log.info("stage %s: OOF log loss %.4f, accuracy %.3f", name, metrics["oof"]["log_loss"],
-                 metrics["oof"]["accuracy"])
-    write_json(stage_dir / "metrics.json", metrics)
-    write_json(stage_dir / "spec.json", spec)
-    write_json(stage_dir / "done.json", {"key": key, "stage": name, "n_folds": len(fold_ids)})
-    return StageResult(name, oof, test_logits, metrics)
+
+    covered = ~np.isnan(oof).any(axis=1)
+    oof, test_logits = as_stored(oof), None if test_logits is None else as_stored(test_logits)
+    result = StageResult(name, oof, covered, test_logits, {},
+                         tuple(as_stored(orders[o]) for o in ORDERS) if have_orders else None)
+    result.metrics = stage_metrics(name, spec, train, result, plan, time.time() - started)
+    _write_stage(run, result, spec, train, test, stage_key)
+    return result
 
 
-def load_stage_result(run_dir, name: str, train: pd.DataFrame, test: pd.DataFrame | None) -> StageResult:
-    stage_dir = Path(run_dir) / "stages" / name
-    if not (stage_dir / "done.json").exists():
-        raise FileNotFoundError(f"{stage_dir}: stage {name!r} has not finished (no done.json); run it first")
-    oof = read_logits(stage_dir / "oof_logits.csv", train["id"].tolist())
-    test_logits = None
-    if test is not None and (stage_dir / "test_logits.csv").exists():
-        test_logits = read_logits(stage_dir / "test_logits.csv", test["id"].tolist())
-    return StageResult(name, oof, test_logits, read_json(stage_dir / "metrics.json"))
+def _test_logits(fitter: _Fitter, which, fold: FoldDir, record: dict, test, test_hash, timings, step) -> np.ndarray:
+    """A fitted model's test logits: saved for this test file, else predicted now by the model just
+    fitted or the saved one, without refitting."""
+    if record.get("test") == test_hash and fold.test_logits.exists():
+        return read_logits(fold.test_logits, test["id"].tolist())
+    with timings.step(step):
+        stage = fitter.stage if fitter.holds == which else stage_class(fitter.spec.type).load(fold.model, fitter.context)
+        logits = stage.predict_logits(test)
+    write_logits(fold.test_logits, test["id"].tolist(), logits)
+    write_json(fold.done, {**record, "test": test_hash})
+    return logits
 
 
-def load_single_order_oof(run_dir, name: str, train: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
-    """A finished stage's OOF log-probabilities before swap TTA, ``(straight, swapped)``, or None."""
-    stage_dir = Path(run_dir) / "stages" / name
-    paths = [stage_dir / f"oof_logits_{o}.csv" for o in ORDERS]
-    if not all(p.exists() for p in paths):
+def _refit_full(fitter: _Fitter, full: FoldDir, key: str, train, extra_train, test, test_hash, timings):
+    record = _done(full, key)
+    if record is None:
+        with timings.step(f"{fitter.name}: refit on all rows"):
+            stage = fitter.get()
+            full.claim(key)
+            fit_rows = train if extra_train is None or not len(extra_train) else pd.concat(
+                [train, extra_train], ignore_index=True)
+            stage.context.work_dir = full.path
+            stage.fit(fit_rows, None)
+            stage.save(full.model)
+            fitter.holds = "full"
+            record = {"key": key, "stage": fitter.name, "fold": "full", "test": None}
+            write_json(full.done, record)
+            wait_for_everyone()
+    if test is None:
         return None
-    return tuple(read_logits(p, train["id"].tolist()) for p in paths)
+    return _test_logits(fitter, "full", full, record, test, test_hash, timings, f"{fitter.name}: test (refit)")
+
+
+def stage_metrics(name: str, spec: StageSpec, train: pd.DataFrame, result: StageResult, plan: list[int],
+                  seconds: float) -> dict:
+    """Coverage and OOF scores (on covered rows with a hard label) of a stage."""
+    scored = result.covered & hard_mask(train)
+    metrics = {"stage": name, "type": spec.type, "seconds": round(seconds, 1),
+               "coverage": {"folds": plan, "rows": int(result.covered.sum()), "of": len(train),
+                            "refit_full": spec.refit_full}}
+    if scored.any():
+        metrics["oof"] = scores(label_index(train[scored]), probs_from_logits(result.oof_logits[scored]))
+        log.info("stage %s: OOF log loss %.4f, accuracy %.3f on %d rows", name, metrics["oof"]["log_loss"],
+                 metrics["oof"]["accuracy"], int(scored.sum()))
+    return metrics
+
+
+def _write_stage(run: RunDir, result: StageResult, spec: StageSpec, train, test, stage_key: str) -> None:
+    stage_dir = run.stage(result.name)
+    ids = train["id"].to_numpy()[result.covered].tolist()
+    write_logits(stage_dir.oof_logits, ids, result.oof_logits[result.covered])
+    for o, values in zip(ORDERS, result.orders or (None, None)):
+        if values is not None:
+            write_logits(stage_dir.oof_order(o), ids, values[result.covered])
+        elif stage_dir.oof_order(o).exists():
+            stage_dir.oof_order(o).unlink()
+    if result.test_logits is not None:
+        write_logits(stage_dir.test_logits, test["id"].tolist(), result.test_logits)
+    write_json(stage_dir.metrics, result.metrics)
+    write_json(stage_dir.spec, spec.as_dict())
+    write_json(stage_dir.done, {"key": stage_key, "stage": result.name})
+
+
+def load_stage_result(run: RunDir, name: str, train: pd.DataFrame, test: pd.DataFrame | None) -> StageResult:
+    """A stage finished earlier, read back from its files (resuming)."""
+    stage_dir = run.stage(name)
+    if not stage_dir.done.exists():
+        raise FileNotFoundError(f"{stage_dir.path}: stage {name!r} has not finished (no done.json); run it first")
+    index = pd.Series(np.arange(len(train)), index=train["id"].astype(str).to_numpy())
+    ids = read_logit_ids(stage_dir.oof_logits)
+    rows = index.loc[ids].to_numpy()
+    covered = np.zeros(len(train), dtype=bool)
+    covered[rows] = True
+    oof = np.full((len(train), 3), np.nan)
+    oof[rows] = read_logits(stage_dir.oof_logits, ids)
+    orders = None
+    if all(stage_dir.oof_order(o).exists() for o in ORDERS):
+        orders = tuple(np.full((len(train), 3), np.nan) for _ in ORDERS)
+        for values, o in zip(orders, ORDERS):
+            values[rows] = read_logits(stage_dir.oof_order(o), ids)
+    test_logits = None
+    if test is not None and stage_dir.test_logits.exists():
+        test_logits = read_logits(stage_dir.test_logits, test["id"].tolist())
+    return StageResult(name, oof, covered, test_logits, read_json(stage_dir.metrics), orders)

@@ -1,4 +1,4 @@
-"""Predicting new battles with a finished run: the saved fold models of every stage and the saved ensemble.
+"""Predicting new battles with a finished run: the saved models of every stage and the saved ensemble.
 
     from pipeline.predict import Predictor
     predictor = Predictor.load("runs/x")
@@ -10,30 +10,38 @@ or a list of dicts ``{"prompt", "response_a", "response_b"}`` (optional ``id``) 
 string (one turn) or a list of strings (one per turn). Everything goes through the data layer's
 validation (:func:`battles.io.battles_from_frame`).
 
-Each stage predicts with every fold's model (swap TTA inside ``predict_logits``, as in training),
-the folds are averaged as cross-fitting averages test logits (:func:`models.stage.average_logits`),
-and the ensemble chosen by ``run.py tune``/``stack`` (``ensemble/ensemble.json``) maps them to
-probabilities. So predicting a run's own test file reproduces its ``submission.csv``.
+Each stage predicts with the models its fold plan made (every fold's model, or the one refitted on
+all rows), loaded together by the stage type (:meth:`models.stage.Stage.load_folds`: the decoder
+loads its base model once for all adapters) and averaged as cross-fitting averages test logits; the
+ensemble chosen by ``run.py tune`` (``ensemble/ensemble.json``) maps them to probabilities. So
+predicting a run's own test file reproduces its ``submission.csv``. Before it starts, the predictor
+logs its plan (models and forward passes per battle per stage) and, after a timed first chunk, an
+estimate of the whole job; one progress bar with an ETA covers every stage and chunk.
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import time
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
+from battles.context import StageContext
+from battles.files import read_json
 from battles.io import TEXT_COLUMNS, battles_from_frame
 from ensemble.calibrators import calibrator_from_json
 from ensemble.meta import meta_features
-from models.stage import StageContext, stage_class
-from battles.files import read_json
-from pipeline.runner import ENSEMBLE_DIR, RunError, probs_frame
+from models.stage import stage_class
+from pipeline.config import RunConfig, StageSpec
+from pipeline.crossfit import planned_folds
+from pipeline.rundir import RunDir, RunDirError, probs_frame, read_folds
 
 log = logging.getLogger(__name__)
+CHUNK = 2048  # battles per prediction chunk (bounds memory; the progress bar moves per chunk)
 
 
-class IncompleteRunError(RunError):
+class IncompleteRunError(RunDirError):
     """The run lacks something prediction needs; the message names the stage and what is missing."""
 
 
@@ -59,37 +67,72 @@ def as_battles(data) -> pd.DataFrame:
     return battles
 
 
-class Predictor:
-    """The fold models of a run's stages and its saved ensemble, ready to predict."""
+def stage_model_dirs(run: RunDir, name: str, spec: StageSpec, folds: np.ndarray) -> list:
+    """The saved models a stage predicts with: the refitted one, else one per planned fold."""
+    stage = run.stage(name)
+    if spec.refit_full:
+        return [stage.full.model]
+    return [stage.fold(k).model for k in planned_folds(spec, folds)]
 
-    def __init__(self, run_dir, stage_names: list[str], fold_models: dict, ensemble: dict):
-        self.run_dir = Path(run_dir)
-        self.stage_names = stage_names
-        self.fold_models = fold_models  # stage name -> FoldModels (every fold's model of the stage)
+
+class Predictor:
+    """The saved models of a run's stages and its saved ensemble, ready to predict."""
+
+    def __init__(self, run: RunDir, specs: dict, stage_models: dict, ensemble: dict, progress: bool = True):
+        self.run = run
+        self.specs = specs  # stage name -> StageSpec
+        self.stage_names = list(ensemble["stages"])
+        self.stage_models = stage_models  # stage name -> FoldModels (the stage's saved models, together)
         self.ensemble = ensemble
         self.model = calibrator_from_json(ensemble["model"])
         self.uses_meta = bool(ensemble.get("meta_features"))
+        self.progress = progress
 
     @classmethod
-    def load(cls, run_dir) -> "Predictor":
-        run_dir = Path(run_dir)
-        check_complete(run_dir)
-        ensemble = read_json(run_dir / ENSEMBLE_DIR / "ensemble.json")
-        config = read_json(run_dir / "config.json")
-        n_folds = _n_folds(run_dir)
-        context = StageContext(resource_dir=run_dir / "resources", seed=config.get("seed", 42), progress=False)
-        fold_models = {}
-        for name in ensemble["stages"]:
-            spec = read_json(run_dir / "stages" / name / "spec.json")
-            fold_models[name] = stage_class(spec["type"]).load_folds(
-                [run_dir / "stages" / name / f"fold{k}" / "model" for k in range(n_folds)], context)
-        log.info("predictor: %s, stages %s x %d folds, ensemble %s", run_dir, ensemble["stages"], n_folds,
-                 ensemble["chosen"])
-        return cls(run_dir, list(ensemble["stages"]), fold_models, ensemble)
+    def load(cls, run_dir, progress: bool = True) -> "Predictor":
+        run = RunDir.open(run_dir)
+        check_complete(run)
+        ensemble = read_json(run.ensemble)
+        config = RunConfig.model_validate(read_json(run.config))
+        folds = read_folds(run.folds)["fold"].to_numpy()
+        context = StageContext(resource_dir=run.resources, seed=config.seed, progress=False)
+        specs = {n: config.stages[n] for n in ensemble["stages"]}
+        models = {n: stage_class(s.type).load_folds(stage_model_dirs(run, n, s, folds), context)
+                  for n, s in specs.items()}
+        log.info("predictor: %s, ensemble %s over %s", run, ensemble["chosen"], ensemble["stages"])
+        return cls(run, specs, models, ensemble, progress)
+
+    def plan(self) -> list[dict]:
+        """Per stage: models averaged and forward passes per battle (two per model with swap TTA)."""
+        rows = []
+        for name in self.stage_names:
+            n_models = len(self.stage_models[name].models)
+            orders = 2 if self.specs[name].params.get("swap_tta", True) else 1
+            rows.append({"stage": name, "type": self.specs[name].type, "models": n_models,
+                         "passes_per_battle": n_models * orders})
+        return rows
 
     def stage_logits(self, battles: pd.DataFrame) -> list[np.ndarray]:
-        """Per stage: the fold models' logits averaged like cross-fitting averages test logits."""
-        return [self.fold_models[n].predict_logits(battles) for n in self.stage_names]
+        """Per stage: its models' logits averaged like cross-fitting averages test logits, chunk by chunk
+        under one progress bar (with an estimate of the whole job after the first chunk)."""
+        plan = self.plan()
+        log.info("predict plan: %d battles; %s", len(battles), "; ".join(
+            f"{p['stage']} ({p['type']}): {p['models']} model(s), {p['passes_per_battle']} forward passes per battle"
+            for p in plan))
+        out = [np.zeros((len(battles), 3)) for _ in self.stage_names]
+        bar = tqdm(total=len(battles), desc="predict", unit="battle", disable=not self.progress)
+        started = time.time()
+        for start in range(0, len(battles), CHUNK):
+            chunk = battles.iloc[start:start + CHUNK]
+            for i, name in enumerate(self.stage_names):
+                out[i][start:start + len(chunk)] = self.stage_models[name].predict_logits(chunk)
+            bar.update(len(chunk))
+            if start == 0 and len(battles) > CHUNK:
+                per_battle = (time.time() - started) / len(chunk)
+                log.info("predict: first %d battles took %.1f s; estimate for all %d: %.0f s", len(chunk),
+                         time.time() - started, len(battles), per_battle * len(battles))
+        bar.close()
+        return out
 
     def predict_proba(self, data) -> np.ndarray:
         battles = as_battles(data)
@@ -102,47 +145,26 @@ class Predictor:
         return probs_frame(battles["id"], self.model.predict_proba(self.stage_logits(battles), meta=meta))
 
 
-def _n_folds(run_dir: Path) -> int:
-    path = run_dir / "folds.csv"
-    if not path.exists():
-        raise IncompleteRunError(f"{run_dir}: no folds.csv; is this a run directory?")
-    return int(pd.read_csv(path)["fold"].nunique())
-
-
-def check_complete(run_dir) -> None:
+def check_complete(run: RunDir) -> None:
     """Raise :class:`IncompleteRunError` naming the first stage (and what it lacks) that cannot predict."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise IncompleteRunError(f"{run_dir}: run directory not found")
-    n_folds = _n_folds(run_dir)
-    path = run_dir / ENSEMBLE_DIR / "ensemble.json"
-    if not path.exists():
-        raise IncompleteRunError(f"{run_dir}: no saved ensemble ({path}); run `run.py tune --run {run_dir}` first")
-    ensemble = read_json(path)
+    if not run.folds.exists():
+        raise IncompleteRunError(f"{run}: no folds.csv; the run did not get past reading its data")
+    if not run.ensemble.exists():
+        raise IncompleteRunError(f"{run}: no saved ensemble ({run.ensemble}); run `run.py tune --run {run}` first")
+    ensemble = read_json(run.ensemble)
+    config = RunConfig.model_validate(read_json(run.config))
+    folds = read_folds(run.folds)["fold"].to_numpy()
     for name in ensemble["stages"]:
-        stage_dir = run_dir / "stages" / name
-        if not (stage_dir / "done.json").exists():
-            raise IncompleteRunError(f"{run_dir}: stage {name!r} is incomplete: {stage_dir}/done.json is missing "
+        stage_dir = run.stage(name)
+        if name not in config.stages or not stage_dir.done.exists():
+            raise IncompleteRunError(f"{run}: stage {name!r} is incomplete: {stage_dir.done} is missing "
                                      f"(the stage did not finish); rerun it, then `run.py tune`")
-        missing = [f"fold{k}" for k in range(n_folds)
-                   if not (stage_dir / f"fold{k}" / "done.json").exists() or not (stage_dir / f"fold{k}" / "model").is_dir()]
+        missing = [str(d.parent.name) for d in stage_model_dirs(run, name, config.stages[name], folds)
+                   if not (d.parent / "done.json").exists() or not d.is_dir()]
         if missing:
-            raise IncompleteRunError(f"{run_dir}: stage {name!r} is incomplete: fold model(s) {missing} missing "
-                                     f"under {stage_dir}; rerun the stage")
+            raise IncompleteRunError(f"{run}: stage {name!r} is incomplete: model(s) {missing} missing under "
+                                     f"{stage_dir.path}; rerun the stage")
         key = ensemble.get("stage_keys", {}).get(name)
-        if key is not None and read_json(stage_dir / "done.json").get("key") != key:
-            raise IncompleteRunError(f"{run_dir}: stage {name!r} was refitted after the ensemble was tuned; "
-                                     f"run `run.py tune --run {run_dir}` again")
-        if not (stage_dir / "spec.json").exists():
-            raise IncompleteRunError(f"{run_dir}: stage {name!r} is incomplete: {stage_dir}/spec.json is missing")
-
-
-def write_predictions(frame: pd.DataFrame, out, overwrite: bool = False) -> Path:
-    """Write a prediction table atomically; refuse to replace an existing file unless ``overwrite``."""
-    from battles.files import write_atomic
-
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    write_atomic(out, lambda p: frame.to_csv(p, index=False, float_format="%.9g"))
-    return out
+        if key is not None and read_json(stage_dir.done).get("key") != key:
+            raise IncompleteRunError(f"{run}: stage {name!r} was refitted after the ensemble was tuned; "
+                                     f"run `run.py tune --run {run}` again")

@@ -1,7 +1,9 @@
 """The run report: one self-contained HTML page, ``report.html``, with its plots also saved beside it.
 
-Sections: scores per stage and of the final ensemble (out-of-fold; the final row by nested CV), the
-ensemble methods compared by ``tune``, per-class reliability, the confusion matrix of the final
+Sections: warnings (what the data cannot support, :mod:`pipeline.checks`), scores per stage and of
+the final ensemble (out-of-fold, each with the rows it stands on; the final row by nested CV with a
+90% bootstrap interval), the stage sets compared when stages cover different rows, the ensemble
+methods compared by ``tune``, per-class reliability, the confusion matrix of the final
 output, the position-bias check per stage (how often a stage changes its verdict when A and B are
 swapped, before swap TTA, read from the single-order OOF logits that cross-fitting keeps), scores by
 prompt length, by turn count and tie vs non-tie, and the repairs the data layer counted.
@@ -25,11 +27,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
-from battles.labels import CLASS_NAMES, LABEL_COLUMNS, label_index, swap_columns  # noqa: E402
-from ensemble.metrics import probs_from_logits, scores  # noqa: E402
+from battles.files import write_bytes, write_text  # noqa: E402
+from battles.labels import CLASS_NAMES, hard_mask, label_index, swap_columns  # noqa: E402
 from battles.text import plain_text  # noqa: E402
-from battles.files import write_atomic  # noqa: E402
-from pipeline.crossfit import load_single_order_oof, load_stage_result  # noqa: E402
+from ensemble.metrics import probs_from_logits, scores  # noqa: E402
 
 FINAL = "final (nested CV)"
 CLASS_LABELS = ["A wins", "B wins", "tie"]
@@ -40,7 +41,7 @@ def _save_fig(fig, path) -> bytes:
     fig.savefig(buf, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
     png = buf.getvalue()
-    write_atomic(path, lambda p: open(p, "wb").write(png))
+    write_bytes(path, png)
     return png
 
 
@@ -145,24 +146,25 @@ def plot_subgroups(table: pd.DataFrame, path) -> bytes:
 
 
 # -- tables -------------------------------------------------------------------------------------
-def position_bias(run, names: list[str]) -> list[dict]:
-    """Per stage with single-order OOF logits: verdict flip rate under swap and the log loss of each order."""
-    y = label_index(run.train)
+def position_bias(run, names: list[str], y: np.ndarray) -> list[dict]:
+    """Per stage with single-order OOF logits: verdict flip rate under swap and the log loss of each order
+    (on the rows the stage covers)."""
     rows = []
     for name in names:
-        orders = load_single_order_oof(run.dir, name, run.train)
-        if orders is None:
+        result = run.results[name]
+        if result.orders is None:
             continue
-        straight, swapped = (probs_from_logits(o) for o in orders)
+        covered = result.covered & (y >= 0)
+        straight, swapped = (probs_from_logits(o[covered]) for o in result.orders)
         realigned = swap_columns(swapped)
-        tta = load_stage_result(run.dir, name, run.train, None).oof_logits
-        rows.append({"stage": name,
+        yc = y[covered]
+        rows.append({"stage": name, "rows": int(covered.sum()),
                      "verdict_flip_rate": float((straight.argmax(axis=1) != realigned.argmax(axis=1)).mean()),
                      "mean_p_first_minus_second": float((straight[:, 0] - straight[:, 1]).mean()),
                      "mean_abs_prob_change": float(np.abs(straight - realigned).sum(axis=1).mean() / 2),
-                     "log_loss_straight": scores(y, straight)["log_loss"],
-                     "log_loss_swapped": scores(y, realigned)["log_loss"],
-                     "log_loss_tta": scores(y, probs_from_logits(tta))["log_loss"]})
+                     "log_loss_straight": scores(yc, straight)["log_loss"],
+                     "log_loss_swapped": scores(yc, realigned)["log_loss"],
+                     "log_loss_tta": scores(yc, probs_from_logits(result.oof_logits[covered]))["log_loss"]})
     return rows
 
 
@@ -210,61 +212,94 @@ def _img(png: bytes, alt: str, name: str) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}
-figcaption{color:#666;font-size:.85em}.note{color:#555;font-size:.92em}"""
+figcaption{color:#666;font-size:.85em}.note{color:#555;font-size:.92em}
+.warnings{border:2px solid #c60;background:#fff4e5;padding:.5em 1em;margin:1em 0}"""
 
 
 def write_report(run, summary: dict) -> None:
-    """Write ``report.html`` (and its PNGs) for a run whose ensemble has just been fitted."""
-    y = label_index(run.train)
+    """Write ``report.html`` (and its PNGs) for a run whose ensemble has just been fitted (from memory:
+    the stages' results and the ensemble's nested probabilities)."""
+    scored = hard_mask(run.train)
+    y = np.full(len(run.train), -1)
+    y[scored] = label_index(run.train[scored])
+    rows = run.ensemble_rows
+    yr, final = y[rows], run.ensemble_probs
     names = list(summary["stages_raw"])
-    final = pd.read_csv(run.dir / "ensemble" / "oof_probs.csv")[LABEL_COLUMNS].to_numpy()
-    raw = {n: probs_from_logits(load_stage_result(run.dir, n, run.train, None).oof_logits) for n in names}
-    outputs = {**raw, FINAL: final}
+    # stages shown beside the final output in the plots: those with logits on every ensemble row
+    shown = [n for n in names if run.results[n].covered[rows].all()]
+    outputs = {**{n: probs_from_logits(run.results[n].oof_logits[rows]) for n in shown}, FINAL: final}
 
     score_rows = []
     for name in names:
-        s = summary["stages_raw"][name]
-        score_rows.append({"output": name, "log loss (raw)": s["log_loss"],
+        st = summary["stages_raw"][name]
+        score_rows.append({"output": name, "rows": st["n"], "log loss (raw)": st["log_loss"],
                            "log loss (calibrated, CV)": summary["stages_calibrated"].get(name, float("nan")),
-                           "accuracy": s["accuracy"], **{f"ll {c}": s.get(f"log_loss_{c}", float("nan")) for c in CLASS_NAMES},
-                           **{f"recall {c}": s.get(f"accuracy_{c}", float("nan")) for c in CLASS_NAMES}})
+                           "accuracy": st["accuracy"],
+                           **{f"ll {c}": st.get(f"log_loss_{c}", float("nan")) for c in CLASS_NAMES},
+                           **{f"recall {c}": st.get(f"accuracy_{c}", float("nan")) for c in CLASS_NAMES}})
     f = summary["nested_scores"]
-    score_rows.append({"output": f"final: {summary['chosen']}", "log loss (raw)": float("nan"),
+    lo, hi = summary["nested_interval"]
+    score_rows.append({"output": f"final: {summary['chosen']}", "rows": summary["rows"], "log loss (raw)": float("nan"),
                        "log loss (calibrated, CV)": f["log_loss"], "accuracy": f["accuracy"],
                        **{f"ll {c}": f.get(f"log_loss_{c}", float("nan")) for c in CLASS_NAMES},
                        **{f"recall {c}": f.get(f"accuracy_{c}", float("nan")) for c in CLASS_NAMES}})
     methods = [{"method": m["method"], "nested log loss": m["nested_log_loss"], "accuracy": m["nested_accuracy"],
-                "best candidate": m["best_candidate"], **{f"w {n}": m["weights"][n] for n in names}}
+                "best candidate": m["best_candidate"], **{f"w {n}": m["weights"][n] for n in summary["stages"]}}
                for m in summary["methods"]]
+    sets = [{"stages": " + ".join(t["stages"]), "rows": t["rows"], "outer folds": t["outer_folds"],
+             "nested log loss": t["nested_log_loss"], "90% interval": "{:.4f} - {:.4f}".format(*t["interval"]),
+             "prior": t["prior_log_loss"], "chosen": t["chosen"],
+             **({"minus chosen, common rows": t["minus_chosen_on_common_rows"],
+                 "90% interval (paired)": "{:.4f} - {:.4f}".format(*t["minus_chosen_interval"])}
+                if "minus_chosen_interval" in t else {})} for t in summary["stage_sets"]]
 
-    pngs = {"stage_scores": plot_stage_scores(summary, run.dir / "stage_scores.png"),
-            "calibration": plot_calibration(y, outputs, run.dir / "calibration.png")}
-    pngs["confusion"], counts = plot_confusion(y, final, run.dir / "confusion.png")
-    bias = position_bias(run, names)
+    pngs = {"stage_scores": plot_stage_scores(summary, run.dir.figure("stage_scores")),
+            "calibration": plot_calibration(yr, outputs, run.dir.figure("calibration"))}
+    pngs["confusion"], counts = plot_confusion(yr, final, run.dir.figure("confusion"))
+    bias = position_bias(run, names, y)
     if bias:
-        pngs["position_bias"] = plot_position_bias(bias, run.dir / "position_bias.png")
+        pngs["position_bias"] = plot_position_bias(bias, run.dir.figure("position_bias"))
     no_bias = [n for n in names if n not in {b["stage"] for b in bias}]
-    groups = subgroup_scores(run.train, y, outputs)
-    pngs["subgroups"] = plot_subgroups(groups, run.dir / "subgroups.png")
+    groups = subgroup_scores(run.train[rows], yr, outputs)
+    pngs["subgroups"] = plot_subgroups(groups, run.dir.figure("subgroups"))
     confusion_rows = [{"true / predicted": CLASS_LABELS[i], **{CLASS_LABELS[j]: int(counts[i, j]) for j in range(3)}}
                       for i in range(3)]
-    repairs = [{"file": f"{part}: {rep['file']}", **{k: rep[k] for k in (
-        "rows", "null_turns", "lone_surrogates", "empty_replies", "empty_prompts", "multi_turn_battles")}}
-        for part, rep in run.repairs.items()]
+    repairs = [{"file": f"{part}: {rep['file']}", **{k: rep.get(k, 0) for k in (
+        "rows", "null_turns", "lone_surrogates", "empty_replies", "empty_prompts", "multi_turn_battles",
+        "soft_labelled")}} for part, rep in run.repairs.items()]
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in summary.get("warnings", []))
+    warning_box = f'<div class="warnings"><b>Warnings</b><ul>{warnings}</ul></div>' if warnings else ""
+    coverage_note = ""
+    if len(summary["stage_sets"]) > 1 or summary["rows"] < int(scored.sum()):
+        coverage_note = (f"<p class=\"note\">The chosen ensemble stands on <b>{summary['rows']}</b> of "
+                         f"{int(scored.sum())} labelled rows (the rows all its stages have out-of-fold logits for); "
+                         "the plots and subgroup scores below use those rows.</p>")
 
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Run report: {html.escape(str(run.dir))}</title>
 <style>{STYLE}</style></head><body>
 <h1>Run report: <code>{html.escape(str(run.dir))}</code></h1>
-<p>Training battles: {len(run.train)} ({run.config['n_folds']} folds grouped by prompt, seed {run.config['seed']}).
-Test battles: {0 if run.test is None else len(run.test)}. Class prior log loss (fold-wise): {summary['prior_log_loss']:.4f}.</p>
+{warning_box}
+<p>Training battles: {len(run.train)} ({run.config.n_folds} folds grouped by prompt, seed {run.config.seed}).
+Test battles: {0 if run.test is None else len(run.test)}. Class prior log loss (fold-wise, on the ensemble's
+{summary['rows']} rows): {summary['prior_log_loss']:.4f}. Final: <b>{f['log_loss']:.4f}</b> nested-CV log loss on
+{summary['rows']} rows (90% bootstrap interval {lo:.4f} - {hi:.4f}).</p>
+{coverage_note}
 
 <h2 id="scores">Scores (out-of-fold)</h2>
 <p class="note">"Raw" is softmax of the stage's logits; "calibrated" is the stage with temperature scaling, scored by
 CV; the final row is the chosen ensemble scored by <b>nested</b> CV (its choice made without the scored fold).
-"ll x" / "recall x" are log loss and recall on battles whose true label is x.</p>
+"ll x" / "recall x" are log loss and recall on battles whose true label is x; "rows" is how many battles each
+figure stands on.</p>
 {_table(score_rows, cls="scores")}
 {_img(pngs['stage_scores'], 'log loss per stage', 'stage_scores.png')}
+
+<h2 id="stage-sets">Stage sets (rows each ensemble stands on)</h2>
+<p class="note">An ensemble is fitted and scored on the rows all its stages cover. With stages of different
+coverage, each candidate set is scored by nested CV on its own rows (interval: 90% bootstrap), and the sets are
+compared on the rows they share (paired bootstrap interval of the difference; the choice between sets is made on
+those same rows, so it is not nested).</p>
+{_table(sets, cls="sets")}
 
 <h2 id="ensemble">Ensemble methods (nested CV)</h2>
 <p>Chosen: <b>{html.escape(summary['chosen'])}</b> (method {html.escape(summary['method'])}).
@@ -300,4 +335,4 @@ of its probabilities, and the raw log loss of each order alone and of swap TTA (
 <details><summary>data_report.json</summary><pre>{html.escape(json.dumps(run.repairs, indent=1))}</pre></details>
 </body></html>
 """
-    write_atomic(run.dir / "report.html", lambda p: open(p, "w", encoding="utf-8").write(page))
+    write_text(run.dir.report, page)

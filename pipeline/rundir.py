@@ -1,15 +1,199 @@
 """The run directory: its layout, its tables, and who may write into it.
 
-(Being filled in: logits tables for now.)
+    <run>/
+      run.json                 the marker, written before anything else: tool, version, creation time,
+                               training data (path, hash, size), test data; "is this a run of ours?"
+      config.json              the resolved config (every default written out)
+      data_report.json         counted repairs per input file
+      external_report.json     conversion, de-duplication and shift reports (with external data)
+      folds.csv                id,fold: grouped by prompt, seeded; every stage uses these
+      timings.json             wall time per step of the last command
+      resources/               label-free caches (Word2Vec vectors, embeddings)
+      stages/<name>/           spec.json, done.json, metrics.json, oof_logits.csv, test_logits.csv,
+                               oof_logits_straight.csv, oof_logits_swapped.csv (single orders)
+        fold<k>/               model/, valid_logits*.csv, test_logits.csv, started.json, done.json
+        full/                  model/, test_logits.csv, done.json (a stage refitted on every row)
+      ensemble/                ensemble.json (what predict uses), oof_probs.csv (nested-CV probabilities)
+      report.html (+ PNGs)
+      submission.csv           with a test file
+
+Ownership: ``--out`` may be a new path, an empty directory, or a run directory of ours (its marker
+says so) made for the same training data; anything else is refused before a byte is written.
+Commands that read a finished run (``tune``, ``predict``, ``pseudo-label``) open it with
+:meth:`RunDir.open`, which refuses a directory that is not a run of ours.
 """
 from __future__ import annotations
+
+import datetime as _dt
+import shutil
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from battles.files import write_atomic
+from battles.errors import UserError
+from battles.files import is_main_process, read_json, write_atomic, write_json
+from battles.labels import LABEL_COLUMNS
 
+TOOL = "arena-stack"
 LOGIT_COLUMNS = ["logit_a", "logit_b", "logit_tie"]
+ORDERS = ("straight", "swapped")  # single-order OOF files: oof_logits_straight.csv, oof_logits_swapped.csv
+
+
+class RunDirError(UserError, RuntimeError):
+    """A directory that cannot be used as (or is not) a run directory; the message says why and what to do."""
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version(TOOL)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------- layout
+class FoldDir:
+    """One fitted model of a stage: fold ``k`` (trained on the other folds) or ``full`` (all rows)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.model = path / "model"
+        self.done = path / "done.json"
+        self.started = path / "started.json"
+        self.valid_logits = path / "valid_logits.csv"
+        self.test_logits = path / "test_logits.csv"
+
+    def valid_order(self, order: str) -> Path:
+        return self.path / f"valid_logits_{order}.csv"
+
+    def claim(self, key: str) -> None:
+        """Make this fold directory belong to ``key``: leftovers of an interrupted fit with the same key
+        (training checkpoints) stay, leftovers of another config or data are removed."""
+        if is_main_process():
+            started = read_json(self.started).get("key") if self.started.exists() else None
+            if started != key and self.path.exists():
+                shutil.rmtree(self.path)
+            write_json(self.started, {"key": key})
+        wait_for_everyone()
+
+
+class StageDir:
+    def __init__(self, path: Path):
+        self.path = path
+        self.spec = path / "spec.json"
+        self.done = path / "done.json"
+        self.metrics = path / "metrics.json"
+        self.oof_logits = path / "oof_logits.csv"
+        self.test_logits = path / "test_logits.csv"
+        self.full = FoldDir(path / "full")
+
+    def fold(self, k: int) -> FoldDir:
+        return FoldDir(self.path / f"fold{int(k)}")
+
+    def oof_order(self, order: str) -> Path:
+        return self.path / f"oof_logits_{order}.csv"
+
+
+class RunDir:
+    """Paths of one run directory (see the module docstring), and the ownership rules."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        p = self.path
+        self.marker = p / "run.json"
+        self.config = p / "config.json"
+        self.data_report = p / "data_report.json"
+        self.external_report = p / "external_report.json"
+        self.folds = p / "folds.csv"
+        self.timings = p / "timings.json"
+        self.resources = p / "resources"
+        self.ensemble_dir = p / "ensemble"
+        self.ensemble = self.ensemble_dir / "ensemble.json"
+        self.oof_probs = self.ensemble_dir / "oof_probs.csv"
+        self.report = p / "report.html"
+        self.submission = p / "submission.csv"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def stage(self, name: str) -> StageDir:
+        return StageDir(self.path / "stages" / name)
+
+    def figure(self, name: str) -> Path:
+        return self.path / f"{name}.png"
+
+    # -- ownership ------------------------------------------------------------------------------
+    def is_ours(self) -> bool:
+        try:
+            return self.marker.is_file() and read_json(self.marker).get("tool") == TOOL
+        except (ValueError, OSError):
+            return False
+
+    @classmethod
+    def open(cls, path) -> "RunDir":
+        """An existing run directory of ours (for commands that read a run)."""
+        run = cls(path)
+        if not run.path.exists():
+            raise RunDirError(f"{run.path}: run directory not found")
+        if not run.path.is_dir():
+            raise RunDirError(f"{run.path}: is a file, not a run directory")
+        if not run.is_ours():
+            raise RunDirError(f"{run.path}: not a run directory of {TOOL} (no {run.marker.name} written by it); "
+                              "pass the --out directory of a finished run")
+        return run
+
+    @classmethod
+    def check_writable(cls, path, train_hash: str | None) -> "RunDir":
+        """Refuse ``path`` as ``--out`` unless it is new, empty, or a run of ours for the same training
+        data (``train_hash``; None: any). Writes nothing."""
+        run = cls(path)
+        p = run.path
+        if p.exists() and not p.is_dir():
+            raise RunDirError(f"--out {p}: is a file; give a directory for the run (a new path, or an empty directory)")
+        if not p.exists() or not any(p.iterdir()):
+            return run
+        if not run.is_ours():
+            raise RunDirError(f"--out {p}: the directory is not empty and not a run directory of {TOOL}; refusing "
+                              "to write into it (nothing was written). Choose a new path or an empty directory.")
+        made_for = read_json(run.marker).get("train_hash")
+        if train_hash is not None and made_for not in (None, train_hash):
+            raise RunDirError(f"--out {p}: this run was made for different training data "
+                              f"({read_json(run.marker).get('train_path')}); use a new --out directory")
+        return run
+
+    def write_marker(self, info: dict) -> None:
+        """Write (or refresh) the marker: tool, version, first creation time, and ``info`` (data record)."""
+        created = read_json(self.marker).get("created") if self.is_ours() else None
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        write_json(self.marker, {"tool": TOOL, "version": tool_version(), "created": created or now,
+                                 "updated": now, **info})
+
+    def record(self) -> dict:
+        return read_json(self.marker)
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the ranks of a multi-process launch (no-op in one process)."""
+    import sys
+
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- tables
+FLOAT_FORMAT = "%.9g"  # logits and probabilities are stored with 9 significant digits
+
+
+def as_stored(values) -> np.ndarray:
+    """``values`` exactly as a table of ours stores and reads them back (9 significant digits). Results
+    passed in memory carry these values, so a fresh run and a resumed one (reading the tables) give
+    bit-identical ensembles."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.char.mod(FLOAT_FORMAT, values).astype(np.float64) if values.size else values
 
 
 def write_logits(path, ids, logits: np.ndarray) -> None:
@@ -17,16 +201,48 @@ def write_logits(path, ids, logits: np.ndarray) -> None:
     if logits.shape != (len(ids), 3):
         raise ValueError(f"logits shape {logits.shape} does not match {len(ids)} ids x 3 classes")
     frame = pd.DataFrame(logits, columns=LOGIT_COLUMNS)
-    frame.insert(0, "id", list(ids))
-    write_atomic(path, lambda p: frame.to_csv(p, index=False, float_format="%.9g"))
+    frame.insert(0, "id", [str(i) for i in ids])
+    write_atomic(path, lambda p: frame.to_csv(p, index=False, float_format=FLOAT_FORMAT))
 
 
 def read_logits(path, ids=None) -> np.ndarray:
     """Read a logits table; with ``ids``, check and return rows in that order."""
-    frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
+    frame = read_id_table(path)
     if ids is not None:
         ids = [str(i) for i in ids]
         if len(frame) != len(ids) or set(frame["id"]) != set(ids):
             raise ValueError(f"{path}: logits are for different battles than expected ({len(frame)} vs {len(ids)} rows)")
         frame = frame.set_index("id").loc[ids].reset_index()
     return frame[LOGIT_COLUMNS].to_numpy(dtype=np.float64)
+
+
+def read_logit_ids(path) -> list[str]:
+    return read_id_table(path)["id"].tolist()
+
+
+def read_id_table(path) -> pd.DataFrame:
+    """A table of ours keyed by ``id``: ids stay text (``NaN`` is an id, not a missing value)."""
+    return pd.read_csv(path, dtype={"id": str}, keep_default_na=False, na_values=[])  # pandas 3 parses floats exactly (round trip)
+
+
+def probs_frame(ids, probs: np.ndarray) -> pd.DataFrame:
+    """The submission table: ``id`` and the three label columns, rows renormalised to sum to one."""
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    frame = pd.DataFrame(probs, columns=LABEL_COLUMNS)
+    frame.insert(0, "id", [str(i) for i in ids])
+    return frame
+
+
+def write_probs(path, ids, probs: np.ndarray) -> None:
+    frame = probs_frame(ids, probs)
+    write_atomic(path, lambda p: frame.to_csv(p, index=False, float_format=FLOAT_FORMAT))
+
+
+def write_folds(path, ids, folds: np.ndarray) -> None:
+    frame = pd.DataFrame({"id": [str(i) for i in ids], "fold": np.asarray(folds, dtype=np.int64)})
+    write_atomic(path, lambda p: frame.to_csv(p, index=False))
+
+
+def read_folds(path) -> pd.DataFrame:
+    return read_id_table(path)

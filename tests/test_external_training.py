@@ -117,13 +117,14 @@ def test_pseudo_label_round_trip_trains_lightgbm(tmp_path):
 
 def test_crossfit_hook_external_rows_train_only(tmp_path):
     from battles.external import external_rows
-    from pipeline.rundir import read_logits
+    from pipeline.config import StageSpec
     from pipeline.crossfit import crossfit_stage
+    from pipeline.rundir import RunDir, read_logits
 
     target = _battles(60)
     ext = external_rows(_battles(30, "pandalm", 1), {"pandalm": 0.5})
     folds = make_folds(target, n_folds=3, seed=0)
-    result = crossfit_stage(tmp_path, "len", {"type": "length_lr", "params": {}}, target, folds,
+    result = crossfit_stage(RunDir(tmp_path), "len", StageSpec(type="length_lr"), target, folds,
                             extra_train=ext, progress=False)
     assert result.oof_logits.shape == (60, 3)
     oof_ids = pd.read_csv(tmp_path / "stages" / "len" / "oof_logits.csv", dtype={"id": str})["id"]
@@ -146,17 +147,17 @@ def test_config_external_section_adds_training_only_rows(tmp_path):
     planted["id"] = [f"dup-{i}" for i in range(5)]
     battles_to_frame(target.drop(columns=["source"])).to_csv(tmp_path / "train.csv", index=False)
     battles_to_frame(pd.concat([ext, planted]).drop(columns=["source"])).to_csv(tmp_path / "ext.csv", index=False)
-    cfg = load_config(None, {"n_folds": 3, "stages": {"len": {"type": "length_lr"}},
+    cfg = load_config(None, overrides={"n_folds": 3, "stages": {"len": {"type": "length_lr"}},
                              "external": {"sources": [{"kind": "competition", "path": str(tmp_path / "ext.csv"),
                                                        "source": "other", "weight": 0.5}],
                                           "shift_weighting": True}})
-    run = Run(tmp_path / "run", cfg, tmp_path / "train.csv")
+    run = Run(tmp_path / "run", cfg, tmp_path / "train.csv", progress=False)
     run.load_data()
     report = json.loads((tmp_path / "run" / "external_report.json").read_text())
     assert report["rows_added"] == {"other": 40}
     assert "other" in report["shift"] and 0.0 <= report["shift"]["other"]["auc"] <= 1.0
     assert not set(run.extra_train["id"]) & set(target["id"])
     assert (run.extra_train["weight"] > 0).all()
-    run.run_stage("len", progress=False)
+    run.fit_stage("len")
     oof_ids = pd.read_csv(tmp_path / "run" / "stages" / "len" / "oof_logits.csv", dtype={"id": str})["id"]
     assert sorted(oof_ids) == sorted(target["id"])

@@ -60,7 +60,7 @@ def test_train_one_stage_and_restack(finished_run, slice_files):
                      "--config", str(slice_files / "config.json"), "--quiet"])
     assert code == 0
     assert (out / "stages/length_lr/done.json").exists() and not (out / "stages/lgbm").exists()
-    assert cli.main(["stack", "--run", str(finished_run), "--quiet"]) == 0
+    assert cli.main(["tune", "--run", str(finished_run), "--quiet"]) == 0
     summary = json.loads((finished_run / "ensemble/ensemble.json").read_text())
     assert set(summary["stages_raw"]) == {"length_lr", "lgbm"}
 

@@ -66,7 +66,7 @@ def test_predict_refuses_an_incomplete_run(finished_run, slice_files, tmp_path, 
     broken = tmp_path / "broken"
     shutil.copytree(finished_run, broken)
     shutil.rmtree(broken / "stages/lgbm/fold1")
-    with pytest.raises(IncompleteRunError, match=r"stage 'lgbm' is incomplete: fold model\(s\) \['fold1'\]"):
+    with pytest.raises(IncompleteRunError, match=r"stage 'lgbm' is incomplete: model\(s\) \['fold1'\] missing"):
         Predictor.load(broken)
     stale = json.loads((broken / "stages/length_lr/done.json").read_text())
     (broken / "stages/length_lr/done.json").write_text(json.dumps({**stale, "key": "refitted"}))

@@ -1,0 +1,87 @@
+"""Warnings when the data cannot support the score: logged loudly, kept in ``ensemble.json`` and shown
+in a box at the top of the report. Each names what it saw and what to do (README, "Warnings").
+
+* lopsided folds: the largest grouped fold is more than twice the smallest (a few prompts dominate,
+  e.g. many battles with an empty prompt share one group);
+* few rows per fold: fewer than ``MIN_FOLD_ROWS`` battles in some fold (scores swing by chance);
+* many empty prompts: they all fall in one prompt group, hence one fold;
+* test unlike training: adversarial validation tells the test file's prompts from the training
+  prompts (AUC above ``SHIFT_AUC``), so the cross-validated score may not carry over;
+* a stage, or the final ensemble, scores worse than the class prior on its rows.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from battles.shift import adversarial_auc
+from battles.text import plain_text
+
+log = logging.getLogger(__name__)
+
+LOPSIDED_RATIO = 2.0
+MIN_FOLD_ROWS = 300
+EMPTY_PROMPT_SHARE = 0.2
+SHIFT_AUC = 0.75
+SHIFT_SAMPLE = 5000  # prompts per side for the adversarial check
+
+
+def _warn(message: str) -> str:
+    log.warning("WARNING: %s", message)
+    return message
+
+
+def data_warnings(run) -> list[str]:
+    out = []
+    sizes = np.bincount(run.folds)
+    if sizes.min() > 0 and sizes.max() / sizes.min() > LOPSIDED_RATIO:
+        out.append(_warn(f"lopsided folds: sizes {sizes.tolist()} (largest/smallest {sizes.max() / sizes.min():.1f}x); "
+                         "a few prompt groups dominate, so fold scores are not comparable. Check for repeated or "
+                         "empty prompts."))
+    if sizes.min() < MIN_FOLD_ROWS:
+        out.append(_warn(f"few rows per fold: the smallest fold has {sizes.min()} battles (< {MIN_FOLD_ROWS}); "
+                         "scores on folds this small move by chance by several hundredths of log loss."))
+    empty = np.mean([not plain_text(p).strip() for p in run.train["prompt"]])
+    if empty > EMPTY_PROMPT_SHARE:
+        out.append(_warn(f"{empty:.0%} of training battles have an empty prompt: they share one prompt group, "
+                         "hence one fold; check the file's prompt column."))
+    if run.test is not None:
+        auc = test_shift_auc(run.train, run.test, run.config.seed)
+        if auc is not None and auc > SHIFT_AUC:
+            out.append(_warn(f"test unlike training: a classifier tells the test prompts from the training prompts "
+                             f"with AUC {auc:.2f} (> {SHIFT_AUC}; 0.5 = alike); the cross-validated score may not "
+                             "carry over to this test file."))
+    return out
+
+
+def test_shift_auc(train, test, seed: int) -> float | None:
+    """Adversarial AUC of test prompts vs training prompts (unique prompts, sampled), or None if too few."""
+    rng = np.random.default_rng(seed)
+
+    def sample(battles):
+        prompts = sorted({plain_text(p) for p in battles["prompt"] if plain_text(p).strip()})
+        if len(prompts) > SHIFT_SAMPLE:
+            prompts = [prompts[i] for i in sorted(rng.choice(len(prompts), SHIFT_SAMPLE, replace=False))]
+        return prompts
+
+    a, b = sample(train), sample(test)
+    if min(len(a), len(b)) < 20:
+        return None
+    auc, _ = adversarial_auc(a, b, seed=seed)
+    log.info("test vs training prompts: adversarial AUC %.3f (%d vs %d prompts)", auc, len(b), len(a))
+    return auc
+
+
+def score_warnings(summary: dict) -> list[str]:
+    out = []
+    prior = summary["prior_log_loss"]
+    final = summary["nested_scores"]["log_loss"]
+    if final > prior:
+        out.append(_warn(f"the final ensemble ({final:.4f}, nested CV on {summary['rows']} rows) scores worse than "
+                         f"predicting the class prior ({prior:.4f}): the stages found no signal these rows support."))
+    for name, s in summary["stages_raw"].items():
+        if s["log_loss"] > prior:
+            out.append(_warn(f"stage {name} ({s['log_loss']:.4f} OOF log loss on {s['n']} rows) scores worse than the "
+                             f"class prior ({prior:.4f})."))
+    return out
