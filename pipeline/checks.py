@@ -47,7 +47,7 @@ def data_warnings(run) -> list[str]:
         out.append(_warn(f"{empty:.0%} of training battles have an empty prompt: they share one prompt group, "
                          "hence one fold; check the file's prompt column."))
     if run.test is not None:
-        auc = test_shift_auc(run.train, run.test, run.config.seed)
+        auc = prompt_shift_auc(run.train, run.test, run.config.seed)
         if auc is not None and auc > SHIFT_AUC:
             out.append(_warn(f"test unlike training: a classifier tells the test prompts from the training prompts "
                              f"with AUC {auc:.2f} (> {SHIFT_AUC}; 0.5 = alike); the cross-validated score may not "
@@ -55,7 +55,7 @@ def data_warnings(run) -> list[str]:
     return out
 
 
-def test_shift_auc(train, test, seed: int) -> float | None:
+def prompt_shift_auc(train, test, seed: int) -> float | None:
     """Adversarial AUC of test prompts vs training prompts (unique prompts, sampled), or None if too few."""
     rng = np.random.default_rng(seed)
 

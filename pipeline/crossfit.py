@@ -52,6 +52,7 @@ class StageResult:
     test_logits: np.ndarray | None
     metrics: dict
     orders: tuple[np.ndarray, np.ndarray] | None = None  # single-order OOF log-probs (straight, swapped)
+    key: str = ""  # the stage's resume key (what the ensemble was fitted on; predict checks it)
 
 
 def planned_folds(spec: StageSpec, folds: np.ndarray) -> list[int]:
@@ -164,9 +165,9 @@ def crossfit_stage(run: RunDir, name: str, spec: StageSpec, train: pd.DataFrame,
     covered = ~np.isnan(oof).any(axis=1)
     oof, test_logits = as_stored(oof), None if test_logits is None else as_stored(test_logits)
     result = StageResult(name, oof, covered, test_logits, {},
-                         tuple(as_stored(orders[o]) for o in ORDERS) if have_orders else None)
+                         tuple(as_stored(orders[o]) for o in ORDERS) if have_orders else None, stage_key)
     result.metrics = stage_metrics(name, spec, train, result, plan, time.time() - started)
-    _write_stage(run, result, spec, train, test, stage_key)
+    _write_stage(run, result, spec, train, test)
     return result
 
 
@@ -217,7 +218,7 @@ def stage_metrics(name: str, spec: StageSpec, train: pd.DataFrame, result: Stage
     return metrics
 
 
-def _write_stage(run: RunDir, result: StageResult, spec: StageSpec, train, test, stage_key: str) -> None:
+def _write_stage(run: RunDir, result: StageResult, spec: StageSpec, train, test) -> None:
     stage_dir = run.stage(result.name)
     ids = train["id"].to_numpy()[result.covered].tolist()
     write_logits(stage_dir.oof_logits, ids, result.oof_logits[result.covered])
@@ -230,7 +231,7 @@ def _write_stage(run: RunDir, result: StageResult, spec: StageSpec, train, test,
         write_logits(stage_dir.test_logits, test["id"].tolist(), result.test_logits)
     write_json(stage_dir.metrics, result.metrics)
     write_json(stage_dir.spec, spec.as_dict())
-    write_json(stage_dir.done, {"key": stage_key, "stage": result.name})
+    write_json(stage_dir.done, {"key": result.key, "stage": result.name})
 
 
 def load_stage_result(run: RunDir, name: str, train: pd.DataFrame, test: pd.DataFrame | None) -> StageResult:
@@ -253,4 +254,5 @@ def load_stage_result(run: RunDir, name: str, train: pd.DataFrame, test: pd.Data
     test_logits = None
     if test is not None and stage_dir.test_logits.exists():
         test_logits = read_logits(stage_dir.test_logits, test["id"].tolist())
-    return StageResult(name, oof, covered, test_logits, read_json(stage_dir.metrics), orders)
+    return StageResult(name, oof, covered, test_logits, read_json(stage_dir.metrics), orders,
+                       read_json(stage_dir.done)["key"])

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from battles.errors import UserError
-from battles.files import read_json, write_json
+from battles.files import write_json
 from battles.folds import make_folds
 from battles.io import data_hash, read_battles
 from battles.labels import hard_mask, label_index
@@ -162,7 +162,7 @@ class Run:
                 names, {n: r.oof_logits for n, r in results.items()}, {n: r.covered for n, r in results.items()},
                 self.train, y, scored, self.folds, stacker, self.config.n_folds, self.config.seed)
             summary = self._summary(chosen, sets, results, y)
-            summary["stage_keys"] = {n: read_json(self.dir.stage(n).done)["key"] for n in chosen.names}
+            summary["stage_keys"] = {n: results[n].key for n in chosen.names}
             self.warnings += checks.score_warnings(summary)
             summary["warnings"] = list(self.warnings)
             write_probs(self.dir.oof_probs, self.train["id"].to_numpy()[chosen.rows], chosen.stacked.oof_probs)
