@@ -101,7 +101,7 @@ class DecoderStage(Stage):
         self._setup()
         return self.encoding(battles)
 
-    def training_callbacks(self) -> list:
+    def training_callbacks(self, has_eval: bool) -> list:
         """Extra ``TrainerCallback``s for this stage's Trainer (none by default)."""
         return []
 
@@ -130,7 +130,7 @@ class DecoderStage(Stage):
             args.output_dir = str(folder)
             trainer = PreferenceTrainer(model=self.model, args=args, train_dataset=rows,
                                         data_collator=DataCollatorWithPadding(self.tokenizer),
-                                        callbacks=self.training_callbacks(), label_smoothing=p.label_smoothing)
+                                        callbacks=self.training_callbacks(has_eval=False), label_smoothing=p.label_smoothing)
             trainer.train(resume_from_checkpoint=resume)
         self.log_history = list(trainer.state.log_history)
         self.model.eval()
