@@ -27,7 +27,7 @@ from battles.io import data_hash
 from battles.labels import LABEL_COLUMNS, has_labels, label_index
 from ensemble.metrics import probs_from_logits, scores
 from models.stage import StageContext, average_logits, make_stage, predict_with_orders
-from battles.files import content_key, read_json, write_json
+from battles.files import content_key, read_json, wait_for_everyone, write_json
 from pipeline.rundir import read_logits, write_logits
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def crossfit_stage(run_dir, name: str, spec: dict, train: pd.DataFrame, folds: n
     write_json(stage_dir / "metrics.json", metrics)
     write_json(stage_dir / "spec.json", spec)
     write_json(stage_dir / "done.json", {"key": key, "stage": name, "n_folds": len(fold_ids)})
+    wait_for_everyone()  # multi-process launch: the other ranks read what the main process just wrote
     return StageResult(name, oof, test_logits, metrics)
 
 
