@@ -75,3 +75,18 @@ def test_predict_sharded_in_one_process_is_a_plain_call():
     frame = pd.DataFrame({"prompt": [["a"]] * 3, "response_a": [["b"]] * 3, "response_b": [["c"]] * 3})
     out = predict_sharded(lambda b: np.arange(3 * len(b)).reshape(len(b), 3), frame)
     assert out.shape == (3, 3) and out[2, 2] == 8
+
+
+def test_recipe_configs_validate():
+    """configs/*.json are valid run configs (the documented `run.py --config configs/...` way in)."""
+    import json
+    from pathlib import Path
+
+    from pipeline.config import load_config, validate_config
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
+    assert {p.name for p in paths} >= {"gemma2_9b_qlora.json", "deberta_v3_large.json", "cpu_tiny.json"}
+    for path in paths:
+        cfg = load_config(str(path))
+        validate_config(cfg, path)
+        assert json.loads(path.read_text())["stages"]
