@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,14 @@ from battles.errors import UserError
 def is_main_process() -> bool:
     """False in the non-zero ranks of a multi-process launch (``accelerate launch``, ``torchrun``)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    """Under a multi-process launch, block until every rank gets here (e.g. after the main process wrote
+    files the others read next). A no-op in one process, and without torch ever imported."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def write_atomic(path, write) -> None:

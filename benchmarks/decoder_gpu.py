@@ -1,20 +1,16 @@
-"""GPU benchmark of the decoder stage at the real Gemma-2-9B shape, with random weights.
+"""GPU figures of the decoder stage itself at the Gemma-2-9B shape (random weights).
 
-Measures one QLoRA training step (tokens/s, peak memory) and inference throughput (battles/s at a
-fixed sequence length) for 4-bit, 8-bit and bf16 loading, with and without swap TTA (TTA = both
-A/B orders, i.e. two forward passes per battle).
+Builds a random-weight Gemma-2-9B-shaped checkpoint (42 layers, hidden 3584; ``--layers`` fewer for
+a smoke run) with a small tokenizer in ``--cache-dir`` in this same command, then times
+``DecoderStage.fit`` (training tokens/s and MFU from the per-step times after the first step, for
+4-bit QLoRA and bf16 LoRA) and ``DecoderStage.predict_logits`` with swap TTA (battles/s, MFU, peak
+memory, projected time for 25k battles) for each of ``--quantization`` 4bit, 8bit, none (bf16).
+Every battle is packed to the full ``--max-length``. FLOP accounting: benchmarks/gpu_common.py.
 
-How the random model is made (works with transformers 5): ``from_config`` of a ``Gemma2Config``
-with the 9B shape is built in bf16 directly on the GPU, saved once as a safetensors checkpoint in
-``--cache-dir`` (about 18 GB), and then every variant is loaded from that directory through the
-stage's own :func:`models.decoder.load_base_model`, i.e. the exact ``from_pretrained`` +
-``BitsAndBytesConfig`` path a user's real checkpoint takes. Inputs are random token ids of the
-requested length, so no tokenizer is needed.
+    python benchmarks/decoder_gpu.py --out decoder_gpu.json                  # the real shape, one GPU
+    python benchmarks/decoder_gpu.py --layers 2 --train-steps 3 --battles 16 # smoke run
 
-    python benchmarks/decoder_gpu.py --cache-dir /tmp/gemma2-9b-random --out bench.json
-    python benchmarks/decoder_gpu.py --layers 4 --quantization 4bit   # quick smoke on a small GPU
-
-Without CUDA it refuses with exit code 2 and a one-line reason.
+Without CUDA it exits with code 2 and one line saying why.
 """
 from __future__ import annotations
 
@@ -25,53 +21,62 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.decoder import DecoderParams, add_lora, load_base_model, preference_loss  # noqa: E402
-
-logger = logging.getLogger("decoder_gpu")
+from benchmarks.gpu_common import (BATTLES_TO_PROJECT, forward_flops_per_token, peak_tflops,  # noqa: E402
+                                   refuse_without_cuda, step_times, synthetic_battles)
 
 GEMMA2_9B = dict(hidden_size=3584, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
-                 head_dim=256, intermediate_size=14336, vocab_size=256000)
+                 head_dim=256, intermediate_size=14336, vocab_size=256000, sliding_window=4096,
+                 max_position_embeddings=8192)
+VARIANTS = ("4bit", "8bit", "none")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/gemma2-9b-random"),
-                        help="where the random checkpoint is written once and reused")
-    parser.add_argument("--layers", type=int, default=GEMMA2_9B["num_hidden_layers"],
-                        help="number of layers (42 = the real 9B; fewer for a quick smoke run)")
-    parser.add_argument("--max-length", type=int, default=2048, help="tokens per battle")
-    parser.add_argument("--train-batch", type=int, default=1, help="sequences per training step")
-    parser.add_argument("--train-steps", type=int, default=3, help="timed training steps (after one warm-up)")
-    parser.add_argument("--infer-batch", type=int, default=4, help="battles per inference batch")
-    parser.add_argument("--infer-battles", type=int, default=32, help="battles timed per inference variant")
-    parser.add_argument("--quantization", default="4bit,8bit,none",
-                        help="comma-separated inference variants among 4bit, 8bit, none (bf16)")
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--skip-train", action="store_true")
-    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
-    args = parser.parse_args(argv)
-    variants = [v.strip() for v in args.quantization.split(",") if v.strip()]
-    bad = [v for v in variants if v not in ("4bit", "8bit", "none")]
-    if bad:
-        parser.error(f"--quantization: unknown variant(s) {bad}; use 4bit, 8bit, none")
-    args.variants = variants
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/gemma2-9b-random"))
+    ap.add_argument("--layers", type=int, default=GEMMA2_9B["num_hidden_layers"], help="42 = the real 9B")
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--train-batch", type=int, default=2, help="per-device training batch (grad_accum 1)")
+    ap.add_argument("--train-steps", type=int, default=6, help="timed optimizer steps (+1 warm-up)")
+    ap.add_argument("--train-variants", default="4bit,none", help="quantizations to train: 4bit, 8bit, none")
+    ap.add_argument("--predict-batch", type=int, default=8, help="battles per inference batch")
+    ap.add_argument("--battles", type=int, default=64, help="battles scored per variant (x2 orders)")
+    ap.add_argument("--quantization", default="4bit,8bit,none", help="inference variants")
+    ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
+    ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = ap.parse_args(argv)
+    for name in ("quantization", "train_variants"):
+        values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
+        if any(v not in VARIANTS for v in values):
+            ap.error(f"--{name.replace('_', '-')}: unknown variant in {values}; use 4bit, 8bit, none")
+        setattr(args, name, values)
+    if min(args.layers, args.train_steps, args.battles, args.predict_batch, args.train_batch) < 1:
+        ap.error("--layers, --train-steps, --battles, --predict-batch and --train-batch must be positive")
     return args
 
 
-def random_checkpoint(cache_dir: Path, layers: int) -> Path:
-    """A random-weight Gemma-2-9B-shaped seq-cls checkpoint in ``cache_dir`` (built on first use)."""
-    from transformers import AutoModelForSequenceClassification, Gemma2Config
+def model_config(layers: int):
+    from transformers import Gemma2Config
+
+    return Gemma2Config(**{**GEMMA2_9B, "num_hidden_layers": layers}, num_labels=3)
+
+
+def build_checkpoint(cache_dir: Path, layers: int) -> Path:
+    """Random weights of the Gemma-2-9B shape (bf16, built on the GPU) with a small tokenizer; reused if present."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.tiny_models import build_tokenizer
 
     path = cache_dir / f"layers{layers}"
     if (path / "config.json").is_file():
         return path
-    config = Gemma2Config(**{**GEMMA2_9B, "num_hidden_layers": layers}, num_labels=3, pad_token_id=0,
-                          bos_token_id=2, eos_token_id=1, max_position_embeddings=8192)
-    logger.info("building a random %d-layer Gemma-2-9B-shaped checkpoint in %s", layers, path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(path)
+    config = model_config(layers)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                                                      tokenizer.eos_token_id)
     with torch.device("cuda"):
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path)
@@ -80,87 +85,70 @@ def random_checkpoint(cache_dir: Path, layers: int) -> Path:
     return path
 
 
-def random_ids(batch: int, length: int, vocab: int) -> dict:
-    ids = torch.randint(3, vocab, (batch, length), device="cuda")
-    ids[:, 0] = 2  # BOS
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+def stage_params(path: Path, quantization: str, args) -> dict:
+    return {"model": str(path), "quantization": quantization, "max_length": args.max_length, "lora_r": 16,
+            "lora_alpha": 32, "train_batch_size": args.train_batch, "grad_accum": 1, "max_steps": args.train_steps + 1,
+            "predict_batch_size": args.predict_batch, "predict_batch_tokens": args.predict_batch * args.max_length,
+            "save_steps": 0, "logging_steps": 1000}
 
 
-def bench_train(path: Path, args) -> dict:
-    import bitsandbytes as bnb
+def measure(path: Path, args) -> dict:
+    import torch
 
-    params = DecoderParams(model=str(path), lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
-    model = add_lora(load_base_model(path, "4bit", pad_token_id=0), params)
-    model.train()
-    optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    target = torch.nn.functional.one_hot(torch.randint(0, 3, (args.train_batch,)), 3).float().cuda()
-    soft, weight = torch.zeros(args.train_batch, device="cuda"), torch.ones(args.train_batch, device="cuda")
+    from models.decoder import DecoderStage
+    from models.stage import StageContext
 
-    def step():
-        batch = random_ids(args.train_batch, args.max_length, GEMMA2_9B["vocab_size"])
-        loss = preference_loss(model(**batch).logits, target, soft, weight)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+    config = model_config(args.layers)
+    device = torch.cuda.get_device_name(0)
+    peak = peak_tflops(device, args.peak_tflops)
+    fwd = forward_flops_per_token(config, args.max_length)
+    battles = synthetic_battles(max(args.battles, args.train_batch * (args.train_steps + 1)), 4 * args.max_length)
+    figures = {"device": device, "peak_tflops": peak, "layers": args.layers, "max_length": args.max_length,
+               "forward_gflops_per_token": fwd / 1e9, "train": {}, "predict": {}}
 
-    step()  # warm-up (allocations, kernels)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.train_steps):
-        step()
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    result = {"tokens_per_s": args.train_steps * args.train_batch * args.max_length / seconds,
-              "seconds_per_step": seconds / args.train_steps,
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-    del model, optimizer
-    torch.cuda.empty_cache()
-    return result
+    class Timed(DecoderStage):
+        def training_callbacks(self, has_eval):
+            self.steps = step_times()
+            return [self.steps]
 
-
-@torch.inference_mode()
-def bench_infer(path: Path, quantization: str, args) -> dict:
-    from peft import LoraConfig, get_peft_model
-
-    # As at prediction time: the (quantised) base with un-merged LoRA adapters and the head on top.
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=DecoderParams.model_fields["target_modules"].default,
-                      task_type="SEQ_CLS", modules_to_save=["score"])
-    model = get_peft_model(load_base_model(path, quantization, pad_token_id=0), lora).eval()
-    n_batches = max(1, args.infer_battles // args.infer_batch)
-    model(**random_ids(args.infer_batch, args.max_length, GEMMA2_9B["vocab_size"]))  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(n_batches):
-        model(**random_ids(args.infer_batch, args.max_length, GEMMA2_9B["vocab_size"]))
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    battles_per_s = n_batches * args.infer_batch / seconds
-    # Swap TTA runs every battle in both orders: exactly two of these passes per battle.
-    result = {"battles_per_s": battles_per_s, "battles_per_s_tta_derived": battles_per_s / 2,
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-    del model
-    torch.cuda.empty_cache()
-    return result
+    for quantization in dict.fromkeys(args.train_variants + args.quantization):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        stage = Timed(stage_params(path, quantization, args), StageContext(progress=False))
+        train_rows = battles.iloc[: args.train_batch * (args.train_steps + 1)]
+        stage.fit(train_rows)
+        if quantization in args.train_variants:
+            seconds = stage.steps.times[-1] - stage.steps.times[0]  # the first step is the warm-up
+            tokens = args.train_steps * args.train_batch * args.max_length
+            rate = tokens / seconds
+            figures["train"][quantization] = {
+                "tokens_per_s": rate, "mfu": 2 * fwd * rate / (peak * 1e12) if peak else None,
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+        if quantization in args.quantization:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            scored = battles.iloc[: args.battles]
+            start = time.perf_counter()
+            stage.predict_logits(scored)  # swap TTA: both orders
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            per_s = len(scored) / seconds
+            tokens_per_s = 2 * len(scored) * args.max_length / seconds
+            figures["predict"][quantization] = {
+                "battles_per_s_with_swap_tta": per_s, "tokens_per_s": tokens_per_s,
+                "mfu": fwd * tokens_per_s / (peak * 1e12) if peak else None,
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "projected_minutes_for_25k_battles": BATTLES_TO_PROJECT / per_s / 60}
+        del stage
+    return figures
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("decoder_gpu benchmark needs a CUDA GPU (bitsandbytes 4/8-bit kernels); none is visible", file=sys.stderr)
+    if refuse_without_cuda("decoder_gpu"):
         return 2
-    path = random_checkpoint(args.cache_dir, args.layers)
-    figures = {"device": torch.cuda.get_device_name(0), "layers": args.layers, "max_length": args.max_length,
-               "train_batch": args.train_batch, "infer_batch": args.infer_batch}
-    if not args.skip_train:
-        figures["train_qlora_4bit"] = bench_train(path, args)
-        logger.info("train: %s", figures["train_qlora_4bit"])
-    for variant in args.variants:
-        figures[f"infer_{variant}"] = bench_infer(path, variant, args)
-        logger.info("infer %s: %s", variant, figures[f"infer_{variant}"])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    figures = measure(build_checkpoint(args.cache_dir, args.layers), args)
     print(json.dumps(figures, indent=2))
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2))

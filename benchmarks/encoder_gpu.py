@@ -1,94 +1,132 @@
-"""GPU training throughput and peak memory of a DeBERTa-v3-base-sized encoder (random weights).
+"""GPU figures of the encoder stage itself at the DeBERTa-v3-large shape (random weights).
 
-Builds ``DebertaV2Config`` with the base sizes (hidden 768, 12 layers, 12 heads, intermediate 3072,
-vocab 128100, relative positions as in v3), then times forward+backward+AdamW steps on random
-tokens at each ``--max-lengths`` with bf16 autocast, printing train tokens/s and peak GPU memory.
-Refuses cleanly (exit code 2) without CUDA.
+Builds a random-weight DeBERTa-v3-large-shaped checkpoint (24 layers, hidden 1024, 16 heads, vocab
+128100, v3 relative attention) with a small tokenizer in ``--cache-dir`` in this same command, then
+times ``EncoderStage.fit`` (training tokens/s and MFU from per-step times after the first step) and
+``EncoderStage.predict_logits`` with swap TTA (battles/s, MFU, peak memory, projected time for 25k
+battles) in the stage's own precision rule. Every battle is packed to the full ``--max-length``.
 
-    python benchmarks/encoder_gpu.py --max-lengths 512 1024 --batch-size 8 --steps 10
+    python benchmarks/encoder_gpu.py --out encoder_gpu.json
+    python benchmarks/encoder_gpu.py --layers 2 --train-steps 3 --battles 32   # smoke run
+
+Without CUDA it exits with code 2 and one line saying why.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_common import (BATTLES_TO_PROJECT, forward_flops_per_token, peak_tflops,  # noqa: E402
+                                   refuse_without_cuda, step_times, synthetic_battles)
+
+DEBERTA_V3_LARGE = dict(vocab_size=128100, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                        intermediate_size=4096, max_position_embeddings=512, relative_attention=True,
+                        position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True,
+                        pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-lengths", type=int, nargs="+", default=[512, 1024])
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
-    ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
-    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/deberta-v3-large-random"))
+    ap.add_argument("--layers", type=int, default=DEBERTA_V3_LARGE["num_hidden_layers"], help="24 = the real large")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-steps", type=int, default=10, help="timed optimizer steps (+1 warm-up)")
+    ap.add_argument("--predict-batch", type=int, default=32)
+    ap.add_argument("--battles", type=int, default=256, help="battles scored (x2 orders)")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    ap.add_argument("--peak-tflops", type=float)
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or min(args.max_lengths) < 8:
-        ap.error("--steps and --batch-size must be positive and --max-lengths at least 8")
+    if min(args.layers, args.train_steps, args.battles, args.predict_batch, args.train_batch) < 1:
+        ap.error("--layers, --train-steps, --battles, --predict-batch and --train-batch must be positive")
+    if args.max_length < 16:
+        ap.error("--max-length must be at least 16")
     return args
 
 
-def base_config():
+def model_config(layers: int):
     from transformers import DebertaV2Config
 
-    return DebertaV2Config(
-        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-        max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
-        share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0,
-        num_labels=3,
-    )
+    return DebertaV2Config(**{**DEBERTA_V3_LARGE, "num_hidden_layers": layers}, num_labels=3)
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
+def build_checkpoint(cache_dir: Path, layers: int) -> Path:
     import torch
     from transformers import DebertaV2ForSequenceClassification
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-    results = []
-    for length in args.max_lengths:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        model = DebertaV2ForSequenceClassification(base_config()).cuda().train()
-        if args.grad_checkpointing:
-            model.gradient_checkpointing_enable()
-        optim = torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True)
-        scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
-        ids = torch.randint(1000, 128000, (args.batch_size, length), device="cuda")
-        labels = torch.randint(0, 3, (args.batch_size,), device="cuda")
+    from tests.tiny_models import build_deberta
 
-        def step():
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-                loss = model(input_ids=ids, labels=labels).loss
-            scaler.scale(loss).backward()
-            scaler.step(optim)
-            scaler.update()
-            optim.zero_grad(set_to_none=True)
+    path = cache_dir / f"layers{layers}"
+    if (path / "config.json").is_file():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    build_deberta(path)  # its tokenizer (ids < 200) stays; config and weights are replaced by the large shape
+    config = model_config(layers)
+    config.pad_token_id = 0
+    with torch.device("cuda"):
+        DebertaV2ForSequenceClassification(config).save_pretrained(path)
+    torch.cuda.empty_cache()
+    return path
 
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        results.append({"max_length": length, "batch_size": args.batch_size, "precision": args.precision,
-                        "train_tokens_per_s": args.steps * args.batch_size * length / seconds,
-                        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
-        del model, optim
-    return results
+
+def measure(path: Path, args) -> dict:
+    import torch
+
+    from models.encoder import EncoderStage
+    from models.stage import StageContext
+
+    config = model_config(args.layers)
+    device = torch.cuda.get_device_name(0)
+    peak = peak_tflops(device, args.peak_tflops)
+    fwd = forward_flops_per_token(config, args.max_length)
+
+    class Timed(EncoderStage):
+        def training_callbacks(self, has_eval):
+            self.steps = step_times()
+            return [self.steps]
+
+    battles = synthetic_battles(max(args.battles, args.train_batch * (args.train_steps + 1)), args.max_length)
+    params = {"model": str(path), "max_length": args.max_length, "train_batch_size": args.train_batch,
+              "max_steps": args.train_steps + 1, "predict_batch_size": args.predict_batch, "precision": args.precision,
+              "swap_augment": False, "save_steps": 0, "logging_steps": 1000}
+    torch.cuda.reset_peak_memory_stats()
+    stage = Timed(params, StageContext(progress=False))
+    stage.fit(battles.iloc[: args.train_batch * (args.train_steps + 1)])
+    rate = args.train_steps * args.train_batch * args.max_length / (stage.steps.times[-1] - stage.steps.times[0])
+    figures = {"device": device, "peak_tflops": peak, "precision": stage.precision.name, "layers": args.layers,
+               "max_length": args.max_length,
+               "train": {"tokens_per_s": rate, "mfu": 3 * fwd * rate / (peak * 1e12) if peak else None,
+                         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}}
+    torch.cuda.reset_peak_memory_stats()
+    scored = battles.iloc[: args.battles]
+    start = time.perf_counter()
+    stage.predict_logits(scored)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens_per_s = 2 * len(scored) * args.max_length / seconds
+    figures["predict"] = {"battles_per_s_with_swap_tta": len(scored) / seconds, "tokens_per_s": tokens_per_s,
+                          "mfu": fwd * tokens_per_s / (peak * 1e12) if peak else None,
+                          "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                          "projected_minutes_for_25k_battles": BATTLES_TO_PROJECT / (len(scored) / seconds) / 60}
+    return figures
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        print("encoder_gpu: no CUDA GPU found; this benchmark only runs on a GPU", file=sys.stderr)
+    if refuse_without_cuda("encoder_gpu"):
         return 2
-    print(f"device: {torch.cuda.get_device_name()}")
-    for r in measure(args):
-        print(f"max_length {r['max_length']:5d}  batch {r['batch_size']}  {r['precision']}: "
-              f"{r['train_tokens_per_s']:,.0f} train tokens/s, peak {r['peak_memory_gib']:.1f} GiB")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    figures = measure(build_checkpoint(args.cache_dir, args.layers), args)
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2))
     return 0
 
 

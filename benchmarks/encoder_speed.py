@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from battles import read_battles  # noqa: E402
-from models.encoder import packaged_minilm_dir  # noqa: E402
 from models.stage import StageContext, make_stage  # noqa: E402
+from tests.tiny_models import packaged_minilm_dir  # noqa: E402  (the MiniLM that a dev dependency ships)
 
 
 def main(argv=None) -> dict:

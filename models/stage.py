@@ -96,6 +96,10 @@ class FoldModels:
             raise ValueError("FoldModels needs at least one model")
         self.models = models
 
+    def __len__(self) -> int:
+        """How many models are averaged (the inference plan counts them)."""
+        return len(self.models)
+
     def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
         return average_logits([m.predict_logits(battles) for m in self.models])
 

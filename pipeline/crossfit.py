@@ -29,14 +29,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from battles.context import StageContext
-from battles.files import content_key, read_json, write_json
+from battles.files import content_key, read_json, wait_for_everyone, write_json
 from battles.io import data_hash
 from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, hard_mask, label_index
 from ensemble.metrics import probs_from_logits, scores
 from models.stage import average_logits, make_stage, predict_with_orders, stage_class
 from pipeline.config import StageSpec
-from pipeline.rundir import (ORDERS, FoldDir, RunDir, as_stored, read_logit_ids, read_logits, wait_for_everyone,
-                             write_logits)
+from pipeline.rundir import ORDERS, FoldDir, RunDir, as_stored, read_logit_ids, read_logits, write_logits
 from pipeline.timings import Timings
 
 log = logging.getLogger(__name__)

@@ -106,7 +106,7 @@ class Predictor:
         """Per stage: models averaged and forward passes per battle (two per model with swap TTA)."""
         rows = []
         for name in self.stage_names:
-            n_models = len(self.stage_models[name].models)
+            n_models = len(self.stage_models[name])
             orders = 2 if self.specs[name].params.get("swap_tta", True) else 1
             rows.append({"stage": name, "type": self.specs[name].type, "models": n_models,
                          "passes_per_battle": n_models * orders})

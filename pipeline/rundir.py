@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from battles.errors import UserError
-from battles.files import is_main_process, read_json, write_atomic, write_json
+from battles.files import is_main_process, read_json, wait_for_everyone, write_atomic, write_json
 from battles.labels import LABEL_COLUMNS
 
 TOOL = "arena-stack"
@@ -171,17 +171,6 @@ class RunDir:
 
     def record(self) -> dict:
         return read_json(self.marker)
-
-
-def wait_for_everyone() -> None:
-    """A barrier across the ranks of a multi-process launch (no-op in one process)."""
-    import sys
-
-    if "torch" in sys.modules:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------- tables

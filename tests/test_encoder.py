@@ -13,12 +13,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from battles.labels import LABEL_COLUMNS, swap_battles, swap_columns  # noqa: E402
-from models.encoder import BattleEncoding, EncoderStage, soft_cross_entropy, training_losses  # noqa: E402
+from models.deep.inputs import PairEncoding, training_table  # noqa: E402
+from models.encoder import EncoderStage  # noqa: E402
 from models.stage import StageContext, make_stage, predict_with_orders  # noqa: E402
+from tests.tiny_models import WORDS, build_deberta  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = StageContext(progress=False)
-WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega python code answer question".split()
 
 
 def synthetic_battles(n: int, seed: int = 0) -> pd.DataFrame:
@@ -36,31 +37,14 @@ def synthetic_battles(n: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def make_tiny_deberta(directory: Path) -> Path:
-    """A 2-layer, hidden-32 random DeBERTa-v2 with a WordPiece tokenizer trained on the toy words."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    corpus = [" ".join(WORDS)] * 10 + ["Turn 1: [...] earlier turns omitted the a of to is 0123456789"]
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-    fast.save_pretrained(directory)
-    config = DebertaV2Config(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=256, type_vocab_size=0,
-                             pad_token_id=fast.pad_token_id, num_labels=3)
-    torch.manual_seed(0)
-    DebertaV2ForSequenceClassification(config).save_pretrained(directory)
-    return directory
+def training_losses(log_history: list[dict]) -> list[float]:
+    """The logged training losses in step order (from ``Trainer.state.log_history``)."""
+    return [float(e["loss"]) for e in log_history if "loss" in e]
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    return make_tiny_deberta(tmp_path_factory.mktemp("tiny-deberta"))
+    return build_deberta(tmp_path_factory.mktemp("tiny-deberta"))
 
 
 TINY_PARAMS = {"max_length": 64, "max_steps": 6, "train_batch_size": 8, "predict_batch_size": 16,
@@ -70,35 +54,24 @@ TINY_PARAMS = {"max_length": 64, "max_steps": 6, "train_batch_size": 8, "predict
 def test_bad_params_are_refused_with_clear_messages(tmp_path, tiny_model):
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        EncoderStage({"model": str(missing)})
+        EncoderStage({"model": str(missing)}).fit(synthetic_battles(2))  # __init__ only stores params
     with pytest.raises(ValueError, match="model\\n  Field required"):
         EncoderStage({})
     with pytest.raises(ValueError, match="lr\\n  Extra inputs are not permitted"):
         EncoderStage({"model": str(tiny_model), "lr": 1e-5})
     with pytest.raises(ValueError, match="precision"):
         EncoderStage({"model": str(tiny_model), "precision": "fp8"})
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        EncoderStage({"model": str(tiny_model), "precision": "fp16"}).fit(synthetic_battles(2))
     with pytest.raises(RuntimeError, match="not fitted"):
         EncoderStage({"model": str(tiny_model)}).predict_logits(synthetic_battles(2))
-
-
-def test_soft_cross_entropy_matches_torch_and_weights():
-    logits = torch.randn(5, 3)
-    hard = torch.tensor([0, 1, 2, 2, 0])
-    onehot = torch.nn.functional.one_hot(hard, 3).float()
-    assert torch.allclose(soft_cross_entropy(logits, onehot), torch.nn.functional.cross_entropy(logits, hard))
-    smoothed = torch.nn.functional.cross_entropy(logits, hard, label_smoothing=0.1)
-    assert torch.allclose(soft_cross_entropy(logits, onehot, smoothing=0.1), smoothed)
-    weights = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])
-    assert torch.allclose(soft_cross_entropy(logits, onehot, weights),
-                          torch.nn.functional.cross_entropy(logits[:1], hard[:1]))
 
 
 def test_sequence_layout_real_tokens(minilm_dir, arena_battles):
     battles = arena_battles
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    encode = BattleEncoding(tok, max_length=256, prompt_share=0.2)
-    features = encode(battles.iloc[:200])
+    features = PairEncoding(tok, max_length=256, prompt_share=0.2).features(battles.iloc[:200])
     lengths = [len(f["input_ids"]) for f in features]
     assert max(lengths) == 256 and min(lengths) < 256  # long battles fill the budget exactly; short ones are not padded
     for f in features:
@@ -135,12 +108,12 @@ def test_soft_labels_and_weights_reach_the_loss(tiny_model):
     train = synthetic_battles(16, seed=3)
     train["soft_a"], train["soft_b"], train["soft_tie"] = 0.6, 0.3, 0.1
     stage = EncoderStage({"model": str(tiny_model), **TINY_PARAMS, "max_steps": 2, "eval_steps": None}, QUIET)
-    stage._load_pretrained(stage.model_dir, num_labels_new=True)
-    features = stage._dataset(train, with_swaps=True)
+    stage._setup()
+    features = stage._rows(training_table(train, swap_augment=True))
     assert len(features) == 32
     assert features[0]["labels"] == pytest.approx([0.6, 0.3, 0.1])
     assert features[16]["labels"] == pytest.approx([0.3, 0.6, 0.1])  # the swapped copy
-    assert training_losses(stage.fit(train).log_history)[0] > 0.5
+    assert training_losses(stage.fit(train).log_history)[0] > 0.1  # KL to (0.6, 0.3, 0.1) from uniform: 0.2
     train["weight"] = 0.0
     assert training_losses(stage.fit(train).log_history) == [0.0, 0.0]
 
@@ -193,13 +166,40 @@ def test_two_process_cpu_run_through_torch_distributed(tmp_path, tiny_model):
     np.testing.assert_allclose(reloaded.predict_logits(synthetic_battles(16, seed=2)), l0, atol=1e-5)
 
 
-def test_gpu_benchmark_parses_and_refuses_without_cuda(capsys):
-    from benchmarks import encoder_gpu
-    args = encoder_gpu.parse_args(["--max-lengths", "512", "1024", "--batch-size", "4"])
-    assert args.max_lengths == [512, 1024] and args.precision == "bf16"
-    config = encoder_gpu.base_config()
-    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (768, 12, 128100)
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: the refusal path is not reachable")
-    assert encoder_gpu.main(["--steps", "1"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+def test_deberta_v3_layout_without_tokenizer_json_trains_through_run_py(tmp_path, arena_sample_path):
+    """A DeBERTa-v3 directory as the real ones ship (SentencePiece spm.model, no tokenizer.json) trains
+    through ``run.py train encoder``: the tokenizer loads through sentencepiece + protobuf."""
+    import importlib.util
+
+    import run
+    from tests.tiny_models import build_deberta_v3
+
+    missing = [m for m in ("sentencepiece", "google.protobuf") if importlib.util.find_spec(m.split(".")[0]) is None]
+    if missing:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{missing} not installed: they are declared dependencies")
+        pytest.skip(f"{missing} not installed (pip install -e .): DeBERTa-v3 tokenizers need them")
+    model_dir = build_deberta_v3(tmp_path / "deberta-v3")
+    assert (model_dir / "spm.model").is_file() and not (model_dir / "tokenizer.json").exists()
+    pd.read_csv(arena_sample_path).iloc[:30].to_csv(tmp_path / "train.csv", index=False)
+    params = {"max_length": 96, "max_steps": 2, "train_batch_size": 8, "swap_augment": False}
+    sets = [a for k, v in params.items() for a in ("--set", f"stages.encoder.params.{k}={json.dumps(v)}")]
+    code = run.main(["train", "encoder", "--model", str(model_dir), "--train", str(tmp_path / "train.csv"),
+                     "--out", str(tmp_path / "run"), "--quiet", "--set", "n_folds=3", *sets])
+    assert code == 0
+    oof = pd.read_csv(tmp_path / "run" / "stages" / "encoder" / "oof_logits.csv")
+    assert len(oof) == 30 and np.isfinite(oof[["logit_a", "logit_b", "logit_tie"]].to_numpy()).all()
+    saved = tmp_path / "run" / "stages" / "encoder" / "fold0" / "model"
+    reloaded = EncoderStage.load(saved, QUIET)
+    assert type(reloaded.tokenizer).__name__.startswith("DebertaV2Tokenizer")
+
+
+def test_missing_sentencepiece_is_named(tmp_path, monkeypatch):
+    from models.deep import checkpoints
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "spm.model").write_bytes(b"not read")
+    real = checkpoints.importlib.util.find_spec
+    monkeypatch.setattr(checkpoints.importlib.util, "find_spec", lambda n: None if n == "sentencepiece" else real(n))
+    with pytest.raises(ImportError, match="spm.model.*sentencepiece"):
+        checkpoints.load_tokenizer(tmp_path, "encoder")

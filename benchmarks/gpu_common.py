@@ -1,0 +1,88 @@
+"""Shared parts of the GPU benchmarks of the deep stages: synthetic battles, device peaks, model FLOPs.
+
+Both benchmarks time the STAGE itself (``fit``, ``predict_logits`` with swap TTA) on a random-weight
+checkpoint of the real shape built in the same command, and report tokens/s, model FLOPs utilisation
+(MFU), battles/s, peak GPU memory and the projected time to score 25k battles.
+
+Model FLOPs per token (the usual accounting, no recomputation counted): a forward pass costs
+``2 * N`` for the ``N`` weights of the matrix multiplications (embedding lookups excluded) plus
+``4 * L * S * d_attn`` for attention scores and values at sequence length ``S`` over ``L`` layers
+(``d_attn`` = heads x head_dim). Full fine-tuning costs three forwards (activation and weight
+gradients); LoRA training two (the frozen weights need activation gradients only).
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (vendor data sheets, without sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+               "T4": 65.0, "V100": 125.0}
+BATTLES_TO_PROJECT = 25_000
+WORDS = ("the capital of france is paris python is a programming language hello world how are you today "
+         "sure here is a short poem about the sea and the sky i cannot help with that request").split()
+
+
+def peak_tflops(device_name: str, override: float | None = None) -> float | None:
+    if override:
+        return override
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name.upper()), None)
+
+
+def matmul_params(config) -> int:
+    """Weights in the matrix multiplications of one forward pass of a decoder/encoder layer stack (no embeddings)."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    attention = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
+    gated = getattr(config, "model_type", "") in ("gemma2", "llama", "qwen2", "gemma", "mistral")
+    mlp = (3 if gated else 2) * h * inter
+    return layers * (attention + mlp)
+
+
+def forward_flops_per_token(config, seq_len: int) -> float:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2.0 * matmul_params(config) + 4.0 * config.num_hidden_layers * seq_len * heads * head_dim
+
+
+def synthetic_battles(n: int, words_per_field: int, seed: int = 0) -> pd.DataFrame:
+    """Labelled battles long enough that packing fills ``max_length`` (every row costs the full length)."""
+    rng = np.random.default_rng(seed)
+    say = lambda: " ".join(rng.choice(WORDS, size=words_per_field))  # noqa: E731
+    labels = rng.integers(0, 3, size=n)
+    return pd.DataFrame({"id": [f"b{i}" for i in range(n)], "prompt": [[say()] for _ in range(n)],
+                         "response_a": [[say()] for _ in range(n)], "response_b": [[say()] for _ in range(n)],
+                         "winner_model_a": (labels == 0).astype(int), "winner_model_b": (labels == 1).astype(int),
+                         "winner_tie": (labels == 2).astype(int)})
+
+
+def refuse_without_cuda(name: str) -> bool:
+    """True (and one line on stderr) when no CUDA GPU is visible."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(f"{name}: no CUDA GPU visible; this benchmark measures GPU throughput only", file=sys.stderr)
+    return True
+
+
+def step_times():
+    """A TrainerCallback recording the wall time at the end of every optimizer step."""
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    return StepTimes()

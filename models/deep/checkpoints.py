@@ -1,0 +1,53 @@
+"""Local checkpoint directories: the one directory check, and tokenizers as the checkpoint ships them.
+
+No model hub is used: a deep stage's ``model`` is a local Hugging Face directory. Real DeBERTa-v3
+checkpoints ship a SentencePiece model (``spm.model``) and no ``tokenizer.json``; loading them needs
+the ``sentencepiece`` and ``protobuf`` packages (declared dependencies), and a missing one is named
+in the error instead of surfacing as a converter traceback.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers threads + dataloader forks deadlock
+
+SENTENCEPIECE_FILES = ("spm.model", "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def check_model_dir(path, stage: str) -> Path:
+    """``path`` as a checkpoint directory with a ``config.json``, or an error naming the path."""
+    if not path:
+        raise ValueError(f"{stage} params need 'model': a local checkpoint directory")
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{stage} model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{stage} model directory {path} has no config.json: not a Hugging Face checkpoint")
+    return path
+
+
+def _check_sentencepiece(path: Path) -> None:
+    if (path / "tokenizer.json").is_file():
+        return
+    spm = [name for name in SENTENCEPIECE_FILES if (path / name).is_file()]
+    missing = [m for m in ("sentencepiece", "google.protobuf") if importlib.util.find_spec(m.split(".")[0]) is None]
+    if spm and missing:
+        raise ImportError(f"{path} has a SentencePiece tokenizer ({spm[0]}) and no tokenizer.json; loading it needs "
+                          f"the packages {', '.join('protobuf' if m == 'google.protobuf' else m for m in missing)} "
+                          "(pip install sentencepiece protobuf)")
+
+
+def load_tokenizer(path, stage: str, pad_with_eos: bool = False):
+    """The checkpoint's tokenizer. ``pad_with_eos``: decoders without a pad token (Llama-3) pad with EOS;
+    padding goes on the right (the sequence-classification head reads the last non-pad token either way)."""
+    from transformers import AutoTokenizer
+
+    path = check_model_dir(path, stage)
+    _check_sentencepiece(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if pad_with_eos and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

@@ -1,0 +1,204 @@
+"""Loading a decoder for (Q)LoRA: bitsandbytes 4/8-bit on every device it supports, LoRA, optimiser, dtypes.
+
+One code path on GPU and CPU: bitsandbytes (>= 0.46) runs NF4 4-bit and 8-bit layers and its 8-bit
+(paged) AdamW on CPU as well, so a CPU run quantises exactly as a GPU run does. Only where the
+installed bitsandbytes has no backend for the device (or cannot be imported) does the model load
+unquantised, and the log says so.
+
+Under FSDP (``accelerate launch`` with an FSDP config, ``ACCELERATE_USE_FSDP``) the peft/bitsandbytes
+FSDP-QLoRA recipe applies: the 4-bit storage dtype equals the compute dtype (so FSDP can shard the
+packed weights with the rest), no ``prepare_model_for_kbit_training``, no ``device_map`` (FSDP places
+the shards), adapters kept in the compute dtype, and activation checkpointing left to FSDP when its
+config turns it on. That path has not been run on GPUs in this repository.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+
+import torch
+
+from models.deep.precision import Precision
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("4bit", "8bit", "none")
+HEAD = "score"  # the sequence-classification head of AutoModelForSequenceClassification decoders
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def uses_fsdp() -> bool:
+    """True inside ``accelerate launch`` with an FSDP config."""
+    return _env_flag("ACCELERATE_USE_FSDP")
+
+
+def bitsandbytes_missing(device: torch.device) -> str | None:
+    """Why bitsandbytes cannot quantise on ``device`` (``None`` when it can)."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError, or a broken native library
+        return f"bitsandbytes cannot be imported ({exc})"
+    if device.type not in getattr(bnb, "supported_torch_devices", set()):
+        return f"bitsandbytes {bnb.__version__} has no {device.type} backend"
+    return None
+
+
+def quantization_config(quantization: str, device: torch.device, compute_dtype: torch.dtype):
+    """The ``BitsAndBytesConfig`` for ``quantization`` on ``device``; ``None`` for unquantised loading.
+
+    4-bit: NF4 with double quantisation, computing in ``compute_dtype`` and stored in it too (the FSDP
+    requirement; on one device it changes nothing). The head is never quantised: it is trained in full.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "none":
+        return None
+    missing = bitsandbytes_missing(device)
+    if missing:
+        log.warning("%s: loading the decoder UNQUANTISED (%s) instead of %s", missing, compute_dtype, quantization)
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype,
+                                  llm_int8_skip_modules=[HEAD])
+    # bitsandbytes logs a warning on every 8-bit matmul whose input is not fp16 (it casts): once is enough.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[HEAD])
+
+
+def quantized_layers(model) -> dict[str, int]:
+    """How many bitsandbytes layers of each kind ``model`` holds, e.g. ``{"Linear4bit": 196}``."""
+    try:
+        import bitsandbytes as bnb
+    except Exception:
+        return {}
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return dict(Counter(type(m).__name__ for m in model.modules() if isinstance(m, kinds)))
+
+
+def load_base_model(path, quantization: str, precision: Precision, device: torch.device, pad_token_id: int,
+                    attn_implementation: str | None = None):
+    """``AutoModelForSequenceClassification`` (3 labels) from ``path``, quantised per :func:`quantization_config`.
+
+    The KV cache is switched off in the config: a classifier never generates, and a cache of every
+    layer's keys and values for a 16k-token batch costs gigabytes.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    bnb = quantization_config(quantization, device, precision.dtype)
+    kwargs = {"num_labels": 3, "dtype": precision.dtype, "quantization_config": bnb}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if not uses_fsdp():
+        kwargs["device_map"] = {"": str(device)}
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False
+    _keep_cpu_layout(model)
+    layers = quantized_layers(model)
+    log.info("decoder base %s on %s: %s, weights %s", path, device,
+             ", ".join(f"{n} {k} layers" for k, n in layers.items()) or "unquantised", precision.dtype)
+    return model
+
+
+def _keep_cpu_layout(model) -> None:
+    """Keep 4-bit weights in bitsandbytes' one layout on CPU too.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit`` weight for a faster CPU kernel on its first inference
+    forward (CPUs with AVX512-BF16). A repacked layer no longer passes gradients to anything (observed:
+    every LoRA and head gradient is None afterwards), which would silently stop the next fold's training
+    on the shared base model; and it needs in_features >= 64. Training and inference use the standard
+    layout instead.
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def add_lora(model, params, seed: int):
+    """Fresh LoRA adapters (and a fresh head) on ``model``, ready to train.
+
+    The head is re-initialised in fp32 from ``seed`` with a small std (``head_init_std``) so training
+    starts from near-uniform predictions; LoRA weights are drawn from the same seed, so a fold trained
+    on a reused base model equals one trained in a fresh process. Quantised models get peft's k-bit
+    preparation (frozen base, fp32 norms and embeddings for stable training, input gradients for
+    checkpointing) except under FSDP (the documented FSDP-QLoRA recipe skips it).
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    fsdp = uses_fsdp()
+    set_seed(seed)
+    head = getattr(model, HEAD)
+    head.to(torch.float32)
+    torch.nn.init.normal_(head.weight, mean=0.0, std=float(params.head_init_std))
+    checkpointing = bool(params.gradient_checkpointing) and not (fsdp and _env_flag("FSDP_ACTIVATION_CHECKPOINTING"))
+    gc_kwargs = {"use_reentrant": False}
+    if is_quantized(model) and not fsdp:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    config = LoraConfig(r=int(params.lora_r), lora_alpha=int(params.lora_alpha), lora_dropout=float(params.lora_dropout),
+                        target_modules=list(params.target_modules), layers_to_transform=params.layers_to_transform,
+                        task_type="SEQ_CLS", modules_to_save=[HEAD])
+    model = get_peft_model(model, config, autocast_adapter_dtype=not fsdp)
+    if not fsdp:
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # the head and LoRA train in fp32 (the loss scaler needs fp32 grads)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA r=%s on %s: %s trainable parameters", params.lora_r, list(params.target_modules), f"{trainable:,}")
+    return model
+
+
+def _is_adapter(name: str) -> bool:
+    return "lora_" in name or "modules_to_save" in name
+
+
+def inference_layout(model, compute_dtype: torch.dtype) -> None:
+    """One parameter layout for prediction, whether the model was just trained or just loaded.
+
+    Adapters (LoRA, the trained head) in fp32; every other floating weight in the compute dtype
+    (k-bit preparation upcast norms and embeddings to fp32 for training; a freshly loaded base has
+    them in the compute dtype); quantised weights untouched. Inference then runs under autocast in the
+    compute dtype, so predictions right after training equal those after reloading.
+    """
+    try:
+        import bitsandbytes as bnb
+
+        packed = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    except Exception:
+        packed = ()
+    for name, p in model.named_parameters():
+        if isinstance(p, packed) or not p.is_floating_point():
+            continue
+        dtype = torch.float32 if _is_adapter(name) else compute_dtype
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def optimizer_name(device: torch.device) -> str:
+    """bitsandbytes' 8-bit AdamW wherever bitsandbytes runs on ``device`` (paged on CUDA: optimizer state
+    pages out to host memory instead of running out), not under FSDP; else torch's AdamW."""
+    if uses_fsdp():
+        return "adamw_torch"
+    missing = bitsandbytes_missing(device)
+    if missing:
+        log.info("%s: optimizer adamw_torch instead of bitsandbytes' 8-bit AdamW", missing)
+        return "adamw_torch"
+    return "paged_adamw_8bit" if device.type == "cuda" else "adamw_8bit"

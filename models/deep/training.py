@@ -1,0 +1,118 @@
+"""Training both deep stages: the one soft-label loss, the one Trainer subclass, Trainer arguments,
+and the fold's checkpoints (resume after a kill).
+
+Checkpoints: with ``save_steps > 0`` the Trainer saves a full checkpoint (adapter or model weights,
+optimizer, scheduler, RNG states, data position) every ``save_steps`` optimizer steps under
+``<fold dir>/checkpoints``; a rerun of the same fold (the pipeline wipes a fold directory whose
+resume key changed, so what is there belongs to this config and data) resumes from the newest one,
+and the folder is removed when the fold's training finishes. Without a fold directory (a stage used
+on its own) no checkpoint is kept.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from battles.files import is_main_process
+from models.deep.precision import Precision
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+def preference_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                    smoothing: float = 0.0) -> torch.Tensor:
+    """Weighted mean over rows of KL(target || softmax(logits)), computed in fp32.
+
+    ``target`` rows are distributions over ``[a, b, tie]``: one-hot for human labels (KL is then the
+    cross-entropy), soft for teacher or pseudo labels (KL is zero when the model matches the teacher;
+    the gradient is that of the soft cross-entropy). ``smoothing`` mixes that share of the uniform
+    distribution into every target. Normalised by the batch's total weight, so the loss is a per-batch
+    mean (the Trainer divides it by the accumulation steps; see :class:`PreferenceTrainer`).
+    """
+    target = target.float()
+    if smoothing:
+        target = (1.0 - smoothing) * target + smoothing / target.shape[-1]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    per_row = (torch.special.xlogy(target, target) - target * logp).sum(-1)
+    if weight is None:
+        return per_row.mean()
+    weight = weight.float()
+    return (weight * per_row).sum() / weight.sum().clamp_min(1e-12)
+
+
+class PreferenceTrainer(Trainer):
+    """Trainer whose loss is :func:`preference_loss` on ``labels`` (n, 3) and row weights ``weight``.
+
+    ``loss_is_scaled_for_ga = False`` tells the Trainer our loss is a per-batch mean that it must divide
+    by the accumulation steps: a model whose ``forward`` takes ``**kwargs`` (Gemma-2, Llama) would
+    otherwise be taken to normalise by ``num_items_in_batch`` itself, and accumulation over k batches
+    would give k times the gradient of one k-times-larger batch.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, label_smoothing: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        target, weight = inputs.pop("labels"), inputs.pop("weight", None)
+        outputs = model(**inputs)
+        smoothing = self.label_smoothing if model.training else 0.0  # validation log loss is unsmoothed
+        loss = preference_loss(outputs.logits, target, weight, smoothing)
+        return (loss, outputs) if return_outputs else loss
+
+
+def training_arguments(params, precision: Precision, device: torch.device, output_dir, optim: str,
+                       seed: int, progress: bool, **overrides) -> TrainingArguments:
+    """The Trainer arguments both deep stages share; ``overrides`` adds or replaces stage-specific ones."""
+    p = params
+    kwargs = dict(
+        output_dir=str(output_dir), use_cpu=device.type == "cpu", per_device_train_batch_size=int(p.train_batch_size),
+        per_device_eval_batch_size=int(p.predict_batch_size), gradient_accumulation_steps=int(p.grad_accum),
+        learning_rate=float(p.learning_rate), weight_decay=float(p.weight_decay), num_train_epochs=float(p.epochs),
+        max_steps=int(p.max_steps), lr_scheduler_type="cosine", warmup_steps=float(p.warmup_ratio),  # < 1: a ratio
+        max_grad_norm=float(p.max_grad_norm), optim=optim, logging_steps=int(p.logging_steps),
+        save_strategy="steps" if p.save_steps else "no", save_steps=int(p.save_steps) or 500, save_total_limit=1,
+        report_to="none", remove_unused_columns=False, label_names=["labels"],
+        train_sampling_strategy="group_by_length", seed=int(seed), data_seed=int(seed), disable_tqdm=not progress,
+        dataloader_num_workers=int(p.num_workers), dataloader_pin_memory=device.type == "cuda",
+        ddp_find_unused_parameters=False, **precision.trainer_flags(),
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+@contextmanager
+def checkpoint_folder(work_dir):
+    """``(folder, resume_from)`` for one fold's training; removes the folder when training succeeded.
+
+    ``work_dir`` is the fold directory (checkpoints kept there, and resumed from) or ``None`` (a
+    temporary folder that every rank of a multi-process launch shares; nothing is resumed).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    if work_dir is not None:
+        folder = Path(work_dir) / CHECKPOINTS
+    else:
+        made = [tempfile.mkdtemp(prefix="deep-trainer-") if state.is_main_process else None]
+        broadcast_object_list(made)
+        folder = Path(made[0])
+    resume = get_last_checkpoint(folder) if work_dir is not None and folder.is_dir() else None
+    if resume:
+        log.info("resuming the fold's training from %s", resume)
+    yield folder, resume
+    state.wait_for_everyone()
+    if is_main_process():
+        shutil.rmtree(folder, ignore_errors=True)
