@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-COMMANDS = ("all", "train", "stack", "tune", "predict", "pseudo-label")
+COMMANDS = ("all", "train", "stack", "tune", "predict", "pseudo-label", "pair-chatlogs")
 log = logging.getLogger("run")
 
 
@@ -67,9 +67,26 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--source", default="pseudo", help="source tag of the written rows")
     pl.add_argument("--weight", type=float, default=1.0, help="training weight written on every row")
     pl.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens, > 1 softens the soft labels")
-    pl.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pl.add_argument("--chunk-rows", type=int, default=4096, help="battles read, scored and written at a time")
+    pl.add_argument("--overwrite", action="store_true", help="replace --out (or an unfinished <out>.partial of "
+                                                             "other inputs) instead of refusing; a rerun of the same "
+                                                             "command resumes an interrupted job")
     pl.add_argument("--quiet", action="store_true")
     pl.add_argument("--verbose", action="store_true")
+    pc = sub.add_parser("pair-chatlogs", help="pair single-reply chat logs (LMSYS-Chat-1M layout) into unlabelled "
+                                              "battles, streamed (see battles/chatlogs.py)")
+    pc.add_argument("--data", required=True, nargs="+", help="chat logs (.parquet/.jsonl[.gz]): conversation_id, "
+                                                             "model, conversation, [language]")
+    pc.add_argument("--out", required=True, help="battle file to write (.parquet or .jsonl); report beside it")
+    pc.add_argument("--train", help="training battles: pairs repeating their prompts or battles are dropped")
+    pc.add_argument("--max-pairs-per-prompt", type=int, default=3, help="cap of pairs per prompt (0: no cap)")
+    pc.add_argument("--seed", type=int, default=42, help="seed of sides, cap samples and repeat picks")
+    pc.add_argument("--source", default="chatlog", help="source tag (and id prefix) of the pairs")
+    pc.add_argument("--language", action="append", help="keep only this language (repeatable)")
+    pc.add_argument("--keep-prompt-matches", action="store_true", help="keep pairs whose prompt is a training prompt")
+    pc.add_argument("--overwrite", action="store_true", help="replace --out and its report if they exist")
+    pc.add_argument("--quiet", action="store_true")
+    pc.add_argument("--verbose", action="store_true")
     return p
 
 
@@ -139,6 +156,8 @@ def main(argv=None) -> int:
         return _predict(args)
     if args.command == "pseudo-label":
         return _pseudo_label(args)
+    if args.command == "pair-chatlogs":
+        return _pair_chatlogs(args)
     try:
         cfg = _resolve_config(args)
         run = Run(args.out, cfg, args.train, args.test)
@@ -193,21 +212,41 @@ def _predict(args) -> int:
 
 def _pseudo_label(args) -> int:
     from battles.io import BattleDataError
-    from battles.pseudo_label import pseudo_label
+    from battles.pseudo_label import pseudo_label_file
     from battles.files import content_key, read_json
+    from pipeline.predict import Predictor
     from pipeline.runner import RunError
 
     try:
-        predictor, battles = _predictor_and_battles(args, args.data)
-        provenance = {"run": str(Path(args.run).resolve()), "data": str(Path(args.data).resolve()),
-                      "stages": predictor.ensemble["stages"], "ensemble": predictor.ensemble["chosen"],
+        if Path(args.out).exists() and not args.overwrite:  # before loading the run's models
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+        predictor = Predictor.load(args.run)
+        provenance = {"run": str(Path(args.run).resolve()), "stages": predictor.ensemble["stages"],
+                      "ensemble": predictor.ensemble["chosen"], "ensemble_key": content_key(predictor.ensemble),
                       "run_config_hash": content_key(read_json(Path(args.run) / "config.json"))}
-        pseudo_label(battles, predictor.predict_proba, args.out, provenance, source=args.source, weight=args.weight,
-                     temperature=args.temperature, overwrite=args.overwrite)
+        n = pseudo_label_file(args.data, predictor.predict_proba, args.out, provenance, source=args.source,
+                              weight=args.weight, temperature=args.temperature, chunk_rows=args.chunk_rows,
+                              overwrite=args.overwrite, progress=not args.quiet)
     except (BattleDataError, RunError, FileNotFoundError, FileExistsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    print(f"wrote {len(battles)} pseudo-labelled battles to {args.out}")
+    print(f"wrote {n} pseudo-labelled battles to {args.out}")
+    return 0
+
+
+def _pair_chatlogs(args) -> int:
+    from battles.chatlogs import pair_chatlogs
+    from battles.io import BattleDataError
+
+    params = {"source": args.source, "seed": args.seed, "max_pairs_per_prompt": args.max_pairs_per_prompt or None,
+              "languages": args.language, "drop_prompt_matches": not args.keep_prompt_matches}
+    try:
+        report = pair_chatlogs(args.data, args.out, train=args.train, params=params, overwrite=args.overwrite,
+                               progress=not args.quiet)
+    except (BattleDataError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(report.summary())
     return 0
 
 
