@@ -79,9 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                                                              "model, conversation, [language]")
     pc.add_argument("--out", required=True, help="battle file to write (.parquet or .jsonl); report beside it")
     pc.add_argument("--train", help="training battles: pairs repeating their prompts or battles are dropped")
-    pc.add_argument("--max-pairs-per-prompt", type=int, default=3, help="cap of pairs per prompt (0: no cap)")
-    pc.add_argument("--seed", type=int, default=42, help="seed of sides, cap samples and repeat picks")
-    pc.add_argument("--source", default="chatlog", help="source tag (and id prefix) of the pairs")
+    pc.add_argument("--max-pairs-per-prompt", type=int, help="cap of pairs per prompt (default 3; 0: no cap)")
+    pc.add_argument("--seed", type=int, help="seed of sides, cap samples and repeat picks")
+    pc.add_argument("--source", help="source tag (and id prefix) of the pairs (default chatlog)")
     pc.add_argument("--language", action="append", help="keep only this language (repeatable)")
     pc.add_argument("--keep-prompt-matches", action="store_true", help="keep pairs whose prompt is a training prompt")
     pc.add_argument("--overwrite", action="store_true", help="replace --out and its report if they exist")
@@ -238,8 +238,13 @@ def _pair_chatlogs(args) -> int:
     from battles.chatlogs import pair_chatlogs
     from battles.io import BattleDataError
 
-    params = {"source": args.source, "seed": args.seed, "max_pairs_per_prompt": args.max_pairs_per_prompt or None,
-              "languages": args.language, "drop_prompt_matches": not args.keep_prompt_matches}
+    given = {"source": args.source, "seed": args.seed, "languages": args.language,
+             "max_pairs_per_prompt": args.max_pairs_per_prompt}
+    params = {k: v for k, v in given.items() if v is not None}  # defaults live in PairingParams
+    if args.max_pairs_per_prompt == 0:
+        params["max_pairs_per_prompt"] = None  # no cap
+    if args.keep_prompt_matches:
+        params["drop_prompt_matches"] = False
     try:
         report = pair_chatlogs(args.data, args.out, train=args.train, params=params, overwrite=args.overwrite,
                                progress=not args.quiet)

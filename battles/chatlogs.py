@@ -39,11 +39,11 @@ conversation it could pair with lands in the same shard; it keeps only 8 bytes p
 de-duplicating shard by shard finds every exact match. Pass 2 loads one shard at a time, pairs,
 de-duplicates, validates (:func:`battles.io.battles_from_frame`) and appends the pairs to the output
 (a parquet row group or JSONL lines), written atomically. Peak memory: one input batch or one shard,
-plus the training file.
+plus the training file. The shards live in a hidden temporary directory beside the output (or in
+``work_dir``), removed at the end (a killed job leaves ``.<out>.shards-*`` behind: delete it).
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import itertools
 import json
@@ -65,9 +65,9 @@ from battles.context import DEFAULT_SEED
 from battles.converters import ConversionReport, _messages, _side_coin, _Unusable, conversation_to_turns
 from battles.dedup import DedupConfig, find_duplicates
 from battles.files import write_atomic, write_json
-from battles.io import TEXT_COLUMNS, BattleDataError, RepairReport, battles_from_frame, read_battles
+from battles.io import TEXT_COLUMNS, BattleDataError, battles_from_frame, read_battles
 from battles.schema import Section
-from battles.stream import count_rows, file_kind, iter_frames
+from battles.stream import BattleWriter, count_rows, file_kind, iter_frames
 from battles.text import normalised
 
 log = logging.getLogger(__name__)
@@ -145,26 +145,44 @@ def _missing(value) -> bool:
 # pass 1: conversations -> shard files
 
 
+def _turns(path, row: int, conv, language, languages: set | None) -> tuple[list[str], list[str]]:
+    """User turns and replies of one log row; :class:`_Unusable` names why a row cannot be paired."""
+    if languages is not None and language not in languages:
+        raise _Unusable("language_filtered", str(language))
+    if _missing(conv):
+        raise BattleDataError(path, "missing value", row, "conversation")
+    messages = _messages(conv, path, row, "conversation")
+    if messages is None:
+        raise BattleDataError(path, "expected a list of {role, content} messages", row, "conversation")
+    users, replies = conversation_to_turns(messages)
+    if not users[0].strip():
+        raise _Unusable("empty_prompt")
+    if not replies[-1].strip():
+        raise _Unusable("empty_final_reply")
+    return users, replies
+
+
 def _shard_conversations(paths, params: PairingParams, report: ChatlogReport, shards: list,
                          progress: bool) -> None:
     """Read every input file in batches; append each usable conversation to its prompt's shard."""
     languages = set(params.languages) if params.languages else None
     id_hashes = array("Q")  # one per row read, in reading order: duplicate conversation ids are refused
     row_origin = []  # (file, first global index) per file, to name the rows of a duplicate
-    total = sum(count_rows(p) for p in paths)
-    bar = tqdm(total=total, desc="chat logs: read", unit="conv", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=sum(count_rows(p) for p in paths), desc="chat logs: read", unit="conv", disable=not progress,
+               smoothing=0.1)
     for path in paths:
         row_origin.append((path, len(id_hashes)))
-        checked = False
         for first, frame in iter_frames(path, params.batch_rows, columns=COLUMNS):
-            if not checked:
-                missing = [c for c in COLUMNS[:3] if c not in frame.columns]
-                if missing:
-                    raise BattleDataError(path, f"missing column(s) {missing}; found {list(frame.columns)}")
-                checked = True
-            languages_col = frame["language"].tolist() if "language" in frame.columns else [None] * len(frame)
-            for k, (cid, model, conv, lang) in enumerate(zip(frame["conversation_id"].tolist(), frame["model"].tolist(),
-                                                             frame["conversation"].tolist(), languages_col)):
+            missing = [c for c in COLUMNS[:3] if c not in frame.columns]
+            if missing:
+                raise BattleDataError(path, f"missing column(s) {missing} (rows {first + 1}-{first + len(frame)}); "
+                                            f"found {list(frame.columns)}")
+            if languages is not None and "language" not in frame.columns:
+                raise BattleDataError(path, f"a language filter needs a 'language' column (rows {first + 1}-)")
+            frame_languages = frame["language"].tolist() if "language" in frame.columns else [None] * len(frame)
+            for k, (cid, model, conv, language) in enumerate(zip(
+                    frame["conversation_id"].tolist(), frame["model"].tolist(), frame["conversation"].tolist(),
+                    frame_languages)):
                 row = first + k + 1
                 report.rows_read += 1
                 for column, value in (("conversation_id", cid), ("model", model)):
@@ -172,22 +190,10 @@ def _shard_conversations(paths, params: PairingParams, report: ChatlogReport, sh
                         raise BattleDataError(path, "missing value", row, column)
                 cid, model = str(cid), str(model)
                 id_hashes.append(_id_hash(cid))
-                if languages is not None and lang not in languages:
-                    report.drop("language_filtered", row, str(lang))
-                    continue
-                if _missing(conv):
-                    raise BattleDataError(path, "missing value", row, "conversation")
-                messages = _messages(conv, path, row, "conversation")
-                if messages is None:
-                    raise BattleDataError(path, "expected a list of {role, content} messages", row, "conversation")
                 try:
-                    users, replies = conversation_to_turns(messages)
-                    if not users[0].strip():
-                        raise _Unusable("empty_prompt")
-                    if not replies[-1].strip():
-                        raise _Unusable("empty_final_reply")
+                    users, replies = _turns(path, row, conv, language, languages)
                 except _Unusable as exc:
-                    report.drop(exc.reason, row, exc.detail or cid)
+                    report.drop(exc.reason, row, f"{cid} {exc.detail}".strip())
                     continue
                 first_key = _key(users[:1])
                 prompt_key = first_key if len(users) == 1 else _key(users)
@@ -312,39 +318,7 @@ def _shard_battles(shard_path: Path, target: pd.DataFrame, params: PairingParams
 
 
 # --------------------------------------------------------------------------------------------
-# output
-
-
-class _BattleWriter:
-    """Appends battle tables to one parquet (a row group each) or JSONL file."""
-
-    def __init__(self, path: Path, kind: str):
-        self.path, self.kind, self.n = path, kind, 0
-        self._parquet = self._text = None
-
-    def write(self, battles: pd.DataFrame) -> None:
-        frame = battles[OUTPUT_COLUMNS]
-        if self.kind == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            schema = pa.schema([("id", pa.string()), *[(c, pa.list_(pa.string())) for c in TEXT_COLUMNS],
-                                ("model_a", pa.string()), ("model_b", pa.string()), ("source", pa.string())])
-            if self._parquet is None:
-                self._parquet = pq.ParquetWriter(self.path, schema)
-            self._parquet.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
-        else:
-            if self._text is None:
-                opener = gzip.open if self.path.name.endswith(".gz") else open
-                self._text = opener(self.path, "wt", encoding="utf-8")
-            for rec in frame.to_dict("records"):
-                self._text.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.n += len(frame)
-
-    def close(self) -> None:
-        for handle in (self._parquet, self._text):
-            if handle is not None:
-                handle.close()
+# the job
 
 
 def _shard_target(train, n_shards: int) -> tuple[pd.DataFrame, list]:
@@ -398,7 +372,7 @@ def pair_chatlogs(data, out, train=None, params: PairingParams | dict | None = N
         repairs: Counter = Counter()
 
         def write(tmp_out):
-            writer = _BattleWriter(Path(tmp_out), out_kind)
+            writer = BattleWriter(Path(tmp_out), out_kind, OUTPUT_COLUMNS)
             try:
                 for s in tqdm(range(n_shards), desc="chat logs: pair", unit="shard", disable=not progress):
                     battles = _shard_battles(shard_paths[s], target.iloc[target_rows[s]], params, dedup, report,

@@ -171,7 +171,7 @@ def _differences(saved: dict, job: dict) -> list[str]:
     return [f"{k}: {saved.get(k)!r} then, {job.get(k)!r} now" for k in keys if saved.get(k) != job.get(k)]
 
 
-def _resume_state(partial: Path, seen_ids: set) -> list[np.ndarray]:
+def _resume_state(partial: Path, seen_ids: set) -> np.ndarray:
     """Probabilities of the rows already written (ids into ``seen_ids``); a torn last line is cut."""
     probs, good_end = [], 0
     with open(partial, "r+b") as f:
@@ -191,7 +191,7 @@ def _resume_state(partial: Path, seen_ids: set) -> list[np.ndarray]:
         if f.seek(0, os.SEEK_END) != good_end:
             log.warning("%s: cutting a torn last line (%d bytes)", partial, f.tell() - good_end)
             f.truncate(good_end)
-    return [np.asarray(probs, dtype=np.float64).reshape(-1, 3)]
+    return np.asarray(probs, dtype=np.float64).reshape(-1, 3)
 
 
 def pseudo_label_file(data, predict_fn: Callable[[pd.DataFrame], np.ndarray], out, provenance: dict,
@@ -214,13 +214,14 @@ def pseudo_label_file(data, predict_fn: Callable[[pd.DataFrame], np.ndarray], ou
         saved = _read_header(partial)
         if saved is None:
             raise FileExistsError(f"{partial} exists but is not an unfinished pseudo-label file; move it away")
+        differences = _differences(saved, job)
         if overwrite:
             partial.unlink()
-        elif _differences(saved, job):
-            raise FileExistsError(f"{partial} is an unfinished job with other inputs ({'; '.join(_differences(saved, job))}); "
+        elif differences:
+            raise FileExistsError(f"{partial} is an unfinished job with other inputs ({'; '.join(differences)}); "
                                   "rerun with the same arguments to resume it, or pass --overwrite to start afresh")
         else:
-            done = _resume_state(partial, seen_ids)
+            done = [_resume_state(partial, seen_ids)]
             job = {**job, "started_at": saved.get("started_at")}
             log.info("resuming %s after %d battles", partial, len(done[0]))
     if not partial.exists():
@@ -238,7 +239,7 @@ def pseudo_label_file(data, predict_fn: Callable[[pd.DataFrame], np.ndarray], ou
             os.fsync(f.fileno())
             done.append(probs)
             bar.update(len(chunk))
-    probs = np.concatenate(done)
+    probs = np.concatenate(done) if done else np.zeros((0, 3))
     if len(probs) == 0:
         raise BattleDataError(data, "no battles to pseudo-label")
 

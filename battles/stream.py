@@ -1,4 +1,4 @@
-"""Reading large row files in chunks: parquet row batches, JSONL and CSV (``.gz`` too), never whole.
+"""Reading (and writing) large row files in chunks: parquet row batches, JSONL and CSV (``.gz`` too), never whole.
 
 Where :mod:`battles.io` reads a file into one table, this module hands it out ``rows`` at a time,
 so a million-row input costs one chunk of memory:
@@ -9,23 +9,23 @@ so a million-row input costs one chunk of memory:
   :func:`battles.io.battles_from_frame`; errors name the file's row (counted over the whole file,
   as a person counts data rows) and ids must be unique over the whole file.
 * :func:`count_rows` (for progress bars with an ETA) and :func:`file_sha256` (what a resume key
-  holds to know that a data file did not change).
+  holds to know that a data file did not change);
+* :class:`BattleWriter` - the other direction: battle tables appended chunk by chunk to one parquet
+  or JSONL file.
 
 A record is a data row: a CSV row, a non-blank JSONL line, a parquet row.
 """
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
-import io
 import json
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 
-from battles.io import BattleDataError, battles_from_frame
+from battles.io import TEXT_COLUMNS, BattleDataError, battles_from_frame
 
 CHUNK_ROWS = 4096
 
@@ -61,11 +61,11 @@ def count_rows(path) -> int:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
-    with _open_binary(path) as f:
-        if kind == "jsonl":
+    if kind == "jsonl":
+        with _open_binary(path) as f:
             return sum(1 for line in f if line.strip())
-        text = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
-        return max(0, sum(1 for _ in csv.reader(text)) - 1)  # quoted cells may hold newlines
+    # quoted cells may hold newlines: the CSV parser counts rows, keeping one column
+    return sum(len(c) for c in pd.read_csv(path, usecols=[0], dtype=str, keep_default_na=False, chunksize=1 << 16))
 
 
 def file_sha256(path, block: int = 1 << 20) -> str:
@@ -92,7 +92,7 @@ def _jsonl_frames(path: Path, rows: int, start: int, columns) -> Iterator[tuple[
                 raise BattleDataError(path, f"line {line_no} is not a JSON object ({exc})") from None
             if not isinstance(rec, dict):
                 raise BattleDataError(path, f"line {line_no} is a JSON {type(rec).__name__}, expected an object")
-            records.append({k: rec.get(k) for k in columns} if columns else rec)
+            records.append({k: rec[k] for k in columns if k in rec} if columns else rec)
             if len(records) == rows:
                 yield first, pd.DataFrame.from_records(records)
                 first, records = first + len(records), []
@@ -176,3 +176,37 @@ def iter_battle_chunks(path, rows: int = CHUNK_ROWS, start: int = 0, seen_ids: s
                 raise BattleDataError(path, f"duplicate id {bid!r} (seen in an earlier row)", first + k + 1, "id")
             seen_ids.add(bid)
         yield first, battles
+
+
+class BattleWriter:
+    """Appends battle tables to one parquet file (a row group each) or JSONL file (``.gz`` too).
+
+    ``columns``: what is written, in order; the turn columns as lists of strings, the others as text.
+    The caller makes the file atomic (:func:`battles.files.write_atomic` around the whole job).
+    """
+
+    def __init__(self, path, kind: str, columns: list[str]):
+        self.path, self.kind, self.columns, self.n = Path(path), kind, list(columns), 0
+        self._parquet = self._text = None
+
+    def write(self, battles: pd.DataFrame) -> None:
+        frame = battles[self.columns]
+        if self.kind == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pa.schema([(c, pa.list_(pa.string()) if c in TEXT_COLUMNS else pa.string()) for c in self.columns])
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(self.path, schema)
+            self._parquet.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
+        else:
+            if self._text is None:
+                opener = gzip.open if self.path.name.endswith(".gz") else open
+                self._text = opener(self.path, "wt", encoding="utf-8")
+            self._text.write("".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in frame.to_dict("records")))
+        self.n += len(frame)
+
+    def close(self) -> None:
+        for handle in (self._parquet, self._text):
+            if handle is not None:
+                handle.close()

@@ -164,8 +164,14 @@ def test_deduplicated_against_training(tmp_path):
 def test_bad_input_is_named_and_outputs_are_guarded(tmp_path):
     data = tmp_path / "chat.jsonl"
     _write_jsonl(data, [{"conversation_id": "c1", "conversation": _conv("a", "b")}])
-    with pytest.raises(BattleDataError, match=r"chat.jsonl, row 1, column 'model': missing value"):
+    with pytest.raises(BattleDataError, match=r"chat.jsonl: missing column\(s\) \['model'\] \(rows 1-1\)"):
         pair_chatlogs(data, tmp_path / "o.parquet", progress=False)
+    _write_jsonl(data, [_row("c1", "m1", _conv("a", "b")), _row("c2", None, _conv("a", "c"))])
+    with pytest.raises(BattleDataError, match=r"chat.jsonl, row 2, column 'model': missing value"):
+        pair_chatlogs(data, tmp_path / "o.parquet", progress=False)
+    with pytest.raises(BattleDataError, match="a language filter needs a 'language' column"):
+        _write_jsonl(data, [{k: v for k, v in _row("c1", "m1", _conv("a", "b")).items() if k != "language"}])
+        pair_chatlogs(data, tmp_path / "o.parquet", params={"languages": ["English"]}, progress=False)
     data.write_text(json.dumps(_row("c1", "m1", _conv("a", "b"))) + "\n{not json\n")
     with pytest.raises(BattleDataError, match="line 2 is not a JSON object"):
         pair_chatlogs(data, tmp_path / "o.parquet", progress=False)
@@ -194,3 +200,26 @@ def test_bad_input_is_named_and_outputs_are_guarded(tmp_path):
     pair_chatlogs(data, tmp_path / "o.parquet", overwrite=True, progress=False)
     assert len(_pairs(tmp_path / "o.parquet")) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl", "o.parquet", "o.parquet.report.json"]
+
+
+def test_cli_pairs_then_pseudo_labels(finished_run, slice_files, tmp_path, capsys):
+    """run.py pair-chatlogs, then run.py pseudo-label on its output: the flywheel's first two steps."""
+    import run as cli
+    from battles.pseudo_label import read_pseudo_labels
+
+    _write_jsonl(tmp_path / "chat.jsonl", _many_prompts(20, ("m1", "m2", "m3")))
+    pairs = tmp_path / "pairs.parquet"
+    args = ["pair-chatlogs", "--data", str(tmp_path / "chat.jsonl"), "--out", str(pairs), "--train",
+            str(slice_files / "train.csv"), "--max-pairs-per-prompt", "2", "--quiet"]
+    assert cli.main(args) == 0
+    assert "60 conversations read, 60 paired" in capsys.readouterr().out
+    assert cli.main(args) == 2  # refuses to overwrite
+    assert cli.main([*args, "--overwrite", "--seed", "7"]) == 0
+    battles = _pairs(pairs)
+    assert len(battles) == 40 and json.loads((tmp_path / "pairs.parquet.report.json").read_text())["params"]["seed"] == 7
+    out = tmp_path / "pseudo.jsonl"
+    assert cli.main(["pseudo-label", "--run", str(finished_run), "--data", str(pairs), "--out", str(out),
+                     "--chunk-rows", "16", "--quiet"]) == 0
+    labelled, provenance = read_pseudo_labels(out)
+    assert sorted(labelled["id"]) == battles["id"].tolist() and provenance["n_battles"] == 40
+    assert (labelled["source"] == "pseudo").all() and labelled["model_a"].isin(["m1", "m2", "m3"]).all()
