@@ -184,8 +184,8 @@ def main(argv=None) -> int:
 
 
 def _predictor_and_battles(args, data_path):
-    """The shared start of ``predict`` and ``pseudo-label``: refuse to overwrite ``--out`` unless told,
-    load the finished run, read the battles to score (labels, if any, ignored)."""
+    """The start of ``predict``: refuse to overwrite ``--out`` unless told, load the finished run, read
+    the battles to score (labels, if any, ignored). ``pseudo-label`` streams its input instead."""
     from battles.io import read_battles
     from pipeline.predict import Predictor
 

@@ -24,9 +24,10 @@ Pairing rules (each unusable conversation or pair is dropped and counted under i
    neither ids nor sides depend on row order, batch size or shard count.
 5. Pairs go through :func:`battles.dedup.find_duplicates` against the training file with its exact
    rules (``exact_battle_in_target``, ``exact_prompt_in_target`` - dropped by default, as the
-   external-data path does - and ``exact_within_external``; reply matches are flagged). Near
-   duplicates (MinHash) are left to the run: pseudo-labelled pairs used as an external source are
-   de-duplicated again, near rules included, when a run loads them.
+   external-data path does - and ``exact_within_external``; replies equal to a training reply to the
+   same first prompt are counted in ``flagged_pairs``, and kept). Near duplicates (MinHash) are
+   left to the run: pseudo-labelled pairs used as an external source are de-duplicated again, near
+   rules included, when a run loads them.
 
 The report counts conversations (``rows_read == sum(dropped) + conversations_paired``) and pairs
 (``pairs_considered == sum(dropped_pairs) + kept``) separately, plus the reader's repairs.
@@ -89,7 +90,6 @@ class PairingParams(Section):
     seed: int = DEFAULT_SEED
     languages: list[str] | None = None  # keep only these ``language`` values; None: all
     drop_prompt_matches: bool = True  # drop pairs whose prompt is a training prompt
-    drop_reply_matches: bool = False  # drop pairs with a reply equal to a training reply
     n_shards: int | None = Field(None, ge=1, le=1024)  # None: one per 16 MiB of input, 16 to 256
     batch_rows: int = Field(8192, ge=1)
 
@@ -358,8 +358,7 @@ def pair_chatlogs(data, out, train=None, params: PairingParams | dict | None = N
                            params={**params.as_dict(), "n_shards": n_shards})
     target, target_rows = _shard_target(train, n_shards)
     report.n_target = len(target)
-    dedup = DedupConfig(near=False, drop_prompt_matches=params.drop_prompt_matches,
-                        drop_reply_matches=params.drop_reply_matches)
+    dedup = DedupConfig(near=False, drop_prompt_matches=params.drop_prompt_matches)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.shards-", dir=work_dir or out.parent) as tmp:
         shard_paths = [Path(tmp) / f"shard{s:04d}.jsonl" for s in range(n_shards)]
