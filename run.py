@@ -6,6 +6,7 @@
   python run.py tune --run runs/x                                          # compare ensembles, save the chosen one
   python run.py predict --run runs/x --test new.csv --out preds.csv        # predict new battles with a run
   python run.py pseudo-label --run runs/x --data unlabelled.jsonl --out pseudo.jsonl   # soft labels for training
+  python run.py pair-chatlogs --data chat.parquet --out pairs.parquet --train train.csv # battles from chat logs
 
 A rerun of the same command resumes: finished folds and stages are reused. Every command that fits the
 ensemble writes runs/x/ensemble/ensemble.json (what predict uses), submission.csv (with a test set) and
@@ -20,7 +21,7 @@ import sys
 import traceback
 from pathlib import Path
 
-COMMANDS = ("all", "train", "tune", "predict", "pseudo-label")
+COMMANDS = ("all", "train", "tune", "predict", "pseudo-label", "pair-chatlogs")
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 log = logging.getLogger("run")
 
@@ -75,8 +76,24 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--source", default="pseudo", help="source tag of the written rows")
     pl.add_argument("--weight", type=float, default=1.0, help="training weight written on every row")
     pl.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens, > 1 softens the soft labels")
-    pl.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    pl.add_argument("--chunk-rows", type=int, default=4096, help="battles read, scored and written at a time")
+    pl.add_argument("--overwrite", action="store_true", help="replace --out (or an unfinished <out>.partial of "
+                                                             "other inputs) instead of refusing; a rerun of the same "
+                                                             "command resumes an interrupted job")
     loudness(pl)
+    pc = sub.add_parser("pair-chatlogs", help="pair single-reply chat logs (LMSYS-Chat-1M layout) into unlabelled "
+                                              "battles, streamed (see battles/chatlogs.py)")
+    pc.add_argument("--data", required=True, nargs="+", help="chat logs (.parquet/.jsonl[.gz]): conversation_id, "
+                                                             "model, conversation, [language]")
+    pc.add_argument("--out", required=True, help="battle file to write (.parquet or .jsonl); report beside it")
+    pc.add_argument("--train", help="training battles: pairs repeating their prompts or battles are dropped")
+    pc.add_argument("--max-pairs-per-prompt", type=int, help="cap of pairs per prompt (default 3; 0: no cap)")
+    pc.add_argument("--seed", type=int, help="seed of sides, cap samples and repeat picks")
+    pc.add_argument("--source", help="source tag (and id prefix) of the pairs (default chatlog)")
+    pc.add_argument("--language", action="append", help="keep only this language (repeatable)")
+    pc.add_argument("--keep-prompt-matches", action="store_true", help="keep pairs whose prompt is a training prompt")
+    pc.add_argument("--overwrite", action="store_true", help="replace --out and its report if they exist")
+    loudness(pc)
     return p
 
 
@@ -182,24 +199,39 @@ def _cmd_predict(args) -> int:
 
 def _cmd_pseudo_label(args) -> int:
     from battles.files import check_output_file, content_key, read_json
-    from battles.io import read_battles
-    from battles.pseudo_label import pseudo_label
+    from battles.pseudo_label import pseudo_label_file
     from pipeline.predict import Predictor
 
-    check_output_file(args.out, args.overwrite)
-    battles, _ = read_battles(args.data, require_labels=False)
-    predictor = Predictor.load(args.run, progress=not args.quiet)
-    provenance = {"run": str(Path(args.run).resolve()), "data": str(Path(args.data).resolve()),
-                  "stages": predictor.ensemble["stages"], "ensemble": predictor.ensemble["chosen"],
+    check_output_file(args.out, args.overwrite)  # before loading the run's models
+    predictor = Predictor.load(args.run, progress=False)
+    provenance = {"run": str(Path(args.run).resolve()), "stages": predictor.ensemble["stages"],
+                  "ensemble": predictor.ensemble["chosen"], "ensemble_key": content_key(predictor.ensemble),
                   "run_config_hash": content_key(read_json(predictor.run.config))}
-    pseudo_label(battles, predictor.predict_proba, args.out, provenance, source=args.source, weight=args.weight,
-                 temperature=args.temperature, overwrite=args.overwrite)
-    print(f"wrote {len(battles)} pseudo-labelled battles to {args.out}")
+    n = pseudo_label_file(args.data, predictor.predict_proba, args.out, provenance, source=args.source,
+                          weight=args.weight, temperature=args.temperature, chunk_rows=args.chunk_rows,
+                          overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {n} pseudo-labelled battles to {args.out}")
+    return 0
+
+
+def _cmd_pair_chatlogs(args) -> int:
+    from battles.chatlogs import pair_chatlogs
+
+    given = {"source": args.source, "seed": args.seed, "languages": args.language,
+             "max_pairs_per_prompt": args.max_pairs_per_prompt}
+    params = {k: v for k, v in given.items() if v is not None}  # defaults live in PairingParams
+    if args.max_pairs_per_prompt == 0:
+        params["max_pairs_per_prompt"] = None  # no cap
+    if args.keep_prompt_matches:
+        params["drop_prompt_matches"] = False
+    report = pair_chatlogs(args.data, args.out, train=args.train, params=params, overwrite=args.overwrite,
+                           progress=not args.quiet)
+    print(report.summary())
     return 0
 
 
 HANDLERS = {"all": _cmd_train, "train": _cmd_train, "tune": _cmd_tune, "predict": _cmd_predict,
-            "pseudo-label": _cmd_pseudo_label}
+            "pseudo-label": _cmd_pseudo_label, "pair-chatlogs": _cmd_pair_chatlogs}
 
 
 # ----------------------------------------------------------------------------------------------- errors

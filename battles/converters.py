@@ -82,7 +82,7 @@ def _finish(frame: pd.DataFrame, path, source: str, report: ConversionReport) ->
     return battles, report
 
 
-def _side_coin(seed: int, *keys) -> int:
+def side_coin(seed: int, *keys) -> int:
     """A deterministic coin (0 or 1) per pair: the same pair lands on the same side in every run."""
     digest = hashlib.sha256(json.dumps([seed, *map(str, keys)]).encode("utf-8", "surrogatepass")).digest()
     return digest[0] & 1
@@ -172,7 +172,7 @@ _ROLE = {"human": "user", "user": "user", "assistant": "assistant", "gpt": "assi
          "model": "assistant", "system": "system"}
 
 
-class _Unusable(Exception):
+class Unusable(Exception):
     """A row that is understood but cannot become a battle; the message is the drop reason."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -198,7 +198,7 @@ def split_transcript(text: str) -> list[tuple[str, str]]:
     return turns
 
 
-def _messages(value, path, row: int, column: str) -> list[tuple[str, str]] | None:
+def parse_messages(value, path, row: int, column: str) -> list[tuple[str, str]] | None:
     """A cell as ``(role, text)`` messages, or None when it is plain text (one turn).
 
     Understood: a ``Human:/Assistant:`` transcript, a list (or JSON list) of ``{role, content}``
@@ -252,11 +252,11 @@ def conversation_to_turns(turns: list[tuple[str, str]]) -> tuple[list[str], list
     """``(role, text)`` messages -> (user turns, assistant turns), one reply per user turn."""
     turns = _merge_same_role(turns)
     if not turns:
-        raise _Unusable("empty_conversation")
+        raise Unusable("empty_conversation")
     if turns[0][0] != "user":
-        raise _Unusable("starts_with_assistant")
+        raise Unusable("starts_with_assistant")
     if turns[-1][0] != "assistant":
-        raise _Unusable("no_final_reply")
+        raise Unusable("no_final_reply")
     users = [t for r, t in turns if r == "user"]
     replies = [t for r, t in turns if r == "assistant"]
     return users, replies
@@ -270,7 +270,7 @@ def _prompt_messages(prompt, path, row: int) -> list[tuple[str, str]]:
     """The prompt cell as messages, without a trailing empty ``Assistant:`` cue."""
     if prompt is None:
         raise BattleDataError(path, "replies without their conversation need a 'prompt' column", row, "prompt")
-    msgs = _messages(prompt, path, row, "prompt")
+    msgs = parse_messages(prompt, path, row, "prompt")
     if msgs is None:
         msgs = [("user", str(prompt))]
     if msgs and msgs[-1][0] == "assistant" and not msgs[-1][1].strip():
@@ -280,10 +280,10 @@ def _prompt_messages(prompt, path, row: int) -> list[tuple[str, str]]:
 
 def _pair_turns(prompt, chosen, rejected, path, row: int):
     """(prompt turns, chosen replies, rejected replies) from one preference row."""
-    c_msgs = _messages(chosen, path, row, "chosen")
-    r_msgs = _messages(rejected, path, row, "rejected")
+    c_msgs = parse_messages(chosen, path, row, "chosen")
+    r_msgs = parse_messages(rejected, path, row, "rejected")
     if (c_msgs is None) != (r_msgs is None):
-        raise _Unusable("mixed_formats", "one side is a conversation, the other plain text")
+        raise Unusable("mixed_formats", "one side is a conversation, the other plain text")
     if c_msgs is None:  # plain replies to the prompt (single- or multi-turn prompt)
         p_msgs = _prompt_messages(prompt, path, row)
         c_msgs, r_msgs = p_msgs + [("assistant", str(chosen))], p_msgs + [("assistant", str(rejected))]
@@ -293,7 +293,7 @@ def _pair_turns(prompt, chosen, rejected, path, row: int):
     c_users, c_replies = conversation_to_turns(c_msgs)
     r_users, r_replies = conversation_to_turns(r_msgs)
     if [" ".join(t.split()) for t in c_users] != [" ".join(t.split()) for t in r_users]:
-        raise _Unusable("prompt_mismatch", "chosen and rejected have different human turns")
+        raise Unusable("prompt_mismatch", "chosen and rejected have different human turns")
     return c_users, c_replies, r_replies
 
 
@@ -326,10 +326,10 @@ def from_preference_pairs(data, source: str, seed: int = 0, path=None,
         try:
             p_turns, c_turns, r_turns = _pair_turns(prompt, chosen, rejected, path, row)
             if [" ".join(t.split()) for t in c_turns] == [" ".join(t.split()) for t in r_turns]:
-                raise _Unusable("identical_replies")
+                raise Unusable("identical_replies")
             if not c_turns[-1].strip() or not r_turns[-1].strip():
-                raise _Unusable("empty_final_reply")
-        except _Unusable as exc:
+                raise Unusable("empty_final_reply")
+        except Unusable as exc:
             report.drop(exc.reason, row, exc.detail)
             continue
         base = str(rec[names["id"]]) if has_id else str(i)
@@ -337,7 +337,7 @@ def from_preference_pairs(data, source: str, seed: int = 0, path=None,
         if bid in seen_ids:
             raise BattleDataError(path, f"duplicate id {base!r}", row, names["id"] if has_id else None)
         seen_ids.add(bid)
-        chosen_at_b = _side_coin(seed, source, base)
+        chosen_at_b = side_coin(seed, source, base)
         a, b = (r_turns, c_turns) if chosen_at_b else (c_turns, r_turns)
         rows.append({"id": bid, "prompt": p_turns, "response_a": a, "response_b": b,
                      "model_a": "rejected" if chosen_at_b else "chosen",
@@ -414,7 +414,7 @@ def from_scored_answers(data, source: str, seed: int = 0, max_pairs_per_prompt: 
             usable = [usable[k] for k in take]
         for x, y, tie in usable:
             (mx, rx, sx), (my, ry, sy) = group[x], group[y]
-            if _side_coin(seed, source, qid, mx, my):
+            if side_coin(seed, source, qid, mx, my):
                 (mx, rx, sx), (my, ry, sy) = (my, ry, sy), (mx, rx, sx)
             label = 2 if tie else (0 if sx > sy else 1)
             n_pairs[label] += 1
@@ -454,14 +454,14 @@ def from_arena_conversations(data, source: str, path=None) -> tuple[pd.DataFrame
         try:
             sides = []
             for col in ("conversation_a", "conversation_b"):
-                msgs = _messages(rec[col], path, row, col)
+                msgs = parse_messages(rec[col], path, row, col)
                 if msgs is None:
                     raise BattleDataError(path, "expected a list of {role, content} messages", row, col)
                 sides.append(conversation_to_turns(msgs))
             (ua, ra), (ub, rb) = sides
             if [" ".join(t.split()) for t in ua] != [" ".join(t.split()) for t in ub]:
-                raise _Unusable("prompt_mismatch", "the two conversations have different user turns")
-        except _Unusable as exc:
+                raise Unusable("prompt_mismatch", "the two conversations have different user turns")
+        except Unusable as exc:
             report.drop(exc.reason, row, exc.detail)
             continue
         base = str(rec[id_col]) if id_col else str(i)

@@ -130,6 +130,9 @@ def parse_turns(value, path, row: int, column: str, report: RepairReport) -> lis
 def file_type(path: Path) -> str:
     """``.csv``, ``.parquet``, ``.jsonl``, ``.json`` (with ``.gz`` kept for csv/jsonl), or raise."""
     suffixes = [x.lower() for x in path.suffixes[-2:]]
+    if suffixes[-1:] == [".partial"]:  # what an interrupted `run.py pseudo-label` leaves (battles/pseudo_label.py)
+        raise BattleDataError(path, "an unfinished pseudo-label job; rerun `run.py pseudo-label` with the same "
+                                    "arguments to finish it, then use the finished file")
     suffix = "".join(suffixes) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])
     known = {".csv": ".csv", ".csv.gz": ".csv", ".parquet": ".parquet", ".pq": ".parquet",
              ".jsonl": ".jsonl", ".jsonl.gz": ".jsonl", ".json": ".json"}
@@ -234,6 +237,17 @@ def _read_frame(path: Path, report: RepairReport | None = None) -> pd.DataFrame:
     if len(frame) == 0:
         raise BattleDataError(path, "empty file: a header but no battles" if kind == ".csv" else "no battles")
     return frame
+
+
+def check_provenance(provenance: dict, path, n_rows: int | None = None) -> None:
+    """A pseudo-label file's provenance line: the file is complete exactly when it carries ``n_battles``
+    (an unfinished ``pseudo-label`` job writes ``<out>.partial`` without it), and then it must match."""
+    if provenance.get("n_battles") is None:
+        raise BattleDataError(path, "an unfinished pseudo-label job (its provenance has no n_battles); rerun "
+                                    "`run.py pseudo-label` with the same arguments to finish it", line=1)
+    if n_rows is not None and provenance["n_battles"] != n_rows:
+        raise BattleDataError(path, f"provenance says {provenance['n_battles']} battles, the file has {n_rows}",
+                              line=1)
 
 
 def _id_text(value, path, row: int) -> str:
@@ -411,6 +425,8 @@ def read_battles(path, source: str | None = None, require_labels: bool | None = 
     path = Path(path)
     read = RepairReport(file=str(path))
     frame = _read_frame(path, read)
+    if read.provenance is not None:
+        check_provenance(read.provenance, path, len(frame))
     battles, report = battles_from_frame(frame, path, source=source, require_labels=require_labels)
     report.provenance = read.provenance
     return battles, report
