@@ -104,7 +104,7 @@ def crossfit_stage(run: RunDir, name: str, spec: StageSpec, train: pd.DataFrame,
     keys = {k: model_key(spec, train, folds, extra_train, seed, k) for k in plan}
     if spec.refit_full:
         keys["full"] = model_key(spec, train, folds, extra_train, seed, "full")
-    stage_key = content_key(keys, spec.folds, spec.refit_full, test_hash)
+    stage_key = content_key({str(k): v for k, v in keys.items()}, spec.folds, spec.refit_full, test_hash)
     if stage_dir.done.exists() and read_json(stage_dir.done).get("key") == stage_key:
         log.info("stage %s: finished earlier with the same config and data, reusing it", name)
         return load_stage_result(run, name, train, test)
