@@ -32,7 +32,7 @@ Pairing rules (each unusable conversation or pair is dropped and counted under i
 The report counts conversations (``rows_read == sum(dropped) + conversations_paired``) and pairs
 (``pairs_considered == sum(dropped_pairs) + kept``) separately, plus the reader's repairs.
 
-How it streams: pass 1 reads the input in batches (:func:`battles.stream.iter_frames`: parquet row
+How it streams: pass 1 reads the input in batches (:func:`battles.formats.iter_frames`: parquet row
 batches, JSONL line by line) and appends each usable conversation as one JSON line to one of
 ``n_shards`` temporary shard files, chosen by the hash of its normalised first prompt, so every
 conversation it could pair with lands in the same shard; it keeps only 8 bytes per conversation
@@ -68,7 +68,8 @@ from battles.dedup import DedupConfig, find_duplicates
 from battles.files import check_output_file, write_atomic, write_json
 from battles.io import TEXT_COLUMNS, BattleDataError, battles_from_frame, read_battles
 from battles.schema import Section
-from battles.stream import BattleWriter, count_rows, file_kind, iter_frames
+from battles.formats import count_rows, file_type, iter_frames
+from battles.stream import BattleWriter
 from battles.text import normalised
 
 log = logging.getLogger(__name__)
@@ -342,10 +343,10 @@ def pair_chatlogs(data, out, train=None, params: PairingParams | dict | None = N
     params = params if isinstance(params, PairingParams) else PairingParams.model_validate(params or {})
     paths = [Path(p) for p in ([data] if isinstance(data, (str, Path)) else data)]
     for p in paths:
-        if file_kind(p) == "csv":
+        if file_type(p) == "csv":
             raise BattleDataError(p, "chat logs are read from .parquet or .jsonl(.gz) (a list of messages per row)")
     out = Path(out)
-    out_kind = file_kind(out)
+    out_kind = file_type(out)
     if out_kind == "csv":
         raise BattleDataError(out, "write the pairs as .parquet or .jsonl (turn lists stay lists)")
     report_path = Path(report_path) if report_path else out.with_name(out.name + ".report.json")

@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from battles.io import BattleDataError, RepairReport, _read_frame, battles_from_frame, parse_turns
+from battles.formats import read_frame
+from battles.io import BattleDataError, RepairReport, battles_from_frame, parse_turns
 from battles.labels import LABEL_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def from_competition(path, source: str, require_labels: bool | None = True, inva
     """
     if invalid_rows not in ("drop", "raise"):
         raise ValueError(f"invalid_rows must be 'drop' or 'raise', got {invalid_rows!r}")
-    frame = _read_frame(Path(path))
+    frame = read_frame(path)
     report = ConversionReport(file=str(path), source=source, rows_read=len(frame))
     frame = _scalar_turns_as_text(frame, report)
     frame.index = np.arange(1, len(frame) + 1)  # file row numbers, kept through drops
@@ -305,7 +306,7 @@ def from_preference_pairs(data, source: str, seed: int = 0, path=None,
     ``{"chosen": "response_j", "rejected": "response_k", "prompt": "question"}``). The chosen side
     goes to A or B by a seeded coin per row, so labels are balanced and stable across runs.
     """
-    frame = _read_frame(Path(data)) if not isinstance(data, pd.DataFrame) else data
+    frame = read_frame(data) if not isinstance(data, pd.DataFrame) else data
     path = path or (str(data) if not isinstance(data, pd.DataFrame) else "<DataFrame>")
     names = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "id": "id", **(columns or {})}
     for need in ("chosen", "rejected"):
@@ -360,7 +361,7 @@ def from_scored_answers(data, source: str, seed: int = 0, max_pairs_per_prompt: 
     dropped when ``keep_ties`` is False. Ids are ``source:question_id:model_x:model_y`` and the side
     order is a seeded coin per pair, so ids and labels do not depend on sampling or row order.
     """
-    frame = _read_frame(Path(data)) if not isinstance(data, pd.DataFrame) else data
+    frame = read_frame(data) if not isinstance(data, pd.DataFrame) else data
     path = path or (str(data) if not isinstance(data, pd.DataFrame) else "<DataFrame>")
     names = {"question_id": "question_id", "model": "model", "prompt": "prompt", "response": "response",
              "score": "gpt4_score", **(columns or {})}
@@ -438,7 +439,7 @@ def from_arena_conversations(data, source: str, path=None) -> tuple[pd.DataFrame
     """Arena logs (``conversation_a``, ``conversation_b``, ``winner``; optional ``question_id`` or
     ``id``, ``model_a``, ``model_b``) -> battles. ``tie (bothbad)`` counts as a tie; rows whose two
     conversations have different user turns are dropped (``prompt_mismatch``)."""
-    frame = _read_frame(Path(data)) if not isinstance(data, pd.DataFrame) else data
+    frame = read_frame(data) if not isinstance(data, pd.DataFrame) else data
     path = path or (str(data) if not isinstance(data, pd.DataFrame) else "<DataFrame>")
     missing = [c for c in ("conversation_a", "conversation_b", "winner") if c not in frame.columns]
     if missing:

@@ -53,15 +53,15 @@ FLAG_REASONS = ["exact_reply_in_target", "near_reply_in_target"]
 class DedupConfig(Section):
     """The config's ``external.dedup`` section (``false`` turns de-duplication off)."""
 
-    threshold: float = 0.8
-    num_perm: int = 128
-    shingle: int = 3
-    min_words: int = 8
-    drop_prompt_matches: bool = True
-    drop_reply_matches: bool = False
-    near: bool = True  # False: exact matching only (fast)
-    seed: int = 1
-    n_examples: int = 5
+    threshold: float = 0.8  # Jaccard similarity of word shingles from which two texts are near-duplicates
+    num_perm: int = 128  # MinHash permutations (LSH candidates are then checked on the true Jaccard)
+    shingle: int = 3  # words per shingle
+    min_words: int = 8  # shorter texts only match exactly
+    drop_prompt_matches: bool = True  # drop external battles whose prompt is a training prompt
+    drop_reply_matches: bool = False  # drop external battles with a reply seen in the training data
+    near: bool = True  # false: exact matching only (fast)
+    seed: int = 1  # MinHash seed
+    n_examples: int = 5  # example pairs kept per reason in the report
 
 
 @dataclass

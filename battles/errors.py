@@ -8,3 +8,21 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Something the user can fix; the message says what and where (file, row, column, or key)."""
+
+
+class BattleDataError(UserError, ValueError):
+    """A battle file that cannot be read as the battle table. The message names file, row (or line)
+    and column."""
+
+    def __init__(self, path, message: str, row: int | None = None, column: str | None = None,
+                 line: int | None = None):
+        where = str(path)
+        if line is not None:
+            where += f", line {line}"
+        if row is not None:
+            where += f", row {row}"
+        if column is not None:
+            where += f", column '{column}'"
+        super().__init__(f"{where}: {message}")
+        self.path, self.row, self.column, self.line = str(path), row, column, line
+        self.message = message

@@ -1,4 +1,4 @@
-"""Read battle files (competition CSV, parquet, JSONL) into the battle table, validating as we go.
+"""The battle table: raw records (read by :mod:`battles.formats`) validated, repaired and counted.
 
 The battle table is a pandas DataFrame with ``id``, ``prompt``, ``response_a``, ``response_b`` as
 lists of strings (one per turn), optional ``model_a``/``model_b``, the label columns
@@ -19,8 +19,6 @@ and counted in a :class:`RepairReport`:
 """
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
 import json
 import math
@@ -31,31 +29,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from battles.errors import UserError
+from battles.errors import BattleDataError
+from battles.formats import provenance_of, read_frame
 from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, soft_label_problem
 
 TEXT_COLUMNS = ["prompt", "response_a", "response_b"]
 REQUIRED_COLUMNS = ["id", *TEXT_COLUMNS]
 OPTIONAL_COLUMNS = ["model_a", "model_b", *LABEL_COLUMNS, "source", *SOFT_COLUMNS, "weight"]
-FILE_TYPES = ".csv, .csv.gz, .parquet, .jsonl or .jsonl.gz"
-PROVENANCE_KEY = "provenance"  # first JSONL line of a pseudo-label file: {"provenance": {...}}
-
-
-class BattleDataError(UserError, ValueError):
-    """A battle file that cannot be read as the battle table. The message names file, row (or line)
-    and column."""
-
-    def __init__(self, path, message: str, row: int | None = None, column: str | None = None,
-                 line: int | None = None):
-        where = str(path)
-        if line is not None:
-            where += f", line {line}"
-        if row is not None:
-            where += f", row {row}"
-        if column is not None:
-            where += f", column '{column}'"
-        super().__init__(f"{where}: {message}")
-        self.path, self.row, self.column, self.line = str(path), row, column, line
 
 
 @dataclass
@@ -125,118 +105,6 @@ def parse_turns(value, path, row: int, column: str, report: RepairReport) -> lis
                 path, f"turn {k} is {type(turn).__name__} {turn!r}, expected a string or null", row, column
             )
     return out
-
-
-def file_type(path: Path) -> str:
-    """``.csv``, ``.parquet``, ``.jsonl``, ``.json`` (with ``.gz`` kept for csv/jsonl), or raise."""
-    suffixes = [x.lower() for x in path.suffixes[-2:]]
-    if suffixes[-1:] == [".partial"]:  # what an interrupted `run.py pseudo-label` leaves (battles/pseudo_label.py)
-        raise BattleDataError(path, "an unfinished pseudo-label job; rerun `run.py pseudo-label` with the same "
-                                    "arguments to finish it, then use the finished file")
-    suffix = "".join(suffixes) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])
-    known = {".csv": ".csv", ".csv.gz": ".csv", ".parquet": ".parquet", ".pq": ".parquet",
-             ".jsonl": ".jsonl", ".jsonl.gz": ".jsonl", ".json": ".json"}
-    if suffix not in known:
-        what = f"unknown file type '{suffix}'" if suffix else "no file extension"
-        raise BattleDataError(path, f"{what}: battle files are {FILE_TYPES}")
-    return known[suffix]
-
-
-def _open_text(path: Path):
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    return opener(path, "rt", encoding="utf-8", newline="")
-
-
-def _not_utf8(path: Path, what: str, **where) -> BattleDataError:
-    return BattleDataError(path, f"{what} is not UTF-8 text; re-encode the file as UTF-8 (e.g. "
-                                 f"`iconv -f latin1 -t utf-8 '{path.name}' > fixed{''.join(path.suffixes)}`, "
-                                 "or re-save it as 'CSV UTF-8' / UTF-8)", **where)
-
-
-def _locate_bad_bytes(path: Path) -> BattleDataError:
-    """The first CSV row (and column) holding bytes that are not UTF-8."""
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        if any(_has_escaped_bytes(h) for h in header):
-            return _not_utf8(path, "the header")
-        for row, cells in enumerate(reader, start=1):
-            for col, cell in zip(header, cells):
-                if _has_escaped_bytes(cell):
-                    return _not_utf8(path, "the cell", row=row, column=col, line=reader.line_num)
-    return _not_utf8(path, "the file")
-
-
-def _has_escaped_bytes(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        # Every cell is read as text: 'NaN', 'null', 'NA' or '' must not become missing values.
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8")
-    except UnicodeDecodeError:
-        raise _locate_bad_bytes(path) from None
-    except pd.errors.EmptyDataError:
-        raise BattleDataError(path, "empty file: no header and no battles") from None
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise BattleDataError(path, f"cannot be parsed as CSV: {exc}") from None
-
-
-def _read_jsonl(path: Path, report: RepairReport) -> pd.DataFrame:
-    """One JSON object per line; errors name the line. A first line ``{"provenance": {...}}`` (a
-    pseudo-label file) is kept in ``report.provenance``."""
-    records = []
-    with _open_text(path) as f:
-        line_no = 0
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError:
-                raise _not_utf8(path, "the line", line=line_no + 1) from None
-            if not line:
-                break
-            line_no += 1
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BattleDataError(path, f"not a JSON object ({exc.msg} at character {exc.colno})",
-                                      line=line_no) from None
-            if not isinstance(record, dict):
-                raise BattleDataError(path, f"expected a JSON object, got {type(record).__name__}", line=line_no)
-            if not records and report.provenance is None and set(record) == {PROVENANCE_KEY}:
-                report.provenance = record[PROVENANCE_KEY]
-                continue
-            records.append(record)
-    return pd.DataFrame.from_records(records)
-
-
-def _read_frame(path: Path, report: RepairReport | None = None) -> pd.DataFrame:
-    report = report if report is not None else RepairReport(file=str(path))
-    if not path.exists():
-        raise BattleDataError(path, "file not found")
-    if path.is_dir():
-        raise BattleDataError(path, f"is a directory; expected a battle file ({FILE_TYPES})")
-    kind = file_type(path)
-    if path.stat().st_size == 0:
-        raise BattleDataError(path, "empty file: no header and no battles")
-    if kind == ".csv":
-        frame = _read_csv(path)
-    elif kind == ".jsonl":
-        frame = _read_jsonl(path, report)
-    else:
-        try:
-            frame = pd.read_parquet(path) if kind == ".parquet" else pd.read_json(path, dtype=False)
-        except UnicodeDecodeError:
-            raise _not_utf8(path, "the file") from None
-        except (ValueError, OSError) as exc:
-            raise BattleDataError(path, f"cannot be parsed as {kind}: {exc}") from None
-    if len(frame) == 0:
-        raise BattleDataError(path, "empty file: a header but no battles" if kind == ".csv" else "no battles")
-    return frame
 
 
 def check_provenance(provenance: dict, path, n_rows: int | None = None) -> None:
@@ -423,12 +291,12 @@ def read_battles(path, source: str | None = None, require_labels: bool | None = 
     ``require_labels``: True demands a target per row (hard or soft labels), False ignores labels,
     None takes them when present. A pseudo-label file's provenance line lands in the report."""
     path = Path(path)
-    read = RepairReport(file=str(path))
-    frame = _read_frame(path, read)
-    if read.provenance is not None:
-        check_provenance(read.provenance, path, len(frame))
+    frame = read_frame(path)
+    provenance = provenance_of(path)
+    if provenance is not None:
+        check_provenance(provenance, path, len(frame))
     battles, report = battles_from_frame(frame, path, source=source, require_labels=require_labels)
-    report.provenance = read.provenance
+    report.provenance = provenance
     return battles, report
 
 

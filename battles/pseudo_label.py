@@ -44,9 +44,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from battles.files import OutputExistsError, check_output_file, write_atomic, write_text
-from battles.io import PROVENANCE_KEY, TEXT_COLUMNS, BattleDataError, battles_from_frame, read_battles
+from battles.formats import CHUNK_ROWS, PROVENANCE_KEY, count_rows, file_sha256
+from battles.io import TEXT_COLUMNS, BattleDataError, battles_from_frame, read_battles
 from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, soft_mask
-from battles.stream import CHUNK_ROWS, count_rows, file_sha256, iter_battle_chunks
+from battles.stream import iter_battle_chunks
 
 log = logging.getLogger(__name__)
 

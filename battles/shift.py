@@ -34,11 +34,11 @@ log = logging.getLogger(__name__)
 class ShiftConfig(Section):
     """The config's ``external.shift`` section: the adversarial classifier and the weight clipping."""
 
-    n_folds: int = 5
+    n_folds: int = 5  # cross-validation folds of the adversarial classifier
     max_chars: int = 2000  # prompt text per battle fed to TF-IDF
-    max_features: int = 50_000
-    C: float = 1.0
-    clip_min: float = 0.05
+    max_features: int = 50_000  # TF-IDF vocabulary of the classifier
+    C: float = 1.0  # inverse L2 strength of its logistic regression
+    clip_min: float = 0.05  # importance weights are clipped to [clip_min, clip_max]
     clip_max: float = 5.0
 
 

@@ -78,9 +78,9 @@ class RunConfig(Section):
     seed: int = DEFAULT_SEED  # folds, models, samples: every random choice of the run
     n_folds: int = Field(5, ge=3)  # grouped folds by prompt
     stages: dict[str, StageSpec] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_STAGES), min_length=1,
-                                         validate_default=True)
-    stacker: StackerConfig = Field(default_factory=StackerConfig)
-    external: ExternalConfig = Field(default_factory=ExternalConfig)
+                                         validate_default=True)  # name -> stage; a config's stages replace these
+    stacker: StackerConfig = Field(default_factory=StackerConfig)  # how the ensemble is chosen
+    external: ExternalConfig = Field(default_factory=ExternalConfig)  # training-only external data
 
     @model_validator(mode="after")
     def _folds_exist(self):

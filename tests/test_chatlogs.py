@@ -173,7 +173,7 @@ def test_bad_input_is_named_and_outputs_are_guarded(tmp_path):
         _write_jsonl(data, [{k: v for k, v in _row("c1", "m1", _conv("a", "b")).items() if k != "language"}])
         pair_chatlogs(data, tmp_path / "o.parquet", params={"languages": ["English"]}, progress=False)
     data.write_text(json.dumps(_row("c1", "m1", _conv("a", "b"))) + "\n{not json\n")
-    with pytest.raises(BattleDataError, match="line 2 is not a JSON object"):
+    with pytest.raises(BattleDataError, match="line 2: not a JSON object"):
         pair_chatlogs(data, tmp_path / "o.parquet", progress=False)
     _write_jsonl(data, [_row("c1", "m1", _conv("a", "b")), _row("c2", "m2", _conv("a", "c")),
                         _row("c1", "m3", _conv("z", "d"))])

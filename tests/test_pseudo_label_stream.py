@@ -15,7 +15,8 @@ import pytest
 
 from battles.io import BattleDataError, battles_to_frame, read_battles
 from battles.pseudo_label import partial_path, pseudo_label_file, read_pseudo_labels
-from battles.stream import count_rows, iter_battle_chunks
+from battles.formats import count_rows
+from battles.stream import iter_battle_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 
