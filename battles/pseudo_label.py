@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from battles.files import OutputExistsError, check_output_file, write_atomic, write_text
 from battles.formats import CHUNK_ROWS, PROVENANCE_KEY, count_rows, file_sha256
-from battles.io import TEXT_COLUMNS, BattleDataError, battles_from_frame, read_battles
+from battles.io import TEXT_COLUMNS, BattleDataError, read_battles
 from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, soft_mask
 from battles.stream import iter_battle_chunks
 

@@ -15,16 +15,13 @@ Without CUDA it exits with code 2 and one line saying why.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import (BATTLES_TO_PROJECT, forward_flops_per_token, peak_tflops,  # noqa: E402
-                                   refuse_without_cuda, step_times, synthetic_battles)
+from benchmarks.gpu_common import (cached_checkpoint, forward_flops_per_token, main_of, peak_tflops,  # noqa: E402
+                                   step_times, synthetic_battles, time_prediction)
 
 GEMMA2_9B = dict(hidden_size=3584, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
                  head_dim=256, intermediate_size=14336, vocab_size=256000, sliding_window=4096,
@@ -64,25 +61,21 @@ def model_config(layers: int):
 
 def build_checkpoint(cache_dir: Path, layers: int) -> Path:
     """Random weights of the Gemma-2-9B shape (bf16, built on the GPU) with a small tokenizer; reused if present."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
 
-    from tests.tiny_models import build_tokenizer
+    def build(path: Path) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification
 
-    path = cache_dir / f"layers{layers}"
-    if (path / "config.json").is_file():
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path)
-    config = model_config(layers)
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (tokenizer.pad_token_id, tokenizer.bos_token_id,
-                                                                      tokenizer.eos_token_id)
-    with torch.device("cuda"):
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()
-    return path
+        from tests.tiny_models import build_tokenizer
+
+        tokenizer = build_tokenizer(path)
+        config = model_config(layers)
+        config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+            tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        with torch.device("cuda"):
+            AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+
+    return cached_checkpoint(cache_dir, layers, build)
 
 
 def stage_params(path: Path, quantization: str, args) -> dict:
@@ -125,34 +118,14 @@ def measure(path: Path, args) -> dict:
                 "tokens_per_s": rate, "mfu": 2 * fwd * rate / (peak * 1e12) if peak else None,
                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
         if quantization in args.quantization:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            scored = battles.iloc[: args.battles]
-            start = time.perf_counter()
-            stage.predict_logits(scored)  # swap TTA: both orders
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            per_s = len(scored) / seconds
-            tokens_per_s = 2 * len(scored) * args.max_length / seconds
-            figures["predict"][quantization] = {
-                "battles_per_s_with_swap_tta": per_s, "tokens_per_s": tokens_per_s,
-                "mfu": fwd * tokens_per_s / (peak * 1e12) if peak else None,
-                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "projected_minutes_for_25k_battles": BATTLES_TO_PROJECT / per_s / 60}
+            figures["predict"][quantization] = time_prediction(stage, battles.iloc[: args.battles], args.max_length,
+                                                               fwd, peak)
         del stage
     return figures
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if refuse_without_cuda("decoder_gpu"):
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    figures = measure(build_checkpoint(args.cache_dir, args.layers), args)
-    print(json.dumps(figures, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(figures, indent=2))
-    return 0
+    return main_of("decoder_gpu", parse_args, build_checkpoint, measure, argv)
 
 
 if __name__ == "__main__":

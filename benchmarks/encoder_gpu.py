@@ -14,16 +14,13 @@ Without CUDA it exits with code 2 and one line saying why.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import (BATTLES_TO_PROJECT, forward_flops_per_token, peak_tflops,  # noqa: E402
-                                   refuse_without_cuda, step_times, synthetic_battles)
+from benchmarks.gpu_common import (cached_checkpoint, forward_flops_per_token, main_of, peak_tflops,  # noqa: E402
+                                   step_times, synthetic_battles, time_prediction)
 
 DEBERTA_V3_LARGE = dict(vocab_size=128100, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                         intermediate_size=4096, max_position_embeddings=512, relative_attention=True,
@@ -58,22 +55,21 @@ def model_config(layers: int):
 
 
 def build_checkpoint(cache_dir: Path, layers: int) -> Path:
-    import torch
-    from transformers import DebertaV2ForSequenceClassification
+    """Random weights of the DeBERTa-v3-large shape (built on the GPU) with a small tokenizer; reused if present."""
 
-    from tests.tiny_models import build_deberta
+    def build(path: Path) -> None:
+        import torch
+        from transformers import DebertaV2ForSequenceClassification
 
-    path = cache_dir / f"layers{layers}"
-    if (path / "config.json").is_file():
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    build_deberta(path)  # its tokenizer (ids < 200) stays; config and weights are replaced by the large shape
-    config = model_config(layers)
-    config.pad_token_id = 0
-    with torch.device("cuda"):
-        DebertaV2ForSequenceClassification(config).save_pretrained(path)
-    torch.cuda.empty_cache()
-    return path
+        from tests.tiny_models import build_deberta
+
+        build_deberta(path)  # its tokenizer (ids < 200) stays; config and weights are replaced by the large shape
+        config = model_config(layers)
+        config.pad_token_id = 0
+        with torch.device("cuda"):
+            DebertaV2ForSequenceClassification(config).save_pretrained(path)
+
+    return cached_checkpoint(cache_dir, layers, build)
 
 
 def measure(path: Path, args) -> dict:
@@ -104,30 +100,12 @@ def measure(path: Path, args) -> dict:
                "max_length": args.max_length,
                "train": {"tokens_per_s": rate, "mfu": 3 * fwd * rate / (peak * 1e12) if peak else None,
                          "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}}
-    torch.cuda.reset_peak_memory_stats()
-    scored = battles.iloc[: args.battles]
-    start = time.perf_counter()
-    stage.predict_logits(scored)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    tokens_per_s = 2 * len(scored) * args.max_length / seconds
-    figures["predict"] = {"battles_per_s_with_swap_tta": len(scored) / seconds, "tokens_per_s": tokens_per_s,
-                          "mfu": fwd * tokens_per_s / (peak * 1e12) if peak else None,
-                          "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-                          "projected_minutes_for_25k_battles": BATTLES_TO_PROJECT / (len(scored) / seconds) / 60}
+    figures["predict"] = time_prediction(stage, battles.iloc[: args.battles], args.max_length, fwd, peak)
     return figures
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if refuse_without_cuda("encoder_gpu"):
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    figures = measure(build_checkpoint(args.cache_dir, args.layers), args)
-    print(json.dumps(figures, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(figures, indent=2))
-    return 0
+    return main_of("encoder_gpu", parse_args, build_checkpoint, measure, argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ gradients); LoRA training two (the frozen weights need activation gradients only
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -86,3 +87,55 @@ def step_times():
             self.times.append(time.perf_counter())
 
     return StepTimes()
+
+
+def cached_checkpoint(cache_dir: Path, layers: int, build) -> Path:
+    """``cache_dir/layers<k>``: a random-weight checkpoint of the real shape with ``layers`` layers, made
+    by ``build(path)`` (on the GPU) the first time and reused afterwards."""
+    import torch
+
+    path = Path(cache_dir) / f"layers{layers}"
+    if (path / "config.json").is_file():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    build(path)
+    torch.cuda.empty_cache()
+    return path
+
+
+def time_prediction(stage, battles, max_length: int, forward_flops: float, peak: float | None) -> dict:
+    """The stage's own ``predict_logits`` (swap TTA: both orders) timed on ``battles``: battles/s,
+    tokens/s, MFU, peak GPU memory, and the projected time for BATTLES_TO_PROJECT battles."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    stage.predict_logits(battles)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    per_s = len(battles) / seconds
+    tokens_per_s = 2 * len(battles) * max_length / seconds
+    return {"battles_per_s_with_swap_tta": per_s, "tokens_per_s": tokens_per_s,
+            "mfu": forward_flops * tokens_per_s / (peak * 1e12) if peak else None,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "projected_minutes_for_25k_battles": BATTLES_TO_PROJECT / per_s / 60}
+
+
+def main_of(name: str, parse_args, build_checkpoint, measure, argv=None) -> int:
+    """A GPU benchmark's command line: refuse without CUDA, build (or reuse) the random checkpoint,
+    measure, print and optionally save the figures as JSON."""
+    import json
+    import logging
+
+    args = parse_args(argv)
+    if refuse_without_cuda(name):
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    figures = measure(build_checkpoint(args.cache_dir, args.layers), args)
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2))
+    return 0

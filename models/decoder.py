@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from battles.files import is_main_process, read_json, write_json
+from battles.files import read_json, write_json
 from battles.labels import has_labels, label_matrix
 from models.deep import quantization
 from models.deep.batching import length_batches, predict_sharded
@@ -41,7 +41,8 @@ from models.deep.checkpoints import check_model_dir, load_tokenizer
 from models.deep.inputs import ChatEncoding, training_rows, training_table
 from models.deep.params import DeepParams
 from models.deep.precision import default_device, resolve_precision
-from models.stage import Stage, StageContext, average_logits
+from models.deep.stage import DeepStage
+from models.stage import StageContext, average_logits
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class DecoderParams(DeepParams):
     evaluate_valid: bool = False  # log the valid log loss after fit (an extra pass over valid)
 
 
-class DecoderStage(Stage):
+class DecoderStage(DeepStage):
     """QLoRA decoder sequence classifier. Params: :class:`DecoderParams`; ``model`` is required."""
 
     kind = "decoder"
@@ -165,25 +166,12 @@ class DecoderStage(Stage):
                 out[idx] = logits.float().cpu().numpy()
         return out
 
-    @property
-    def tta_from_orders(self) -> bool:
-        """With swap TTA the answer is the average of both orders: the pipeline may keep the two orders."""
-        return bool(self.params.swap_tta)
-
-    def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
-        if self.params.swap_tta:
-            return super().predict_logits(battles)
-        return self.predict_one_order(battles).astype(np.float64)
-
     # -- persistence
     def save(self, directory) -> None:
         """The adapter (LoRA weights and head, safetensors) and ``stage.json``; main process only."""
-        if self.model is None:
-            raise RuntimeError("decoder stage is not fitted: nothing to save")
-        if not is_main_process():
+        directory = self.save_directory(directory)
+        if directory is None:
             return
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
         write_json(directory / "stage.json", {"kind": self.kind, "params": self.params.as_dict()})
 

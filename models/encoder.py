@@ -30,14 +30,15 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from battles.files import is_main_process, read_json, write_json, write_text
+from battles.files import read_json, write_json, write_text
 from battles.labels import CLASS_NAMES
 from models.deep.batching import length_batches, predict_sharded
 from models.deep.checkpoints import check_model_dir, load_tokenizer
 from models.deep.inputs import PairEncoding, training_rows, training_table
 from models.deep.params import DeepParams
 from models.deep.precision import default_device, resolve_precision
-from models.stage import Stage, StageContext
+from models.deep.stage import DeepStage
+from models.stage import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _log_loss_metric(eval_pred) -> dict:
     return {"log_loss": float(-(np.asarray(targets, dtype=np.float64) * logp).sum(axis=1).mean())}
 
 
-class EncoderStage(Stage):
+class EncoderStage(DeepStage):
     kind = "encoder"
     Params = EncoderParams
 
@@ -166,25 +167,11 @@ class EncoderStage(Stage):
                 out[idx] = self.model(**batch).logits.float().cpu().numpy()
         return out
 
-    @property
-    def tta_from_orders(self) -> bool:
-        """With swap TTA the answer is the base class's average of both orders: the pipeline may then
-        ask for the two orders itself and keep them for the position-bias check."""
-        return bool(self.params.swap_tta)
-
-    def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
-        if self.params.swap_tta:
-            return super().predict_logits(battles)
-        return self.predict_one_order(battles).astype(np.float64)
-
     def save(self, directory) -> None:
         """Model and tokenizer (safetensors), ``stage.json`` and the training log; main process only."""
-        if self.model is None:
-            raise RuntimeError("encoder stage is not fitted: nothing to save")
-        if not is_main_process():
+        directory = self.save_directory(directory)
+        if directory is None:
             return
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         write_json(directory / "stage.json", {"kind": self.kind, "params": self.params.as_dict()})

@@ -1,5 +1,6 @@
 """What the two deep stages (``models.encoder``, ``models.decoder``) share, split by role.
 
+- :mod:`~models.deep.stage`: ``DeepStage``, the stages' shared base (optional swap TTA, main-process saving).
 - :mod:`~models.deep.params`: the shared ``DeepParams`` fields (both stages' ``Params`` extend it).
 - :mod:`~models.deep.precision`: the one precision rule (bf16 / fp16 / fp32 for the device at hand).
 - :mod:`~models.deep.checkpoints`: the model-directory check and tokenizer loading (DeBERTa-v3 ``spm.model``).
