@@ -39,7 +39,7 @@ class ShiftConfig(Section):
     max_features: int = 50_000  # TF-IDF vocabulary of the classifier
     C: float = 1.0  # inverse L2 strength of its logistic regression
     clip_min: float = 0.05  # importance weights are clipped to [clip_min, clip_max]
-    clip_max: float = 5.0
+    clip_max: float = 5.0  # upper clip of the importance weights
 
 
 def adversarial_auc(target_prompts: list[str], source_prompts: list[str],

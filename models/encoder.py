@@ -45,13 +45,13 @@ log = logging.getLogger(__name__)
 
 class EncoderParams(DeepParams):
     max_length: int = Field(512, ge=16)  # tokens per battle, special tokens included
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.01
+    learning_rate: float = 2e-5  # peak of the cosine schedule (AdamW)
+    weight_decay: float = 0.01  # AdamW weight decay
     train_batch_size: int = Field(8, ge=1)  # per device
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_accum: int = Field(1, ge=1)  # gradient accumulation steps (global batch = batch x accum x devices)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)  # share of the steps spent warming the learning rate up
     swap_augment: bool = True  # train on each battle and its A/B-swapped copy
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
     eval_steps: int | None = Field(None, ge=1)  # evaluate (and checkpoint) every n steps; None = once per epoch
     early_stopping_patience: int = Field(2, ge=0)  # evaluations without improvement before stopping; 0 disables
 

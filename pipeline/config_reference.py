@@ -1,6 +1,7 @@
 """The configuration reference, generated from the schema: one table per section and stage type.
 
     python -m pipeline.config_reference            # prints the Markdown that README.md carries
+    python -m pipeline.config_reference --write README.md   # refreshes it there, between the markers
 
 Keys, types and defaults come from the pydantic sections themselves; the meaning of a key is the
 comment its declaration carries in the source (``name: type = default  # meaning``), so the schema
@@ -121,5 +122,30 @@ def reference_markdown() -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def in_readme(text: str) -> str:
+    """The reference block of a README's text (between the markers), or '' when absent."""
+    if START not in text or END not in text:
+        return ""
+    return text.split(START, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+
+
+def write_into(path) -> None:
+    from pathlib import Path
+
+    from battles.files import write_text
+
+    text = Path(path).read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"{path}: no {START} ... {END} markers to write between")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    write_text(path, f"{head}{START}\n{reference_markdown()}{END}{tail}")
+
+
 if __name__ == "__main__":
-    print(reference_markdown(), end="")
+    import sys
+
+    if sys.argv[1:2] == ["--write"] and len(sys.argv) == 3:
+        write_into(sys.argv[2])
+    else:
+        print(reference_markdown(), end="")
