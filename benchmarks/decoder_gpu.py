@@ -14,14 +14,12 @@ Without CUDA it exits with code 2 and one line saying why.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import (cached_checkpoint, forward_flops_per_token, main_of, peak_tflops,  # noqa: E402
-                                   step_times, synthetic_battles, time_prediction)
+from benchmarks import gpu_common as gpu  # noqa: E402
 
 GEMMA2_9B = dict(hidden_size=3584, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
                  head_dim=256, intermediate_size=14336, vocab_size=256000, sliding_window=4096,
@@ -29,27 +27,18 @@ GEMMA2_9B = dict(hidden_size=3584, num_hidden_layers=42, num_attention_heads=16,
 VARIANTS = ("4bit", "8bit", "none")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/gemma2-9b-random"))
-    ap.add_argument("--layers", type=int, default=GEMMA2_9B["num_hidden_layers"], help="42 = the real 9B")
-    ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--train-batch", type=int, default=2, help="per-device training batch (grad_accum 1)")
-    ap.add_argument("--train-steps", type=int, default=6, help="timed optimizer steps (+1 warm-up)")
+def parse_args(argv=None):
+    ap = gpu.benchmark_parser(__doc__, "/tmp/gemma2-9b-random", GEMMA2_9B["num_hidden_layers"], max_length=2048,
+                          train_batch=2, train_steps=6, predict_batch=8, battles=64)
     ap.add_argument("--train-variants", default="4bit,none", help="quantizations to train: 4bit, 8bit, none")
-    ap.add_argument("--predict-batch", type=int, default=8, help="battles per inference batch")
-    ap.add_argument("--battles", type=int, default=64, help="battles scored per variant (x2 orders)")
     ap.add_argument("--quantization", default="4bit,8bit,none", help="inference variants")
-    ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
-    ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = ap.parse_args(argv)
     for name in ("quantization", "train_variants"):
         values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
         if any(v not in VARIANTS for v in values):
             ap.error(f"--{name.replace('_', '-')}: unknown variant in {values}; use 4bit, 8bit, none")
         setattr(args, name, values)
-    if min(args.layers, args.train_steps, args.battles, args.predict_batch, args.train_batch) < 1:
-        ap.error("--layers, --train-steps, --battles, --predict-batch and --train-batch must be positive")
+    gpu.check_sizes(ap, args)
     return args
 
 
@@ -75,7 +64,7 @@ def build_checkpoint(cache_dir: Path, layers: int) -> Path:
         with torch.device("cuda"):
             AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
 
-    return cached_checkpoint(cache_dir, layers, build)
+    return gpu.cached_checkpoint(cache_dir, layers, build)
 
 
 def stage_params(path: Path, quantization: str, args) -> dict:
@@ -93,15 +82,15 @@ def measure(path: Path, args) -> dict:
 
     config = model_config(args.layers)
     device = torch.cuda.get_device_name(0)
-    peak = peak_tflops(device, args.peak_tflops)
-    fwd = forward_flops_per_token(config, args.max_length)
-    battles = synthetic_battles(max(args.battles, args.train_batch * (args.train_steps + 1)), 4 * args.max_length)
+    peak = gpu.peak_tflops(device, args.peak_tflops)
+    fwd = gpu.forward_flops_per_token(config, args.max_length)
+    battles = gpu.synthetic_battles(max(args.battles, args.train_batch * (args.train_steps + 1)), 4 * args.max_length)
     figures = {"device": device, "peak_tflops": peak, "layers": args.layers, "max_length": args.max_length,
                "forward_gflops_per_token": fwd / 1e9, "train": {}, "predict": {}}
 
     class Timed(DecoderStage):
         def training_callbacks(self, has_eval):
-            self.steps = step_times()
+            self.steps = gpu.step_times()
             return [self.steps]
 
     for quantization in dict.fromkeys(args.train_variants + args.quantization):
@@ -118,14 +107,14 @@ def measure(path: Path, args) -> dict:
                 "tokens_per_s": rate, "mfu": 2 * fwd * rate / (peak * 1e12) if peak else None,
                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
         if quantization in args.quantization:
-            figures["predict"][quantization] = time_prediction(stage, battles.iloc[: args.battles], args.max_length,
+            figures["predict"][quantization] = gpu.time_prediction(stage, battles.iloc[: args.battles], args.max_length,
                                                                fwd, peak)
         del stage
     return figures
 
 
 def main(argv=None) -> int:
-    return main_of("decoder_gpu", parse_args, build_checkpoint, measure, argv)
+    return gpu.main_of("decoder_gpu", parse_args, build_checkpoint, measure, argv)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ Without CUDA it exits with code 2 and one line saying why.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_common import (cached_checkpoint, forward_flops_per_token, main_of, peak_tflops,  # noqa: E402
-                                   step_times, synthetic_battles, time_prediction)
+from benchmarks import gpu_common as gpu  # noqa: E402
 
 DEBERTA_V3_LARGE = dict(vocab_size=128100, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                         intermediate_size=4096, max_position_embeddings=512, relative_attention=True,
@@ -28,23 +26,12 @@ DEBERTA_V3_LARGE = dict(vocab_size=128100, hidden_size=1024, num_hidden_layers=2
                         pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/deberta-v3-large-random"))
-    ap.add_argument("--layers", type=int, default=DEBERTA_V3_LARGE["num_hidden_layers"], help="24 = the real large")
-    ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--train-batch", type=int, default=8)
-    ap.add_argument("--train-steps", type=int, default=10, help="timed optimizer steps (+1 warm-up)")
-    ap.add_argument("--predict-batch", type=int, default=32)
-    ap.add_argument("--battles", type=int, default=256, help="battles scored (x2 orders)")
+def parse_args(argv=None):
+    ap = gpu.benchmark_parser(__doc__, "/tmp/deberta-v3-large-random", DEBERTA_V3_LARGE["num_hidden_layers"],
+                          max_length=1024, train_batch=8, train_steps=10, predict_batch=32, battles=256)
     ap.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    ap.add_argument("--peak-tflops", type=float)
-    ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    if min(args.layers, args.train_steps, args.battles, args.predict_batch, args.train_batch) < 1:
-        ap.error("--layers, --train-steps, --battles, --predict-batch and --train-batch must be positive")
-    if args.max_length < 16:
-        ap.error("--max-length must be at least 16")
+    gpu.check_sizes(ap, args)
     return args
 
 
@@ -69,7 +56,7 @@ def build_checkpoint(cache_dir: Path, layers: int) -> Path:
         with torch.device("cuda"):
             DebertaV2ForSequenceClassification(config).save_pretrained(path)
 
-    return cached_checkpoint(cache_dir, layers, build)
+    return gpu.cached_checkpoint(cache_dir, layers, build)
 
 
 def measure(path: Path, args) -> dict:
@@ -80,15 +67,15 @@ def measure(path: Path, args) -> dict:
 
     config = model_config(args.layers)
     device = torch.cuda.get_device_name(0)
-    peak = peak_tflops(device, args.peak_tflops)
-    fwd = forward_flops_per_token(config, args.max_length)
+    peak = gpu.peak_tflops(device, args.peak_tflops)
+    fwd = gpu.forward_flops_per_token(config, args.max_length)
 
     class Timed(EncoderStage):
         def training_callbacks(self, has_eval):
-            self.steps = step_times()
+            self.steps = gpu.step_times()
             return [self.steps]
 
-    battles = synthetic_battles(max(args.battles, args.train_batch * (args.train_steps + 1)), args.max_length)
+    battles = gpu.synthetic_battles(max(args.battles, args.train_batch * (args.train_steps + 1)), args.max_length)
     params = {"model": str(path), "max_length": args.max_length, "train_batch_size": args.train_batch,
               "max_steps": args.train_steps + 1, "predict_batch_size": args.predict_batch, "precision": args.precision,
               "swap_augment": False, "save_steps": 0, "logging_steps": 1000}
@@ -100,12 +87,12 @@ def measure(path: Path, args) -> dict:
                "max_length": args.max_length,
                "train": {"tokens_per_s": rate, "mfu": 3 * fwd * rate / (peak * 1e12) if peak else None,
                          "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}}
-    figures["predict"] = time_prediction(stage, battles.iloc[: args.battles], args.max_length, fwd, peak)
+    figures["predict"] = gpu.time_prediction(stage, battles.iloc[: args.battles], args.max_length, fwd, peak)
     return figures
 
 
 def main(argv=None) -> int:
-    return main_of("encoder_gpu", parse_args, build_checkpoint, measure, argv)
+    return gpu.main_of("encoder_gpu", parse_args, build_checkpoint, measure, argv)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,28 @@ def main_of(name: str, parse_args, build_checkpoint, measure, argv=None) -> int:
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2))
     return 0
+
+
+def benchmark_parser(doc: str, cache_dir: str, layers: int, max_length: int, train_batch: int, train_steps: int,
+                     predict_batch: int, battles: int):
+    """The arguments both GPU benchmarks take, with each one's defaults."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--cache-dir", type=Path, default=Path(cache_dir), help="where the random checkpoint is kept")
+    ap.add_argument("--layers", type=int, default=layers, help=f"{layers} = the real model; fewer for a smoke run")
+    ap.add_argument("--max-length", type=int, default=max_length)
+    ap.add_argument("--train-batch", type=int, default=train_batch, help="per-device training batch (grad_accum 1)")
+    ap.add_argument("--train-steps", type=int, default=train_steps, help="timed optimizer steps (+1 warm-up)")
+    ap.add_argument("--predict-batch", type=int, default=predict_batch, help="battles per inference batch")
+    ap.add_argument("--battles", type=int, default=battles, help="battles scored (x2 orders)")
+    ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
+    ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    return ap
+
+
+def check_sizes(ap, args) -> None:
+    if min(args.layers, args.train_steps, args.battles, args.predict_batch, args.train_batch) < 1:
+        ap.error("--layers, --train-steps, --battles, --predict-batch and --train-batch must be positive")
+    if args.max_length < 16:
+        ap.error("--max-length must be at least 16")

@@ -53,16 +53,25 @@ def tool_version() -> str:
 
 
 # ----------------------------------------------------------------------------------------------- layout
-class FoldDir:
+class _Layout:
+    """A directory whose files are named in one table (``FILES``: attribute -> relative path)."""
+
+    FILES: dict[str, str] = {}
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __getattr__(self, name: str) -> Path:
+        if name in type(self).FILES:
+            return self.path / type(self).FILES[name]
+        raise AttributeError(f"{type(self).__name__} has no {name!r}")
+
+
+class FoldDir(_Layout):
     """One fitted model of a stage: fold ``k`` (trained on the other folds) or ``full`` (all rows)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.model = path / "model"
-        self.done = path / "done.json"
-        self.started = path / "started.json"
-        self.valid_logits = path / "valid_logits.csv"
-        self.test_logits = path / "test_logits.csv"
+    FILES = {"model": "model", "done": "done.json", "started": "started.json", "valid_logits": "valid_logits.csv",
+             "test_logits": "test_logits.csv"}
 
     def valid_order(self, order: str) -> Path:
         return self.path / f"valid_logits_{order}.csv"
@@ -78,15 +87,13 @@ class FoldDir:
         wait_for_everyone()
 
 
-class StageDir:
-    def __init__(self, path: Path):
-        self.path = path
-        self.spec = path / "spec.json"
-        self.done = path / "done.json"
-        self.metrics = path / "metrics.json"
-        self.oof_logits = path / "oof_logits.csv"
-        self.test_logits = path / "test_logits.csv"
-        self.full = FoldDir(path / "full")
+class StageDir(_Layout):
+    FILES = {"spec": "spec.json", "done": "done.json", "metrics": "metrics.json", "oof_logits": "oof_logits.csv",
+             "test_logits": "test_logits.csv"}
+
+    @property
+    def full(self) -> FoldDir:
+        return FoldDir(self.path / "full")
 
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.path / f"fold{int(k)}")
@@ -95,24 +102,13 @@ class StageDir:
         return self.path / f"oof_logits_{order}.csv"
 
 
-class RunDir:
+class RunDir(_Layout):
     """Paths of one run directory (see the module docstring), and the ownership rules."""
 
-    def __init__(self, path):
-        self.path = Path(path)
-        p = self.path
-        self.marker = p / "run.json"
-        self.config = p / "config.json"
-        self.data_report = p / "data_report.json"
-        self.external_report = p / "external_report.json"
-        self.folds = p / "folds.csv"
-        self.timings = p / "timings.json"
-        self.resources = p / "resources"
-        self.ensemble_dir = p / "ensemble"
-        self.ensemble = self.ensemble_dir / "ensemble.json"
-        self.oof_probs = self.ensemble_dir / "oof_probs.csv"
-        self.report = p / "report.html"
-        self.submission = p / "submission.csv"
+    FILES = {"marker": "run.json", "config": "config.json", "data_report": "data_report.json",
+             "external_report": "external_report.json", "folds": "folds.csv", "timings": "timings.json",
+             "resources": "resources", "ensemble_dir": "ensemble", "ensemble": "ensemble/ensemble.json",
+             "oof_probs": "ensemble/oof_probs.csv", "report": "report.html", "submission": "submission.csv"}
 
     def __str__(self) -> str:
         return str(self.path)
