@@ -6,6 +6,8 @@
   python run.py tune --run runs/x                                          # compare ensembles, save the chosen one
   python run.py predict --run runs/x --test new.csv --out preds.csv        # predict new battles with a run
   python run.py pseudo-label --run runs/x --data unlabelled.jsonl --out pseudo.jsonl   # soft labels for training
+  python run.py distill --teacher runs/x --train train.csv --out runs/student      # teacher OOF probs as targets
+  python run.py external-check --train train.csv --config cfg.json --out runs/check # a verdict per external source
 
 A rerun of the same command resumes: finished folds and stages are reused. Every command that fits the
 ensemble writes runs/x/ensemble/ensemble.json (what predict uses), submission.csv (with a test set) and
@@ -20,7 +22,7 @@ import sys
 import traceback
 from pathlib import Path
 
-COMMANDS = ("all", "train", "tune", "predict", "pseudo-label")
+COMMANDS = ("all", "train", "tune", "predict", "pseudo-label", "distill", "external-check")
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 log = logging.getLogger("run")
 
@@ -40,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--verbose", action="store_true", help="debug logs, and the traceback of an error")
 
-    def training(sp):
-        sp.add_argument("--train", help="labelled battles (.csv/.parquet/.jsonl); a resumed run remembers it")
+    def training(sp, train_required=False):
+        sp.add_argument("--train", required=train_required,
+                        help="labelled battles (.csv/.parquet/.jsonl); a resumed run remembers it")
         sp.add_argument("--test", help="unlabelled battles to predict; writes submission.csv")
         sp.add_argument("--out", "--run", dest="out", required=True, help="run directory (new, empty, or a run of ours)")
         sp.add_argument("--config", help="JSON config over the defaults (README: configuration reference)")
@@ -77,6 +80,21 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens, > 1 softens the soft labels")
     pl.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     loudness(pl)
+    d = sub.add_parser("distill", help="train a student run on a finished teacher run's out-of-fold probabilities "
+                                       "mixed with the hard labels, on the teacher's folds")
+    d.add_argument("--teacher", required=True, help="a finished run directory (trained on --train)")
+    d.add_argument("--soft-weight", type=float, default=None,
+                   help="target = W x teacher OOF probability + (1 - W) x label (default 0.5)")
+    training(d, train_required=True)
+    ec = sub.add_parser("external-check", help="per external source of the config: rows kept, adversarial AUC, change "
+                                               "in OOF log loss of a cheap stage, and a keep/drop/down-weight verdict")
+    ec.add_argument("--stage", help="a stage of the config to measure with (default: LightGBM on text statistics, "
+                                    "similarity and Word2Vec features)")
+    ec.add_argument("--train", required=True, help="labelled battles (.csv/.parquet/.jsonl)")
+    ec.add_argument("--out", required=True, help="directory for the check (new, empty, or an earlier check)")
+    ec.add_argument("--config", help="JSON config whose 'external' section lists the sources")
+    ec.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
+    loudness(ec)
     return p
 
 
@@ -198,8 +216,27 @@ def _cmd_pseudo_label(args) -> int:
     return 0
 
 
+def _cmd_distill(args) -> int:
+    from pipeline.distill import DEFAULT_SOFT_WEIGHT, prepare_student
+    from pipeline.runner import run_all
+
+    weight = DEFAULT_SOFT_WEIGHT if args.soft_weight is None else args.soft_weight
+    run = _Session.run = prepare_student(args.teacher, args.train, args.out, _config(args), weight, args.test,
+                                         progress=not args.quiet)
+    _print_summary(run_all(run), args.out)
+    return 0
+
+
+def _cmd_external_check(args) -> int:
+    from pipeline.external_check import external_check, format_table
+
+    result = external_check(args.train, args.out, _config(args), stage=args.stage, progress=not args.quiet)
+    print(format_table(result))
+    return 0
+
+
 HANDLERS = {"all": _cmd_train, "train": _cmd_train, "tune": _cmd_tune, "predict": _cmd_predict,
-            "pseudo-label": _cmd_pseudo_label}
+            "pseudo-label": _cmd_pseudo_label, "distill": _cmd_distill, "external-check": _cmd_external_check}
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -16,6 +16,9 @@
       ensemble/                ensemble.json (what predict uses), oof_probs.csv (nested-CV probabilities)
       report.html (+ PNGs)
       submission.csv           with a test file
+      distill_train.jsonl      a distilled student's training file: teacher OOF targets (pipeline/distill.py)
+      external_check.json      external-check: per source rows, AUC, OOF log loss change, verdict
+      external_check.txt       (pipeline/external_check.py; its settings' stages under stages/)
 
 Ownership: ``--out`` may be a new path, an empty directory, or a run directory of ours (its marker
 says so) made for the same training data; anything else is refused before a byte is written.
@@ -113,6 +116,9 @@ class RunDir:
         self.oof_probs = self.ensemble_dir / "oof_probs.csv"
         self.report = p / "report.html"
         self.submission = p / "submission.csv"
+        self.distill_train = p / "distill_train.jsonl"
+        self.external_check = p / "external_check.json"
+        self.external_check_table = p / "external_check.txt"
 
     def __str__(self) -> str:
         return str(self.path)
