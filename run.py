@@ -6,6 +6,7 @@
   python run.py tune --run runs/x                                          # compare ensembles, save the chosen one
   python run.py predict --run runs/x --test new.csv --out preds.csv        # predict new battles with a run
   python run.py pseudo-label --run runs/x --data unlabelled.jsonl --out pseudo.jsonl   # soft labels for training
+  python run.py convert --kind scored_answers --data rated.csv --source bench --out bench.jsonl  # external -> battles
   python run.py distill --teacher runs/x --train train.csv --out runs/student      # teacher OOF probs as targets
   python run.py external-check --train train.csv --config cfg.json --out runs/check # a verdict per external source
 
@@ -22,7 +23,7 @@ import sys
 import traceback
 from pathlib import Path
 
-COMMANDS = ("all", "train", "tune", "predict", "pseudo-label", "distill", "external-check")
+COMMANDS = ("all", "train", "tune", "predict", "pseudo-label", "convert", "distill", "external-check")
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 log = logging.getLogger("run")
 
@@ -80,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens, > 1 softens the soft labels")
     pl.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     loudness(pl)
+    cv = sub.add_parser("convert", help="convert an external data file (a source kind of the config's external "
+                                        "section) into a battle file (.jsonl) that pseudo-label, predict or --train read")
+    cv.add_argument("--kind", required=True, help="the converter: competition, preference_pairs, scored_answers, "
+                                                  "arena_conversations, pseudo_labels")
+    cv.add_argument("--data", required=True, help="the external file")
+    cv.add_argument("--source", required=True, help="source tag written on the rows (and prefixed to their ids)")
+    cv.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a converter option (value as JSON), e.g. --option max_pairs_per_prompt=10")
+    cv.add_argument("--out", required=True, help="the .jsonl battle file to write")
+    cv.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    loudness(cv)
     d = sub.add_parser("distill", help="train a student run on a finished teacher run's out-of-fold probabilities "
                                        "mixed with the hard labels, on the teacher's folds")
     d.add_argument("--teacher", required=True, help="a finished run directory (trained on --train)")
@@ -216,6 +228,29 @@ def _cmd_pseudo_label(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from pydantic import ValidationError
+
+    from battles.external import ExternalSource, convert_sources
+    from battles.files import check_output_file, write_atomic
+    from pipeline.config import ConfigError, apply_set
+
+    out = check_output_file(args.out, args.overwrite)
+    if not out.name.endswith(".jsonl"):
+        raise ConfigError(f"--out {out}: convert writes JSONL; name the file *.jsonl")
+    options: dict = {}
+    for item in args.option:
+        options = apply_set(options, item)
+    try:
+        source = ExternalSource(kind=args.kind, path=args.data, source=args.source, options=options)
+    except ValidationError as exc:
+        raise ConfigError(f"convert: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    [(battles, report)] = convert_sources([source])
+    write_atomic(out, lambda p: battles.to_json(p, orient="records", lines=True, force_ascii=False))
+    print(f"wrote {len(battles)} battles to {out} (read {report['rows_read']}, dropped {report['dropped'] or 'none'})")
+    return 0
+
+
 def _cmd_distill(args) -> int:
     from pipeline.distill import DEFAULT_SOFT_WEIGHT, prepare_student
     from pipeline.runner import run_all
@@ -229,14 +264,15 @@ def _cmd_distill(args) -> int:
 
 def _cmd_external_check(args) -> int:
     from pipeline.external_check import external_check, format_table
+    from pipeline.runner import Run
 
-    result = external_check(args.train, args.out, _config(args), stage=args.stage, progress=not args.quiet)
-    print(format_table(result))
+    run = _Session.run = Run(args.out, _config(args), args.train, progress=not args.quiet)
+    print(format_table(external_check(run, stage=args.stage)))
     return 0
 
 
 HANDLERS = {"all": _cmd_train, "train": _cmd_train, "tune": _cmd_tune, "predict": _cmd_predict,
-            "pseudo-label": _cmd_pseudo_label, "distill": _cmd_distill, "external-check": _cmd_external_check}
+            "pseudo-label": _cmd_pseudo_label, "convert": _cmd_convert, "distill": _cmd_distill, "external-check": _cmd_external_check}
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -1,6 +1,7 @@
 """A verdict per external source: does adding it to training help a cheap stage on your data?
 
     python run.py external-check --train train.csv --config cfg.json --out runs/check [--stage NAME]
+    external_check(Run("runs/check", config, "train.csv"))      # the same from Python
 
 The config's ``external`` section lists the sources (as for a run). One stage (default
 :data:`DEFAULT_STAGE`: LightGBM on text statistics, similarity and Word2Vec features, no TF-IDF;
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import logging
 import re
-
-import numpy as np
 
 from battles.external import ExternalConfig, convert_sources, gather_external
 from battles.files import write_json, write_text
@@ -81,15 +80,16 @@ def _auc(train, rows, source: str, spec: ExternalConfig, seed: int) -> float | N
     return report[source]["auc"]
 
 
-def external_check(train_path, out, config: RunConfig, stage: str | None = None, progress: bool = True) -> dict:
-    """Run the check (see the module docstring); write and return its result."""
+def external_check(run: Run, stage: str | None = None) -> dict:
+    """Run the check (see the module docstring) in ``run``'s directory, on its training data and
+    config; write and return its result."""
+    config, progress = run.config, run.progress
     spec = config.external
     if not spec.sources:
         raise ConfigError("external-check: the config's external section lists no sources "
                           "(external.sources: [{kind, path, source, ...}])")
-    run = Run(out, config, train_path, progress=progress)
-    run.load_data()  # claims the directory, fixes the folds, gathers the 'all' setting's rows
     name, stage_spec = check_stage(config, stage)
+    run.load_data()  # claims the directory, fixes the folds, gathers the 'all' setting's rows
     train, seed = run.train, config.seed
     converted = convert_sources(spec.sources)
     settings = [("none", None, None, None)]
@@ -101,7 +101,9 @@ def external_check(train_path, out, config: RunConfig, stage: str | None = None,
 
     scored = hard_mask(train)
     results, losses = [], {}
-    for setting, src, conversion, rows in settings:
+    for i, (setting, src, conversion, rows) in enumerate(settings):
+        log.info("external-check: setting %d of %d: %s (%d external rows)", i + 1, len(settings), setting,
+                 0 if rows is None else len(rows))
         with run.timings.step(f"external-check: {setting}"):
             result = crossfit_stage(run.dir, _dir_name(setting), stage_spec, train, run.folds, None, rows, seed=seed,
                                     progress=progress, timings=run.timings)
@@ -123,7 +125,7 @@ def external_check(train_path, out, config: RunConfig, stage: str | None = None,
         row["delta"] = float((mine - base).mean())
         row["interval"] = bootstrap_interval(mine, seed, paired_with=base)
         row["verdict"] = verdict(row["interval"], row["rows_kept"])
-    summary = {"train": str(train_path), "rows": int(scored.sum()), "n_folds": config.n_folds, "seed": seed,
+    summary = {"train": str(run.train_path), "rows": int(scored.sum()), "n_folds": config.n_folds, "seed": seed,
                "stage": {"name": name, **stage_spec.as_dict()}, "rule": RULE, "settings": results}
     write_json(run.dir.external_check, summary)
     write_text(run.dir.external_check_table, format_table(summary) + "\n")

@@ -91,7 +91,22 @@ class Run:
         rows, report = gather_external(self.train, self.config.external, self.config.seed)
         if rows is not None:
             write_json(self.dir.external_report, report)
+            self._warn_pseudo_labels_of_this_data(report)
         return rows
+
+    def _warn_pseudo_labels_of_this_data(self, report: dict) -> None:
+        """Pseudo-labels made by a run on this very training data were predicted by models that saw
+        every training row, each fold's validation rows included: the OOF scores are optimistic."""
+        train_hash = data_hash(self.train)
+        for conversion in report["conversion"]:
+            made_by = (conversion.get("provenance") or {}).get("run")
+            if made_by and RunDir(made_by).is_ours() and RunDir(made_by).record().get("train_hash") == train_hash:
+                message = (f"external source {conversion['source']!r}: its pseudo-labels come from the run {made_by}, "
+                           "trained on this training data, so they carry every fold's validation labels: the OOF "
+                           "scores of this run are optimistic (pseudo-label with a run trained on other data, or "
+                           "judge on a holdout)")
+                log.warning("WARNING: %s", message)
+                self.warnings.append(message)
 
     def _fix_folds(self) -> None:
         n_folds, seed = self.config.n_folds, self.config.seed

@@ -128,6 +128,9 @@ def test_pseudo_labels_source_trains_on_them_and_scores_on_target(pseudo_file, s
     train_ids = pd.read_csv(slice_files / "train.csv", dtype=str)["id"].tolist()
     assert read_id_table(out / "stages/len/oof_logits.csv")["id"].tolist() == train_ids  # scored: target only
     assert sorted(read_id_table(out / "ensemble/oof_probs.csv")["id"]) == sorted(train_ids)
+    # the labelling run was trained on this very data: its pseudo-labels saw every fold's validation rows
+    warnings = json.loads((out / "ensemble/ensemble.json").read_text())["warnings"]
+    assert any("'pl': its pseudo-labels come from the run" in w and "optimistic" in w for w in warnings)
 
 
 def test_train_file_mixing_hard_and_soft_only_rows(pseudo_file, slice_files, tmp_path, caplog):
@@ -158,3 +161,21 @@ def test_train_file_mixing_hard_and_soft_only_rows(pseudo_file, slice_files, tmp
     soft_only.write_text(pseudo_file.read_text())
     assert cli.main(["--train", str(soft_only), "--out", str(tmp_path / "refused"), "--quiet"]) == 2
     assert "no battle has a hard label" in caplog.text and "kind 'pseudo_labels'" in caplog.text
+
+
+def test_convert_command_writes_a_battle_file(tmp_path, caplog):
+    from tests.conftest import shared_file
+
+    pandalm = shared_file("external/pandalm_testset_v1.csv")
+    out = tmp_path / "pandalm.jsonl"
+    assert cli.main(["convert", "--kind", "competition", "--data", str(pandalm), "--source", "pandalm",
+                     "--out", str(out), "--quiet"]) == 0
+    battles, _ = read_battles(out)
+    assert len(battles) == 999 and battles["id"].str.startswith("pandalm:").all()
+    assert (battles[LABEL_COLUMNS].sum(axis=1) == 1).all()
+    assert cli.main(["convert", "--kind", "competition", "--data", str(pandalm), "--source", "pandalm",
+                     "--out", str(out), "--quiet"]) == 2
+    assert "exists; pass --overwrite" in caplog.text
+    assert cli.main(["convert", "--kind", "scored_answers", "--data", str(pandalm), "--source", "x",
+                     "--option", "max_pairs=3", "--out", str(tmp_path / "x.jsonl"), "--quiet"]) == 2
+    assert "'max_pairs' is not an option of the 'scored_answers' converter" in caplog.text
