@@ -7,6 +7,9 @@
   python run.py predict --run runs/x --test new.csv --out preds.csv        # predict new battles with a run
   python run.py pseudo-label --run runs/x --data unlabelled.jsonl --out pseudo.jsonl   # soft labels for training
   python run.py pair-chatlogs --data chat.parquet --out pairs.parquet --train train.csv # battles from chat logs
+  python run.py convert --kind scored_answers --data rated.csv --source bench --out bench.jsonl  # external -> battles
+  python run.py distill --teacher runs/x --train train.csv --out runs/student      # teacher OOF probs as targets
+  python run.py external-check --train train.csv --config cfg.json --out runs/check # a verdict per external source
 
 A rerun of the same command resumes: finished folds and stages are reused. Every command that fits the
 ensemble writes runs/x/ensemble/ensemble.json (what predict uses), submission.csv (with a test set) and
@@ -21,7 +24,8 @@ import sys
 import traceback
 from pathlib import Path
 
-COMMANDS = ("all", "train", "tune", "predict", "pseudo-label", "pair-chatlogs")
+COMMANDS = ("all", "train", "tune", "predict", "pseudo-label", "pair-chatlogs", "convert", "distill",
+            "external-check")
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 log = logging.getLogger("run")
 
@@ -41,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--verbose", action="store_true", help="debug logs, and the traceback of an error")
 
-    def training(sp):
-        sp.add_argument("--train", help="labelled battles (.csv/.parquet/.jsonl); a resumed run remembers it")
+    def training(sp, train_required=False):
+        sp.add_argument("--train", required=train_required,
+                        help="labelled battles (.csv/.parquet/.jsonl); a resumed run remembers it")
         sp.add_argument("--test", help="unlabelled battles to predict; writes submission.csv")
         sp.add_argument("--out", "--run", dest="out", required=True, help="run directory (new, empty, or a run of ours)")
         sp.add_argument("--config", help="JSON config over the defaults (README: configuration reference)")
@@ -94,6 +99,32 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--keep-prompt-matches", action="store_true", help="keep pairs whose prompt is a training prompt")
     pc.add_argument("--overwrite", action="store_true", help="replace --out and its report if they exist")
     loudness(pc)
+    cv = sub.add_parser("convert", help="convert an external data file (a source kind of the config's external "
+                                        "section) into a battle file (.jsonl) that pseudo-label, predict or --train read")
+    cv.add_argument("--kind", required=True, help="the converter: competition, preference_pairs, scored_answers, "
+                                                  "arena_conversations, pseudo_labels")
+    cv.add_argument("--data", required=True, help="the external file")
+    cv.add_argument("--source", required=True, help="source tag written on the rows (and prefixed to their ids)")
+    cv.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a converter option (value as JSON), e.g. --option max_pairs_per_prompt=10")
+    cv.add_argument("--out", required=True, help="the .jsonl battle file to write")
+    cv.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    loudness(cv)
+    d = sub.add_parser("distill", help="train a student run on a finished teacher run's out-of-fold probabilities "
+                                       "mixed with the hard labels, on the teacher's folds")
+    d.add_argument("--teacher", required=True, help="a finished run directory (trained on --train)")
+    d.add_argument("--soft-weight", type=float, default=None,
+                   help="target = W x teacher OOF probability + (1 - W) x label (default 0.5)")
+    training(d, train_required=True)
+    ec = sub.add_parser("external-check", help="per external source of the config: rows kept, adversarial AUC, change "
+                                               "in OOF log loss of a cheap stage, and a keep/drop/down-weight verdict")
+    ec.add_argument("--stage", help="a stage of the config to measure with (default: LightGBM on text statistics, "
+                                    "similarity and Word2Vec features)")
+    ec.add_argument("--train", required=True, help="labelled battles (.csv/.parquet/.jsonl)")
+    ec.add_argument("--out", required=True, help="directory for the check (new, empty, or an earlier check)")
+    ec.add_argument("--config", help="JSON config whose 'external' section lists the sources")
+    ec.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
+    loudness(ec)
     return p
 
 
@@ -230,8 +261,52 @@ def _cmd_pair_chatlogs(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from pydantic import ValidationError
+
+    from battles.external import ExternalSource, convert_sources
+    from battles.files import check_output_file, write_atomic
+    from pipeline.config import ConfigError, apply_set
+
+    out = check_output_file(args.out, args.overwrite)
+    if not out.name.endswith(".jsonl"):
+        raise ConfigError(f"--out {out}: convert writes JSONL; name the file *.jsonl")
+    options: dict = {}
+    for item in args.option:
+        options = apply_set(options, item)
+    try:
+        source = ExternalSource(kind=args.kind, path=args.data, source=args.source, options=options)
+    except ValidationError as exc:
+        raise ConfigError(f"convert: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    [(battles, report)] = convert_sources([source])
+    write_atomic(out, lambda p: battles.to_json(p, orient="records", lines=True, force_ascii=False))
+    print(f"wrote {len(battles)} battles to {out} (read {report['rows_read']}, dropped {report['dropped'] or 'none'})")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from pipeline.distill import DEFAULT_SOFT_WEIGHT, prepare_student
+    from pipeline.runner import run_all
+
+    weight = DEFAULT_SOFT_WEIGHT if args.soft_weight is None else args.soft_weight
+    run = _Session.run = prepare_student(args.teacher, args.train, args.out, _config(args), weight, args.test,
+                                         progress=not args.quiet)
+    _print_summary(run_all(run), args.out)
+    return 0
+
+
+def _cmd_external_check(args) -> int:
+    from pipeline.external_check import external_check, format_table
+    from pipeline.runner import Run
+
+    run = _Session.run = Run(args.out, _config(args), args.train, progress=not args.quiet)
+    print(format_table(external_check(run, stage=args.stage)))
+    return 0
+
+
 HANDLERS = {"all": _cmd_train, "train": _cmd_train, "tune": _cmd_tune, "predict": _cmd_predict,
-            "pseudo-label": _cmd_pseudo_label, "pair-chatlogs": _cmd_pair_chatlogs}
+            "pseudo-label": _cmd_pseudo_label, "pair-chatlogs": _cmd_pair_chatlogs, "convert": _cmd_convert,
+            "distill": _cmd_distill, "external-check": _cmd_external_check}
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -20,7 +20,10 @@ Shapes understood:
   answers per prompt become pairs (all, or a seeded capped number per prompt), equal scores a tie;
 * arena conversation logs (:func:`from_arena_conversations`): ``conversation_a``,
   ``conversation_b`` as lists of ``{role, content}`` messages and ``winner`` in
-  ``{model_a, model_b, tie, tie (bothbad)}``.
+  ``{model_a, model_b, tie, tie (bothbad)}``;
+* soft-labelled battles (:func:`from_pseudo_labels`): a pseudo-label file of ``run.py
+  pseudo-label`` (or any battle file whose rows carry ``soft_a/soft_b/soft_tie``), read by the
+  battle reader; its provenance line goes into the report.
 
 Ids are stable: they are built from the source tag and the input's own keys (row id, question id,
 model names), never from row order after sampling, so re-running a conversion gives the same ids.
@@ -39,8 +42,8 @@ import numpy as np
 import pandas as pd
 
 from battles.formats import read_frame
-from battles.io import BattleDataError, RepairReport, battles_from_frame, parse_turns
-from battles.labels import LABEL_COLUMNS
+from battles.io import BattleDataError, RepairReport, battles_from_frame, parse_turns, read_battles
+from battles.labels import LABEL_COLUMNS, soft_mask
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class ConversionReport:
     dropped: dict = field(default_factory=dict)
     repairs: dict = field(default_factory=dict)
     examples: list = field(default_factory=list)
+    provenance: dict | None = None  # a pseudo-label file's provenance line
 
     def drop(self, reason: str, row, detail: str = "") -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -64,7 +68,8 @@ class ConversionReport:
 
     def as_dict(self) -> dict:
         return {"file": self.file, "source": self.source, "rows_read": self.rows_read, "kept": self.kept,
-                "dropped": dict(self.dropped), "repairs": dict(self.repairs), "examples": list(self.examples)}
+                "dropped": dict(self.dropped), "repairs": dict(self.repairs), "examples": list(self.examples),
+                "provenance": self.provenance}
 
     def summary(self) -> str:
         dropped = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
@@ -477,11 +482,40 @@ def from_arena_conversations(data, source: str, path=None) -> tuple[pd.DataFrame
     return _finish(pd.DataFrame(rows), path, source, report)
 
 
+# --------------------------------------------------------------------------------------------
+# soft-labelled battles (pseudo-labels)
+
+
+def from_pseudo_labels(path, source: str, prefix_ids: bool = True) -> tuple[pd.DataFrame, ConversionReport]:
+    """A pseudo-label file (``run.py pseudo-label``) or any battle file with soft labels -> battles.
+
+    Read by the battle reader with every row needing a target (soft labels validated there; rows may
+    carry hard labels too, the soft label is then the target), which also refuses an unfinished job's
+    file or a truncated one (:func:`battles.io.check_provenance`). Each row keeps its own ``weight``
+    (the pseudo-label file's ``--weight``), multiplied later by the source's weight. The provenance
+    line goes into the report. A file without a single soft-labelled row is refused: its kind is
+    ``competition``. Ids get a ``source:`` prefix.
+    """
+    battles, repairs = read_battles(path, source=source, require_labels=True)
+    report = ConversionReport(file=str(path), source=source, rows_read=repairs.rows, repairs=repairs.as_dict(),
+                              provenance=repairs.provenance)
+    report.repairs.pop("provenance", None)
+    if not soft_mask(battles).any():
+        raise BattleDataError(path, "no row has soft labels (soft_a, soft_b, soft_tie); a file of hard labels "
+                                    "is an external source of kind 'competition'")
+    if prefix_ids:
+        battles["id"] = [f"{source}:{i}" for i in battles["id"]]
+    report.kept = len(battles)
+    log.info("%s; soft-labelled rows: %d", report.summary(), int(soft_mask(battles).sum()))
+    return battles, report
+
+
 CONVERTERS = {
     "competition": from_competition,
     "preference_pairs": from_preference_pairs,
     "scored_answers": from_scored_answers,
     "arena_conversations": from_arena_conversations,
+    "pseudo_labels": from_pseudo_labels,
 }
 
 

@@ -1,4 +1,5 @@
-"""External rows join training folds only: their final weights, checked once before any training.
+"""External rows join training folds only: conversion, de-duplication, final weights, checked once
+before any training (:func:`gather_external`: what a run's config ``external`` section adds).
 
 Validation rows and every reported score stay on target data. External battles carry a ``weight``
 = per-source weight (from the config) x optional importance weight (:mod:`battles.shift`) x any
@@ -9,19 +10,22 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from battles.dedup import DedupConfig
+from battles.dedup import DedupConfig, deduplicate
 from battles.labels import row_weights
 from battles.schema import Section
-from battles.shift import ShiftConfig
+from battles.shift import ShiftConfig, shift_weights
+
+log = logging.getLogger(__name__)
 
 # Source kinds and their converters (battles/converters.py), imported when a source is converted.
-SOURCE_KINDS = ("competition", "preference_pairs", "scored_answers", "arena_conversations")
+SOURCE_KINDS = ("competition", "preference_pairs", "scored_answers", "arena_conversations", "pseudo_labels")
 
 
 class ExternalSource(Section):
@@ -90,3 +94,40 @@ def external_rows(external: pd.DataFrame, source_weights: dict, shift_weights=No
             raise ValueError(f"{len(clash)} external ids equal training ids (e.g. {sorted(clash)[:3]}); "
                              "give external rows ids of their own (the converters prefix them with the source)")
     return ext
+
+
+def convert_sources(sources: list[ExternalSource]) -> list[tuple[pd.DataFrame, dict]]:
+    """Each source converted to battles (its converter, options), with its conversion report."""
+    from battles.converters import convert
+
+    out = []
+    for src in sources:
+        battles, report = convert(src.kind, src.path, source=src.source, **src.options)
+        out.append((battles, report.as_dict()))
+    return out
+
+
+def gather_external(train: pd.DataFrame, spec: ExternalConfig, seed: int,
+                    converted: list[tuple[pd.DataFrame, dict]] | None = None) -> tuple[pd.DataFrame | None, dict]:
+    """The training-only rows that ``spec`` adds to a run on ``train``, and the report.
+
+    Sources converted (or ``converted``: :func:`convert_sources` of ``spec.sources``, done once by a
+    caller that builds several subsets), de-duplicated against ``train`` and within themselves (the
+    first source listed keeps a shared battle), optionally importance-weighted, then weighted
+    (:func:`external_rows`). Report keys: ``conversion``, ``dedup``, ``shift``, ``rows_added``.
+    """
+    if not spec.sources:
+        return None, {}
+    converted = convert_sources(spec.sources) if converted is None else converted
+    report: dict = {"conversion": [rep for _, rep in converted]}
+    external = pd.concat([battles for battles, _ in converted], ignore_index=True, sort=False)
+    if spec.dedup is not False:
+        external, dedup = deduplicate(train, external, spec.dedup)
+        report["dedup"] = dedup.as_dict()
+    weights = None
+    if spec.shift_weighting and len(external):
+        weights, report["shift"] = shift_weights(train, external, spec.shift, seed=seed)
+    rows = external_rows(external, {s.source: s.weight for s in spec.sources}, weights, target_ids=train["id"])
+    report["rows_added"] = {str(k): int(v) for k, v in rows["source"].value_counts().items()}
+    log.info("external data: %d training-only rows from %s", len(rows), report["rows_added"])
+    return rows, report

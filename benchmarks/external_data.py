@@ -2,6 +2,8 @@
 """Does external data help? De-duplication report, adversarial AUC per source, target OOF log loss.
 
     python benchmarks/external_data.py [--max-pairs-per-prompt 10] [--out-dir runs/bench-external]
+    python benchmarks/external_data.py --write-config external.json   # the sources as a config, for
+    python run.py external-check --train ../shared/data/arena/train_sample.csv --config external.json --out runs/check
 
 Target: ../shared/data/arena/train_sample.csv. External sources: the three files in
 ../shared/data/external (PandaLM via the competition converter, HH-RLHF harmless-base as a
@@ -22,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from battles.files import check_output_file, write_json  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import Run, run_all  # noqa: E402
 
@@ -47,7 +50,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-pairs-per-prompt", type=int, default=10)
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--out-dir", default="runs/bench-external")
+    ap.add_argument("--write-config", metavar="PATH", help="only write the three sources as a config file and stop")
     args = ap.parse_args(argv)
+    if args.write_config:
+        config = {"external": external_section(args.max_pairs_per_prompt, args.threshold, shift=False)}
+        write_json(check_output_file(args.write_config), config)
+        print(f"wrote {args.write_config}")
+        return config
     logging.basicConfig(level=logging.WARNING)
     t0 = time.time()
     target = DATA / "arena" / "train_sample.csv"

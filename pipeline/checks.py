@@ -7,7 +7,9 @@ in a box at the top of the report. Each names what it saw and what to do (README
 * many empty prompts: they all fall in one prompt group, hence one fold;
 * test unlike training: adversarial validation tells the test file's prompts from the training
   prompts (AUC above ``SHIFT_AUC``), so the cross-validated score may not carry over;
-* a stage, or the final ensemble, scores worse than the class prior on its rows.
+* a stage, or the final ensemble, scores worse than the class prior on its rows;
+* pseudo-labels of this data: an external source of pseudo-labels made by a run trained on this very
+  training data carries every fold's validation labels, so the OOF scores are optimistic.
 """
 from __future__ import annotations
 
@@ -84,4 +86,20 @@ def score_warnings(summary: dict) -> list[str]:
         if s["log_loss"] > prior:
             out.append(_warn(f"stage {name} ({s['log_loss']:.4f} OOF log loss on {s['n']} rows) scores worse than the "
                              f"class prior ({prior:.4f})."))
+    return out
+
+
+def pseudo_label_warnings(external_report: dict, train_hash: str) -> list[str]:
+    """Pseudo-labels made by a run on this very training data were predicted by models that saw every
+    training row, each fold's validation rows included: the OOF scores are optimistic."""
+    from pipeline.rundir import RunDir
+
+    out = []
+    for conversion in external_report.get("conversion", []):
+        made_by = (conversion.get("provenance") or {}).get("run")
+        if made_by and RunDir(made_by).is_ours() and RunDir(made_by).record().get("train_hash") == train_hash:
+            out.append(_warn(f"external source {conversion['source']!r}: its pseudo-labels come from the run {made_by}, "
+                             "trained on this training data, so they carry every fold's validation labels: the OOF "
+                             "scores of this run are optimistic (pseudo-label with a run trained on other data, or "
+                             "judge on a holdout)"))
     return out

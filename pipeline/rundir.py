@@ -16,6 +16,9 @@
       ensemble/                ensemble.json (what predict uses), oof_probs.csv (nested-CV probabilities)
       report.html (+ PNGs)
       submission.csv           with a test file
+      distill_train.jsonl      a distilled student's training file: teacher OOF targets (pipeline/distill.py)
+      external_check.json      external-check: per source rows, AUC, OOF log loss change, verdict
+      external_check.txt       (pipeline/external_check.py; its settings' stages under stages/)
 
 Ownership: ``--out`` may be a new path, an empty directory, or a run directory of ours (its marker
 says so) made for the same training data; anything else is refused before a byte is written.
@@ -108,7 +111,9 @@ class RunDir(_Layout):
     FILES = {"marker": "run.json", "config": "config.json", "data_report": "data_report.json",
              "external_report": "external_report.json", "folds": "folds.csv", "timings": "timings.json",
              "resources": "resources", "ensemble_dir": "ensemble", "ensemble": "ensemble/ensemble.json",
-             "oof_probs": "ensemble/oof_probs.csv", "report": "report.html", "submission": "submission.csv"}
+             "oof_probs": "ensemble/oof_probs.csv", "report": "report.html", "submission": "submission.csv",
+             "distill_train": "distill_train.jsonl", "external_check": "external_check.json",
+             "external_check_table": "external_check.txt"}
 
     def __str__(self) -> str:
         return str(self.path)

@@ -86,30 +86,12 @@ class Run:
         """External sources from the config's ``external`` section: converted, de-duplicated against
         the training data and within themselves, optionally importance-weighted, then added to every
         fold's training part only (never validation, never scored). Reports go to external_report.json."""
-        spec = self.config.external
-        if not spec.sources:
-            return None
-        from battles.converters import convert
-        from battles.dedup import deduplicate
-        from battles.external import external_rows
-        from battles.shift import shift_weights
+        from battles.external import gather_external
 
-        parts, report = [], {"conversion": []}
-        for src in spec.sources:
-            battles, rep = convert(src.kind, src.path, source=src.source, **src.options)
-            parts.append(battles)
-            report["conversion"].append(rep.as_dict())
-        external = pd.concat(parts, ignore_index=True, sort=False)
-        if spec.dedup is not False:
-            external, dedup = deduplicate(self.train, external, spec.dedup)
-            report["dedup"] = dedup.as_dict()
-        weights = None
-        if spec.shift_weighting:
-            weights, report["shift"] = shift_weights(self.train, external, spec.shift, seed=self.config.seed)
-        rows = external_rows(external, {s.source: s.weight for s in spec.sources}, weights, target_ids=self.train["id"])
-        report["rows_added"] = {k: int(v) for k, v in rows["source"].value_counts().items()}
-        write_json(self.dir.external_report, report)
-        log.info("external data: %d training-only rows from %s", len(rows), report["rows_added"])
+        rows, report = gather_external(self.train, self.config.external, self.config.seed)
+        if rows is not None:
+            write_json(self.dir.external_report, report)
+            self.warnings += checks.pseudo_label_warnings(report, data_hash(self.train))
         return rows
 
     def _fix_folds(self) -> None:
