@@ -53,10 +53,10 @@ class ExternalSource(Section):
 class ExternalConfig(Section):
     """The config's ``external`` section: training-only data, de-duplicated and optionally weighted."""
 
-    sources: list[ExternalSource] = Field(default_factory=list)
+    sources: list[ExternalSource] = Field(default_factory=list)  # the external data sets (none by default)
     dedup: DedupConfig | Literal[False] = Field(default_factory=DedupConfig)  # false: keep duplicates
     shift_weighting: bool = False  # weight external rows by how much their prompts look like yours
-    shift: ShiftConfig = Field(default_factory=ShiftConfig)
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)  # the adversarial classifier behind shift_weighting
 
 
 def external_weights(external: pd.DataFrame, source_weights: dict, shift_weights=None) -> np.ndarray:
