@@ -82,6 +82,9 @@ class Word2VecBlock(FeatureBlock):
             write_atomic(path, lambda tmp: self.vectors.save_word2vec_format(str(tmp), binary=True))
             write_json(path.parent / "params.json", p)
 
+    def state_key(self):
+        return self.resource_name  # the trained vectors (corpus and params)
+
     def _embed(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.vectors.vector_size), dtype=np.float32)
         for i, text in enumerate(texts):
