@@ -26,10 +26,20 @@ from sklearn.preprocessing import normalize
 from battles.schema import Section
 from battles.text import FIELDS, plain_text
 from features.base import FeatureBlock, SidedFeatures, row_cosine
+from features.parallel import map_chunks
 
 
 def _key(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
+def _count_texts(texts: list[str], context) -> sp.csr_matrix:
+    """Hashed word and character n-gram counts of texts (``context``: the two vectorizers, char limit)."""
+    word, char, char_limit = context
+    m = word.transform(texts)
+    if char is not None:
+        m = m + char.transform([t[:char_limit] for t in texts])
+    return sp.csr_matrix(m, dtype=np.float32)
 
 
 class TfidfParams(Section):
@@ -64,16 +74,14 @@ class TfidfBlock(FeatureBlock):
 
     # -- counting (label-free) -------------------------------------------------------------------
     def _count(self, texts: list[str]) -> sp.csr_matrix:
-        m = self._word.transform(texts)
-        if self._char is not None:
-            m = m + self._char.transform([t[: self.params.char_limit] for t in texts])
-        return sp.csr_matrix(m, dtype=np.float32)
+        return _count_texts(texts, (self._word, self._char, self.params.char_limit))
 
     def prepare(self, battles: pd.DataFrame) -> None:
         texts = sorted({plain_text(t) for c in FIELDS for t in battles[c]})
         self._index = {_key(t): i for i, t in enumerate(texts)}
-        step = self.params.chunk
-        self._counts = sp.vstack([self._count(texts[i:i + step]) for i in range(0, len(texts), step)]).tocsr()
+        parts = map_chunks(_count_texts, texts, chunk=self.params.chunk, desc="tf-idf counting",
+                           progress=self.context.progress, context=(self._word, self._char, self.params.char_limit))
+        self._counts = sp.vstack(parts).tocsr()
 
     def _counts_for(self, texts: list[str]) -> sp.csr_matrix:
         rows = [self._index.get(_key(t), -1) for t in texts] if self._counts is not None else [-1] * len(texts)

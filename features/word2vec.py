@@ -23,6 +23,7 @@ from battles.files import write_atomic, write_json
 from battles.schema import Section
 from battles.text import plain_text, words
 from features.base import FeatureBlock, SidedFeatures, row_cosine
+from features.parallel import map_chunks
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,21 @@ def _corpus(battles: pd.DataFrame, limit: int) -> list[list[str]]:
     return [words(t)[:limit] for t in sorted(texts)]
 
 
+def _mean_vectors(texts: list[str], context) -> np.ndarray:
+    """Mean word vector of each text's first tokens (zeros where no token is in the vocabulary)."""
+    vectors, limit = context
+    out = np.zeros((len(texts), vectors.vector_size), dtype=np.float32)
+    for i, text in enumerate(texts):
+        ids = [vectors.key_to_index[w] for w in words(text)[:limit] if w in vectors.key_to_index]
+        if ids:
+            out[i] = vectors.vectors[ids].mean(axis=0)
+    return out
+
+
 class Word2VecBlock(FeatureBlock):
     name = "w2v"
     Params = Word2VecParams
+    trains_outside_gil = True  # gensim trains in its own thread: a stage may prepare other blocks meanwhile
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
@@ -86,18 +99,16 @@ class Word2VecBlock(FeatureBlock):
         return self.resource_name  # the trained vectors (corpus and params)
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.vectors.vector_size), dtype=np.float32)
-        for i, text in enumerate(texts):
-            ids = [self.vectors.key_to_index[w] for w in words(text)[: self.params.max_tokens_per_text]
-                   if w in self.vectors.key_to_index]
-            if ids:
-                out[i] = self.vectors.vectors[ids].mean(axis=0)
-        return out
+        parts = map_chunks(_mean_vectors, texts, desc="word2vec pooling", progress=self.context.progress,
+                           context=(self.vectors, self.params.max_tokens_per_text))
+        return np.vstack(parts) if parts else np.zeros((0, self.vectors.vector_size), dtype=np.float32)
 
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
         if self.vectors is None:
             raise RuntimeError("Word2VecBlock.transform called before prepare")
-        p, a, b = (self._embed([plain_text(t) for t in battles[c]]) for c in ("prompt", "response_a", "response_b"))
+        n = len(battles)
+        pooled = self._embed([plain_text(t) for c in ("prompt", "response_a", "response_b") for t in battles[c]])
+        p, a, b = pooled[:n], pooled[n:2 * n], pooled[2 * n:]
 
         cos = row_cosine
         names = [f"dim{i}" for i in range(a.shape[1])]

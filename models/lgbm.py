@@ -10,6 +10,7 @@ The booster is saved in LightGBM's text format; block state as .npy/JSON.
 from __future__ import annotations
 
 import difflib
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 from pathlib import Path
@@ -103,8 +104,16 @@ class LightGBMStage(Stage):
         self.feature_names: list[str] = []
 
     def prepare(self, battles: pd.DataFrame) -> None:
-        for block in self.features.blocks:
-            block.prepare(battles)
+        """Blocks that train in a thread of their own outside the GIL (Word2Vec: one gensim worker, so
+        its vectors stay reproducible) prepare in the background while the others prepare here."""
+        background = [b for b in self.features.blocks if getattr(b, "trains_outside_gil", False)]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = [pool.submit(b.prepare, battles) for b in background]
+            for block in self.features.blocks:
+                if block not in background:
+                    block.prepare(battles)
+            for future in pending:
+                future.result()
         self.features.warm(battles)
 
     def _dataset(self, battles: pd.DataFrame, reference=None) -> lgb.Dataset:
