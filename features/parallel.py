@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 MIN_PARALLEL_ITEMS = 4000  # below this, forking costs more than it saves
+CHUNK = 2000  # items per task unless the caller says otherwise
 _INHERITED: dict[int, object] = {}  # contexts handed to forked workers by inheritance, not pickling
 
 
@@ -32,10 +33,11 @@ def _inherited_call(func, token: int, chunk: list):
     return func(chunk, context=_INHERITED[token])
 
 
-def map_chunks(func: Callable, items: Sequence, chunk: int = 2000, desc: str | None = None,
+def map_chunks(func: Callable, items: Sequence, chunk: int | None = None, desc: str | None = None,
                progress: bool = False, context=None) -> list:
     """``[func(chunk) for each chunk of items]`` (``func(chunk, context)`` when a context is given),
     computed by one forked worker per core; ``func`` must be a module-level function."""
+    chunk = chunk or CHUNK
     chunks = [list(items[i:i + chunk]) for i in range(0, len(items), chunk)]
     workers = min(usable_cores(), len(chunks))
     bar = dict(total=len(chunks), desc=desc, unit="chunk", disable=not progress or desc is None, leave=False)

@@ -42,6 +42,17 @@ def _count_texts(texts: list[str], context) -> sp.csr_matrix:
     return sp.csr_matrix(m, dtype=np.float32)
 
 
+def _battle_features(rows: list, context: "TfidfBlock") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-side SVD coordinates and prompt cosines, and the A-B cosine, of a chunk of
+    ``(prompt, response_a, response_b)`` battles (``context``: the fitted block)."""
+    block = context
+    p, a, b = (block._tfidf(block._counts_for([plain_text(r[i]) for r in rows])) for i in range(3))
+    cos = lambda x, y: row_cosine(x, y, unit_rows=True)  # noqa: E731 (rows are L2-normalised)
+    return (np.hstack([np.asarray(a @ block.components_.T), cos(p, a)[:, None]]),
+            np.hstack([np.asarray(b @ block.components_.T), cos(p, b)[:, None]]),
+            cos(a, b)[:, None])
+
+
 class TfidfParams(Section):
     word_ngrams: tuple[int, int] = (1, 2)  # word n-gram range
     char_ngrams: tuple[int, int] | None = (3, 4)  # char_wb n-gram range; null: no character n-grams
@@ -119,18 +130,15 @@ class TfidfBlock(FeatureBlock):
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
         if self.idf_ is None:
             raise RuntimeError("TfidfBlock.transform called before fit")
-        step = self.params.chunk
-        side_a, side_b, shared = [], [], []
-        for i in range(0, len(battles), step):
-            part = battles.iloc[i:i + step]
-            p, a, b = (self._tfidf(self._counts_for([plain_text(t) for t in part[c]])) for c in FIELDS)
-            cos = lambda x, y: row_cosine(x, y, unit_rows=True)  # noqa: E731 (rows are L2-normalised)
-            side_a.append(np.hstack([np.asarray(a @ self.components_.T), cos(p, a)[:, None]]))
-            side_b.append(np.hstack([np.asarray(b @ self.components_.T), cos(p, b)[:, None]]))
-            shared.append(cos(a, b)[:, None])
+        rows = list(zip(*(battles[c] for c in FIELDS)))
+        parts = map_chunks(_battle_features, rows, chunk=self.params.chunk, desc="tf-idf features",
+                           progress=self.context.progress, context=self)
+        side_a, side_b, shared = ([p[i] for p in parts] for i in range(3))
         names = [f"svd{i}" for i in range(self.components_.shape[0])] + ["prompt_cos"]
-        return SidedFeatures(names, np.vstack(side_a), np.vstack(side_b), ["ab_cos"], np.vstack(shared),
-                             combine=("diff", "a", "b"))
+        width = len(names)
+        return SidedFeatures(names, np.vstack(side_a) if parts else np.zeros((0, width)),
+                             np.vstack(side_b) if parts else np.zeros((0, width)), ["ab_cos"],
+                             np.vstack(shared) if parts else np.zeros((0, 1)), combine=("diff", "a", "b"))
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
