@@ -26,6 +26,7 @@ from battles.files import write_json
 from battles.labels import expand_targets, label_matrix, row_weights, swap_columns
 from battles.schema import Section
 from features.assemble import FeatureMatrix
+from features.cache import battle_keys
 from features.registry import FEATURE_BLOCKS, block_class, make_block
 from models.stage import Stage, StageContext
 
@@ -102,6 +103,13 @@ class LightGBMStage(Stage):
         self.features = FeatureMatrix([make_block(b.type, b.params, self.context) for b in self.params.blocks])
         self.booster: lgb.Booster | None = None
         self.feature_names: list[str] = []
+        self._valid_matrices = None  # (battle keys, build) of the last fit's validation battles
+
+    def _build(self, battles: pd.DataFrame):
+        """The feature matrices; the validation battles' build is kept from ``fit`` for their prediction."""
+        if self._valid_matrices is not None and self._valid_matrices[0] == battle_keys(battles):
+            return self._valid_matrices[1]
+        return self.features.build(battles)
 
     def prepare(self, battles: pd.DataFrame) -> None:
         """Blocks that train in a thread of their own outside the GIL (Word2Vec: one gensim worker, so
@@ -117,7 +125,7 @@ class LightGBMStage(Stage):
         self.features.warm(battles)
 
     def _dataset(self, battles: pd.DataFrame, reference=None) -> lgb.Dataset:
-        x, xs, names = self.features.build(battles)
+        x, xs, names = self._build(battles)
         self.feature_names = names
         targets, weights = label_matrix(battles), row_weights(battles)
         rows, y, w = expand_targets(targets, weights)
@@ -132,9 +140,11 @@ class LightGBMStage(Stage):
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "LightGBMStage":
         for block in self.features.blocks:
             block.fit(train)
+        self._valid_matrices = None
         dtrain = self._dataset(train)
         callbacks = [lgb.log_evaluation(period=0)]
         if valid is not None and len(valid):
+            self._valid_matrices = (battle_keys(valid), self.features.build(valid))
             dvalid = self._dataset(valid, reference=dtrain)
             callbacks.append(lgb.early_stopping(self.params.early_stopping_rounds, verbose=False))
             self.booster = lgb.train(self.lgb_params, dtrain, self.params.num_boost_round,
@@ -149,7 +159,7 @@ class LightGBMStage(Stage):
         """Both orders from one feature build (the swapped matrix costs nothing); TTA is the base class's."""
         if self.booster is None:
             raise RuntimeError("LightGBMStage.predict_logits called before fit or load")
-        x, xs, _ = self.features.build(battles)
+        x, xs, _ = self._build(battles)
         it = self.booster.best_iteration or None
         straight = log_softmax(self.booster.predict(x, raw_score=True, num_iteration=it), axis=1)
         swapped = log_softmax(self.booster.predict(xs, raw_score=True, num_iteration=it), axis=1)
