@@ -21,10 +21,11 @@ class FeatureMatrix:
         self.blocks = blocks
         self._caches = [None if getattr(b, "fold_dependent", False) else BlockCache(b) for b in blocks]
 
-    def warm(self, battles: pd.DataFrame) -> None:
-        """Compute (or read from the run's cache) every fold-independent block for these battles."""
-        for cache in self._caches:
-            if cache is not None:
+    def warm(self, battles: pd.DataFrame, blocks: list[FeatureBlock] | None = None) -> None:
+        """Compute (or read from the run's cache) the fold-independent blocks (all, or those listed)
+        for these battles."""
+        for block, cache in zip(self.blocks, self._caches):
+            if cache is not None and (blocks is None or block in blocks):
                 cache.warm(battles)
 
     def build(self, battles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -3,7 +3,9 @@
 ``prepare`` trains one model on the prompts and replies of the run (training and test battles, a
 seeded sample of ``max_train_texts`` when there are more; no labels are read, so this is not label
 leakage) and caches its vectors in the run's resource folder,
-keyed by the corpus and the parameters, in word2vec's own binary format. Per side: the mean word
+keyed by the texts, the parameters and the seed, in word2vec's own binary format. Training runs in
+gensim's worker thread outside the GIL, so a stage may prepare its other blocks meanwhile
+(``trains_outside_gil``). Per side: the mean word
 vector (entering the model as A minus B) and the cosine to the prompt's mean vector; shared: the
 cosine between the replies. With the default single worker the same texts and seed give the same
 vectors in every process; ``workers`` > 1 trains faster but thread scheduling makes it irreproducible.
@@ -21,7 +23,7 @@ from gensim.models import KeyedVectors, Word2Vec
 
 from battles.files import write_atomic, write_json
 from battles.schema import Section
-from battles.text import plain_text, words
+from battles.text import FIELDS, plain_text, words
 from features.base import FeatureBlock, SidedFeatures, row_cosine
 from features.parallel import map_chunks
 
@@ -36,13 +38,6 @@ class Word2VecParams(Section):
     max_tokens_per_text: int = 2000  # word tokens of a text used for training and pooling
     max_train_texts: int = 50_000  # a seeded sample of the run's distinct texts trains the vectors
     workers: int = 1  # 1: identical vectors in every process; more: faster, not reproducible
-
-
-def _corpus(battles: pd.DataFrame, limit: int) -> list[list[str]]:
-    texts = set()
-    for c in ("prompt", "response_a", "response_b"):
-        texts.update(plain_text(t) for t in battles[c])
-    return [words(t)[:limit] for t in sorted(texts)]
 
 
 def _mean_vectors(texts: list[str], context) -> np.ndarray:
@@ -72,10 +67,10 @@ class Word2VecBlock(FeatureBlock):
 
     def prepare(self, battles: pd.DataFrame) -> None:
         p = self.params.as_dict()
-        corpus = _corpus(battles, p["max_tokens_per_text"])
-        digest = hashlib.sha256(json.dumps([p, corpus[:0], len(corpus)], sort_keys=True).encode())
-        for doc in corpus:
-            digest.update(" ".join(doc).encode("utf-8", "surrogatepass"))
+        texts = sorted({plain_text(t) for c in FIELDS for t in battles[c]})
+        digest = hashlib.sha256(json.dumps([p, self.context.seed, len(texts)], sort_keys=True).encode())
+        for text in texts:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
         self.resource_name = f"word2vec-{digest.hexdigest()[:12]}"
         root = self._resource_dir()
         path = root / self.resource_name / "vectors.bin" if root else None
@@ -83,9 +78,11 @@ class Word2VecBlock(FeatureBlock):
             self.vectors = KeyedVectors.load_word2vec_format(str(path), binary=True)
             log.info("word2vec: reusing %s (%d words)", path, len(self.vectors))
             return
-        if len(corpus) > p["max_train_texts"]:  # a seeded sample is plenty for 64-d vectors, and bounded in time
+        chosen = range(len(texts))
+        if len(texts) > p["max_train_texts"]:  # a seeded sample is plenty for 64-d vectors, and bounded in time
             rng = np.random.default_rng(self.context.seed)
-            corpus = [corpus[i] for i in sorted(rng.choice(len(corpus), p["max_train_texts"], replace=False))]
+            chosen = sorted(rng.choice(len(texts), p["max_train_texts"], replace=False))
+        corpus = [words(texts[i])[:p["max_tokens_per_text"]] for i in chosen]  # only the sample is tokenised
         log.info("word2vec: training on %d texts (%d tokens)", len(corpus), sum(map(len, corpus)))
         model = Word2Vec(sentences=corpus, vector_size=p["vector_size"], window=p["window"],
                          min_count=p["min_count"], epochs=p["epochs"], workers=p["workers"],

@@ -104,6 +104,7 @@ class LightGBMStage(Stage):
         self.booster: lgb.Booster | None = None
         self.feature_names: list[str] = []
         self._valid_matrices = None  # (battle keys, build) of the last fit's validation battles
+        self._background, self._pending, self._unwarmed = None, [], None  # see prepare / _ready
 
     def _build(self, battles: pd.DataFrame):
         """The feature matrices; the validation battles' build is kept from ``fit`` for their prediction."""
@@ -112,17 +113,31 @@ class LightGBMStage(Stage):
         return self.features.build(battles)
 
     def prepare(self, battles: pd.DataFrame) -> None:
-        """Blocks that train in a thread of their own outside the GIL (Word2Vec: one gensim worker, so
-        its vectors stay reproducible) prepare in the background while the others prepare here."""
+        """Label-free preparation of every block. Blocks that train in a thread of their own outside
+        the GIL (Word2Vec: one gensim worker, so its vectors stay reproducible) are started in the
+        background: the other blocks prepare meanwhile, and the first fold's fold-dependent fitting
+        (TF-IDF) runs before their features are needed (:meth:`_ready`)."""
         background = [b for b in self.features.blocks if getattr(b, "trains_outside_gil", False)]
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = [pool.submit(b.prepare, battles) for b in background]
-            for block in self.features.blocks:
-                if block not in background:
-                    block.prepare(battles)
-            for future in pending:
+        if background:
+            self._background = ThreadPoolExecutor(max_workers=1)
+            self._pending = [self._background.submit(b.prepare, battles) for b in background]
+        for block in self.features.blocks:
+            if block not in background:
+                block.prepare(battles)
+        self.features.warm(battles, [b for b in self.features.blocks if b not in background])
+        self._unwarmed = (battles, background)
+
+    def _ready(self) -> None:
+        """Wait for the blocks preparing in the background, then compute their cached features."""
+        if self._pending:
+            for future in self._pending:
                 future.result()
-        self.features.warm(battles)
+            self._background.shutdown()
+            self._pending = []
+        if self._unwarmed is not None:
+            battles, blocks = self._unwarmed
+            self._unwarmed = None
+            self.features.warm(battles, blocks)
 
     def _dataset(self, battles: pd.DataFrame, reference=None) -> lgb.Dataset:
         x, xs, names = self._build(battles)
@@ -140,6 +155,7 @@ class LightGBMStage(Stage):
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "LightGBMStage":
         for block in self.features.blocks:
             block.fit(train)
+        self._ready()
         self._valid_matrices = None
         dtrain = self._dataset(train)
         callbacks = [lgb.log_evaluation(period=0)]
@@ -159,6 +175,7 @@ class LightGBMStage(Stage):
         """Both orders from one feature build (the swapped matrix costs nothing); TTA is the base class's."""
         if self.booster is None:
             raise RuntimeError("LightGBMStage.predict_logits called before fit or load")
+        self._ready()
         x, xs, _ = self._build(battles)
         it = self.booster.best_iteration or None
         straight = log_softmax(self.booster.predict(x, raw_score=True, num_iteration=it), axis=1)
