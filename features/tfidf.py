@@ -78,8 +78,8 @@ class TfidfBlock(FeatureBlock):
             self._char = HashingVectorizer(analyzer="char_wb", ngram_range=tuple(p.char_ngrams),
                                            n_features=p.n_features, alternate_sign=False, norm=None,
                                            dtype=np.float32)
-        self._index: dict[str, int] = {}
-        self._counts: sp.csr_matrix | None = None
+        self._index: dict[str, int] = {}  # text key -> row of the prepared counts
+        self._chunks: list[sp.csr_matrix] = []  # prepared counts, ``chunk`` rows each
         self.idf_ = None
         self.components_ = None
 
@@ -90,18 +90,37 @@ class TfidfBlock(FeatureBlock):
     def prepare(self, battles: pd.DataFrame) -> None:
         texts = sorted({plain_text(t) for c in FIELDS for t in battles[c]})
         self._index = {_key(t): i for i, t in enumerate(texts)}
-        parts = map_chunks(_count_texts, texts, chunk=self.params.chunk, desc="tf-idf counting",
-                           progress=self.context.progress, context=(self._word, self._char, self.params.char_limit))
-        self._counts = sp.vstack(parts).tocsr()
+        # kept as the workers' chunks: stacking them into one matrix would hold the counts twice
+        self._chunks = map_chunks(_count_texts, texts, chunk=self.params.chunk, desc="tf-idf counting",
+                                  progress=self.context.progress,
+                                  context=(self._word, self._char, self.params.char_limit))
+
+    def _prepared_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows of the prepared counts (as if the chunks were one matrix)."""
+        if len(rows) == 0:
+            return sp.csr_matrix((0, self.params.n_features), dtype=np.float32)
+        size = self.params.chunk
+        which = rows // size
+        order = np.argsort(which, kind="stable")
+        ordered, chunk_of = rows[order], which[order]
+        parts = [self._chunks[c][ordered[chunk_of == c] - c * size] for c in np.unique(chunk_of)]
+        stacked = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        if np.all(order[1:] > order[:-1]):
+            return stacked
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return stacked[inverse]
 
     def _counts_for(self, texts: list[str]) -> sp.csr_matrix:
-        rows = [self._index.get(_key(t), -1) for t in texts] if self._counts is not None else [-1] * len(texts)
-        if all(r >= 0 for r in rows):
-            return self._counts[rows]
-        fresh = self._count([t for t, r in zip(texts, rows) if r < 0])
-        known = self._counts[[r for r in rows if r >= 0]] if self._counts is not None else None
-        order = np.argsort(np.argsort([r < 0 for r in rows], kind="stable"), kind="stable")
-        stacked = sp.vstack([m for m in (known, fresh) if m is not None and m.shape[0]]).tocsr()
+        rows = np.array([self._index.get(_key(t), -1) for t in texts], dtype=np.int64)
+        known = rows >= 0
+        if known.all():
+            return self._prepared_rows(rows)
+        fresh = self._count([t for t, k in zip(texts, known) if not k])
+        if not known.any():
+            return fresh
+        stacked = sp.vstack([self._prepared_rows(rows[known]), fresh], format="csr")
+        order = np.argsort(np.argsort(~known, kind="stable"), kind="stable")
         return stacked[order]
 
     # -- fold fitting ----------------------------------------------------------------------------

@@ -45,6 +45,10 @@ def test_tfidf_weights_come_from_training_rows_only(arena_battles):
     other = make_block("tfidf", {"svd_components": 4, "n_features": 4096})
     other.fit(train)  # no prepare, no validation texts anywhere
     np.testing.assert_allclose(idf, other.idf_, rtol=1e-6)
+    partly = make_block("tfidf", {"svd_components": 4, "n_features": 4096, "chunk": 16})
+    partly.prepare(arena_battles.iloc[:230])  # valid battles 230.. are counted on the spot, in order
+    partly.fit(train)
+    np.testing.assert_array_equal(partly.transform(valid).a, block.transform(valid).a)
     changed = pd.concat([train, valid])
     block.fit(changed)
     assert not np.allclose(idf, block.idf_), "adding rows to the fit must change the IDF weights"
@@ -98,6 +102,10 @@ def test_forked_workers_give_the_same_features_as_one_process(arena_battles, mon
         b.prepare(battles)
         b.fit(battles)
     inline = [b.transform(battles) for b in blocks]
+    one_chunk = make_block("tfidf", {"svd_components": 4, "n_features": 4096})  # counts in one chunk
+    one_chunk.prepare(battles)
+    one_chunk.fit(battles)
+    np.testing.assert_array_equal(one_chunk.transform(battles).a, inline[2].a)
     monkeypatch.setattr(parallel, "MIN_PARALLEL_ITEMS", 0)
     monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
     monkeypatch.setattr(parallel, "CHUNK", 11)
