@@ -20,7 +20,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
 
 from battles.labels import SWAP_PERMUTATION, swap_columns
-from ensemble.meta import META_NAMES, swap_meta
+from ensemble.meta import META_NAMES, META_SWAP_SIGN, swap_meta
 
 
 def stage_log_probs(logits: list[np.ndarray]) -> list[np.ndarray]:
@@ -142,11 +142,32 @@ class WeightedAverage:
         return c
 
 
-def _multinomial_lr(x: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, tol: float = 1e-12,
+def _swap_operator(perm: np.ndarray, sign: np.ndarray, k: int) -> np.ndarray:
+    """The linear map T on multinomial parameters (``k`` classes x (features + intercept), flattened)
+    with loss(swapped rows, theta) = loss(rows, T theta): classes a and b trade places and the
+    features are permuted and sign-flipped as the swap does to them."""
+    d = len(perm)
+    cols, signs = np.r_[perm, d], np.r_[sign, 1.0]  # the intercept stays
+    classes = np.arange(k)
+    classes[:2] = SWAP_PERMUTATION[:2]
+    op = np.zeros((k * (d + 1), k * (d + 1)))
+    for c in range(k):
+        for j in range(d + 1):
+            op[classes[c] * (d + 1) + cols[j], c * (d + 1) + j] = signs[j]
+    return op
+
+
+def _multinomial_lr(x: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, swap=None, tol: float = 1e-12,
                     max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """L2-penalised multinomial logistic regression: minimises ``sum_i w_i CE_i + |coef|^2 / (2C)`` (the
     objective of scikit-learn's ``LogisticRegression(C=C)``, intercept unpenalised) by Newton's method
     with a backtracking line search; returns (coef, intercept).
+
+    ``swap=(perm, sign)``: fit on the rows and on their swapped copies (features ``x[:, perm] * sign``,
+    labels a and b exchanged) without building the copies. The objective is then invariant under the
+    swap map T of the parameters (:func:`_swap_operator`) and strictly convex in the coefficients, so
+    its minimum is T-symmetric: the search runs in that subspace, where the copies' loss equals the
+    rows' own, on half the rows.
 
     The stacker has tens of features and up to hundreds of thousands of rows: the exact Hessian is a
     small dense matrix, so a handful of Newton steps reach machine precision where a first-order
@@ -154,33 +175,40 @@ def _multinomial_lr(x: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, tol: 
     does not change a prediction); steps are minimum-norm, so the intercepts keep summing to zero."""
     x = np.asarray(x, dtype=np.float64)
     n, d = x.shape
-    k = int(y.max()) + 1 if len(y) else 3
-    k = max(k, 3)
+    k = 3
     xt = np.hstack([x, np.ones((n, 1))])
     onehot = np.eye(k)[y]
     w = np.asarray(w, dtype=np.float64)
     penalty = np.tile(np.r_[np.full(d, 1.0 / C), 0.0], k)  # diagonal of the penalty's Hessian
+    if swap is None:
+        basis, copies = np.eye(k * (d + 1)), 1.0
+    else:  # orthonormal basis of T's fixed points; each row stands for itself and its swapped copy
+        values, vectors = np.linalg.eigh(_swap_operator(*swap, k))
+        basis, copies = vectors[:, values > 0], 2.0
 
     def objective(theta):
         z = xt @ theta.reshape(k, d + 1).T
         z -= z.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        return -(w * (onehot * logp).sum(axis=1)).sum() + 0.5 * (penalty * theta * theta).sum(), logp
+        return -copies * (w * (onehot * logp).sum(axis=1)).sum() + 0.5 * (penalty * theta * theta).sum(), logp
 
     theta = np.zeros(k * (d + 1))
     f, logp = objective(theta)
     for _ in range(max_iter):
         p = np.exp(logp)
-        grad = ((w[:, None] * (p - onehot)).T @ xt).ravel() + penalty * theta
+        grad = copies * ((w[:, None] * (p - onehot)).T @ xt).ravel() + penalty * theta
         hess = np.empty((k * (d + 1), k * (d + 1)))
         for a in range(k):
             for b in range(a, k):
                 block = (xt * (w * p[:, a] * (float(a == b) - p[:, b]))[:, None]).T @ xt
                 hess[a * (d + 1):(a + 1) * (d + 1), b * (d + 1):(b + 1) * (d + 1)] = block
                 hess[b * (d + 1):(b + 1) * (d + 1), a * (d + 1):(a + 1) * (d + 1)] = block.T
+        hess *= copies
         hess[np.diag_indices_from(hess)] += penalty
+        grad, hess = basis.T @ grad, basis.T @ hess @ basis
         step = np.linalg.lstsq(hess, grad, rcond=None)[0]
         decrement = float(grad @ step)  # Newton decrement squared: predicted halving of the gap
+        step = basis @ step
         if decrement <= tol * max(1.0, abs(f)):
             break
         t = 1.0
@@ -220,12 +248,23 @@ class LogisticStacker:
             xs = np.hstack([xs, (ms - self.meta_mean) / self.meta_scale])
         return x, xs
 
+    def _swap_map(self, n_stages: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(perm, sign)`` with swapped features = ``x[:, perm] * sign``."""
+        perm = np.concatenate([3 * s + np.array(SWAP_PERMUTATION) for s in range(n_stages)])
+        sign = np.ones(len(perm))
+        if self.meta:
+            perm = np.r_[perm, len(perm) + np.arange(len(META_SWAP_SIGN))]
+            sign = np.r_[sign, META_SWAP_SIGN]
+        return perm, sign
+
     def fit(self, logits, y, weight=None, meta=None):
         self.meta_mean = self.meta_scale = None
         x, xs = self._features(logits, meta)
         w = np.ones(len(y)) if weight is None else weight
-        self.coef_, self.intercept_ = _multinomial_lr(np.vstack([x, xs]), np.concatenate([y, np.array(SWAP_PERMUTATION)[y]]),
-                                                      np.concatenate([w, w]), self.C)
+        perm, sign = self._swap_map(len(logits))
+        if not np.allclose(xs, x[:, perm] * sign, rtol=0.0, atol=1e-9):
+            raise AssertionError("swapped stacker features are not the swap map of the features")
+        self.coef_, self.intercept_ = _multinomial_lr(x, y, w, self.C, swap=(perm, sign))
         return self
 
     def _log_proba(self, x):
