@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from gensim.models import KeyedVectors, Word2Vec
+from gensim.models.callbacks import CallbackAny2Vec
+from tqdm.auto import tqdm
 
 from battles.files import write_atomic, write_json
 from battles.schema import Section
@@ -38,6 +40,16 @@ class Word2VecParams(Section):
     max_tokens_per_text: int = 2000  # word tokens of a text used for training and pooling
     max_train_texts: int = 50_000  # a seeded sample of the run's distinct texts trains the vectors
     workers: int = 1  # 1: identical vectors in every process; more: faster, not reproducible
+
+
+class _EpochBar(CallbackAny2Vec):
+    """Advances a progress bar after every training epoch."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def on_epoch_end(self, model):
+        self.bar.update(1)
 
 
 def _mean_vectors(texts: list[str], context) -> np.ndarray:
@@ -84,9 +96,11 @@ class Word2VecBlock(FeatureBlock):
             chosen = sorted(rng.choice(len(texts), p["max_train_texts"], replace=False))
         corpus = [words(texts[i])[:p["max_tokens_per_text"]] for i in chosen]  # only the sample is tokenised
         log.info("word2vec: training on %d texts (%d tokens)", len(corpus), sum(map(len, corpus)))
-        model = Word2Vec(sentences=corpus, vector_size=p["vector_size"], window=p["window"],
-                         min_count=p["min_count"], epochs=p["epochs"], workers=p["workers"],
-                         seed=self.context.seed)
+        with tqdm(total=p["epochs"], desc="word2vec epochs", unit="epoch", leave=False,
+                  disable=not self.context.progress) as bar:
+            model = Word2Vec(sentences=corpus, vector_size=p["vector_size"], window=p["window"],
+                             min_count=p["min_count"], epochs=p["epochs"], workers=p["workers"],
+                             seed=self.context.seed, callbacks=[_EpochBar(bar)])
         self.vectors = model.wv
         if path is not None:
             write_atomic(path, lambda tmp: self.vectors.save_word2vec_format(str(tmp), binary=True))

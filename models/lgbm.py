@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, create_model, field_validator
 from scipy.special import log_softmax
+from tqdm.auto import tqdm
 
 from battles.files import write_json
 from battles.labels import expand_targets, label_matrix, row_weights, swap_columns
@@ -143,12 +144,16 @@ class LightGBMStage(Stage):
         x, xs, names = self._build(battles)
         self.feature_names = names
         targets, weights = label_matrix(battles), row_weights(battles)
-        rows, y, w = expand_targets(targets, weights)
-        xx, yy, ww = [x[rows]], [y], [w]
+        parts = [(x, *expand_targets(targets, weights))]
         if self.params.swap_augment:
-            srows, sy, sw = expand_targets(swap_columns(targets), weights)
-            xx.append(xs[srows]), yy.append(sy), ww.append(sw)
-        return lgb.Dataset(np.vstack(xx), np.concatenate(yy), weight=np.concatenate(ww),
+            parts.append((xs, *expand_targets(swap_columns(targets), weights)))
+        matrix = np.empty((sum(len(rows) for _, rows, _, _ in parts), x.shape[1]), dtype=x.dtype)
+        start = 0
+        for source, rows, _, _ in parts:  # rows written in place: no stacked copies at 500k battles
+            np.take(source, rows, axis=0, out=matrix[start:start + len(rows)])
+            start += len(rows)
+        return lgb.Dataset(matrix, np.concatenate([y for _, _, y, _ in parts]),
+                           weight=np.concatenate([w for _, _, _, w in parts]),
                            feature_name=[n.replace(" ", "_") for n in names], reference=reference,
                            free_raw_data=True)
 
@@ -158,7 +163,9 @@ class LightGBMStage(Stage):
         self._ready()
         self._valid_matrices = None
         dtrain = self._dataset(train)
-        callbacks = [lgb.log_evaluation(period=0)]
+        bar = tqdm(total=self.params.num_boost_round, desc="lightgbm rounds", unit="round", leave=False,
+                   disable=not self.context.progress)
+        callbacks = [lgb.log_evaluation(period=0), lambda env: bar.update(1)]
         if valid is not None and len(valid):
             self._valid_matrices = (battle_keys(valid), self.features.build(valid))
             dvalid = self._dataset(valid, reference=dtrain)
@@ -168,7 +175,8 @@ class LightGBMStage(Stage):
             log.info("lgbm: best iteration %d, valid multi_logloss %.4f", self.booster.best_iteration,
                      self.booster.best_score["valid"]["multi_logloss"])
         else:
-            self.booster = lgb.train(self.lgb_params, dtrain, self.params.rounds_without_valid)
+            self.booster = lgb.train(self.lgb_params, dtrain, self.params.rounds_without_valid, callbacks=callbacks)
+        bar.close()
         return self
 
     def predict_both_orders(self, battles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
