@@ -10,9 +10,9 @@ The booster is saved in LightGBM's text format; block state as .npy/JSON.
 from __future__ import annotations
 
 import difflib
-from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
