@@ -67,7 +67,8 @@ def make_battles(source: Path, n: int, seed: int) -> pd.DataFrame:
 def steps_from_files(run: Path, started: float) -> list[dict]:
     """Per-step wall times from the modification times of the files a run writes, in order."""
     marks = [("read", run / "data_report.json"), ("folds", run / "folds.csv")]
-    stages = sorted((run / "stages").iterdir(), key=lambda s: min((p.stat().st_mtime for p in s.glob("fold*/done.json")),
+    stage_dirs = list((run / "stages").iterdir()) if (run / "stages").exists() else []
+    stages = sorted(stage_dirs, key=lambda s: min((p.stat().st_mtime for p in s.glob("fold*/done.json")),
                                                                  default=float("inf")))
     for stage_dir in stages:  # in the order they ran (config.json's keys are sorted)
         stage = stage_dir.name
