@@ -5,7 +5,7 @@ where a fold may keep its scratch files) and for the default seed of the whole s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_SEED = 42
@@ -19,3 +19,6 @@ class StageContext:
     seed: int = DEFAULT_SEED
     progress: bool = True  # progress bars
     work_dir: Path | None = None  # the fold's own directory for scratch files (training checkpoints)
+    # run-level store of fold-independent features (features/cache.py): the stages of one run share
+    # them in memory; the copy under resource_dir is read only by a later (resumed) process
+    feature_memo: dict = field(default_factory=dict, repr=False)

@@ -1,19 +1,24 @@
 #!/usr/bin/env python
-"""Speed benchmark: wall time and peak memory of the full CPU pipeline at 10k and 57k battles.
+"""Speed benchmark: wall time, CPU time, peak memory and per-step times of the full CPU pipeline.
 
 Battles are made by resampling the real arena sample with small text perturbations of every reply (a
 word dropped or two words swapped per turn) so no two battles are identical and no feature cache can
 shortcut the work. Prompts are kept, so all copies of a source battle share one fold. A 10% unlabelled test file goes
 through the prediction path too. Each size runs ``run.py`` in a fresh subprocess; peak memory is the
-subprocess's maximum resident set size.
+largest resident set size of that subprocess and its workers, CPU time their user + system seconds.
 
-    python benchmarks/speed.py [--sizes 10000 57477] [--workdir /tmp/arena-speed]
+Per-step wall times (reading, folds, each stage's features and folds, ensemble, report) come from the
+run's ``timings.json`` when the pipeline writes one; otherwise from the times at which the run wrote
+its files (``folds.csv``, each fold's ``done.json``, ``ensemble.json``, ``report.html``), where a
+stage's first fold includes its feature preparation.
+
+    python benchmarks/speed.py [--rows 57477 500000] [--workdir /tmp/arena-speed]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -59,42 +64,78 @@ def make_battles(source: Path, n: int, seed: int) -> pd.DataFrame:
     return rows
 
 
+def steps_from_files(run: Path, started: float) -> list[dict]:
+    """Per-step wall times from the modification times of the files a run writes, in order."""
+    marks = [("read", run / "data_report.json"), ("folds", run / "folds.csv")]
+    stage_dirs = list((run / "stages").iterdir()) if (run / "stages").exists() else []
+    stages = sorted(stage_dirs, key=lambda s: min((p.stat().st_mtime for p in s.glob("fold*/done.json")),
+                                                                 default=float("inf")))
+    for stage_dir in stages:  # in the order they ran (config.json's keys are sorted)
+        stage = stage_dir.name
+        folds = sorted(stage_dir.glob("fold*/done.json"), key=lambda p: p.stat().st_mtime)
+        for i, done in enumerate(folds):
+            marks.append((f"{stage}: {'features + ' if i == 0 else ''}fold {done.parent.name[4:]}", done))
+        marks.append((f"{stage}: oof/test logits", run / "stages" / stage / "done.json"))
+    marks += [("ensemble", run / "ensemble" / "ensemble.json"), ("report", run / "report.html")]
+    steps, last = [], started
+    for name, path in marks:
+        if path.exists():
+            steps.append({"step": name, "seconds": path.stat().st_mtime - last})
+            last = path.stat().st_mtime
+    return steps
+
+
+def run_size(n: int, args, work: Path) -> dict:
+    d = work / f"n{n}"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    battles = make_battles(Path(args.data), n, seed=n)
+    n_test = n // 10
+    battles.iloc[n_test:].to_csv(d / "train.csv", index=False)
+    battles.iloc[:n_test][["id", "prompt", "response_a", "response_b"]].to_csv(d / "test.csv", index=False)
+    del battles
+    cmd = [sys.executable, str(ROOT / "run.py"), "--train", str(d / "train.csv"), "--test", str(d / "test.csv"),
+           "--out", str(d / "run"), "--quiet"] + (["--config", args.config] if args.config else [])
+    started = time.time()
+    with open(d / "run.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this run's own usage (its workers included)
+    wall = time.time() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        print((d / "run.log").read_text()[-3000:])
+        sys.exit(f"run.py failed at n={n} (log: {d / 'run.log'})")
+    run = d / "run"
+    timings = run / "timings.json"
+    steps = json.loads(timings.read_text())["steps"] if timings.exists() else steps_from_files(run, started)
+    summary = json.loads((run / "ensemble" / "ensemble.json").read_text())
+    return {"n": n, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_gib": usage.ru_maxrss / 2**20,
+            "log_loss": summary["nested_scores"]["log_loss"], "steps": steps,
+            "source": "timings.json" if timings.exists() else "file times"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 57_477])
+    ap.add_argument("--rows", "--sizes", dest="rows", type=int, nargs="+", default=[57_477],
+                    help="battle counts to run, each in a fresh run (10%% of them are the test file)")
     ap.add_argument("--workdir", default="/tmp/arena-speed")
     ap.add_argument("--config", help="config passed to run.py (default: the default config)")
     args = ap.parse_args()
     work = Path(args.workdir)
     results = []
-    for n in args.sizes:
-        d = work / f"n{n}"
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        battles = make_battles(Path(args.data), n, seed=n)
-        n_test = n // 10
-        battles.iloc[n_test:].to_csv(d / "train.csv", index=False)
-        battles.iloc[:n_test][["id", "prompt", "response_a", "response_b"]].to_csv(d / "test.csv", index=False)
-        cmd = [sys.executable, str(ROOT / "run.py"), "--train", str(d / "train.csv"), "--test", str(d / "test.csv"),
-               "--out", str(d / "run"), "--quiet"] + (["--config", args.config] if args.config else [])
-        started = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.time() - started
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:], proc.stderr[-3000:])
-            sys.exit(f"run.py failed at n={n}")
-        summary = json.loads((d / "run" / "ensemble" / "ensemble.json").read_text())
-        stage_secs = {s: json.loads((d / "run" / "stages" / s / "metrics.json").read_text())["seconds"]
-                      for s in summary["stages"]}
-        results.append((n, wall, peak_kib / 2**20, summary["nested_scores"]["log_loss"], stage_secs))
-        print(f"n={n}: wall {wall:.0f} s, peak RSS {peak_kib / 2**20:.2f} GiB, "
-              f"stage seconds {stage_secs}", flush=True)
-    print(f"\n{'battles':>8}{'wall (s)':>10}{'peak RSS (GiB)':>16}{'OOF log loss':>14}")
-    for n, wall, gib, ll, _ in results:
-        print(f"{n:>8}{wall:>10.0f}{gib:>16.2f}{ll:>14.4f}")
+    for n in args.rows:
+        r = run_size(n, args, work)
+        results.append(r)
+        print(f"\nn={n}: wall {r['wall']:.0f} s, CPU {r['cpu']:.0f} s, peak RSS {r['peak_gib']:.2f} GiB "
+              f"(steps from {r['source']})")
+        print(f"{'step':<40}{'wall (s)':>10}")
+        for step in r["steps"]:
+            print(f"{step['step']:<40}{step['seconds']:>10.1f}")
+        print(flush=True)
+    print(f"{'battles':>8}{'wall (s)':>10}{'CPU (s)':>10}{'peak RSS (GiB)':>16}{'OOF log loss':>14}")
+    for r in results:
+        print(f"{r['n']:>8}{r['wall']:>10.0f}{r['cpu']:>10.0f}{r['peak_gib']:>16.2f}{r['log_loss']:>14.4f}")
     print("(OOF log loss on resampled copies is not a quality figure: ~n/1399 near-copies of each battle)")
 
 

@@ -18,14 +18,23 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
-from sklearn.linear_model import LogisticRegression
 
 from battles.labels import SWAP_PERMUTATION, swap_columns
-from ensemble.meta import META_NAMES, swap_meta
+from ensemble.meta import META_NAMES, META_SWAP_SIGN, swap_meta
 
 
 def stage_log_probs(logits: list[np.ndarray]) -> list[np.ndarray]:
     return [log_softmax(np.asarray(x, dtype=np.float64), axis=1) for x in logits]
+
+
+def _cross_entropy(z: np.ndarray, onehot: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
+    """Weighted mean cross-entropy of logits ``z`` ``(n, 3)`` and its gradient with respect to ``z``
+    (analytic gradients let L-BFGS take one pass over the rows per step instead of one per parameter)."""
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    total = w.sum()
+    loss = -float((w * (onehot * logp).sum(axis=1)).sum()) / total
+    return loss, (np.exp(logp) - onehot) * (w / total)[:, None]
 
 
 def _swap_stack(x: np.ndarray, n_stages: int) -> np.ndarray:
@@ -53,11 +62,13 @@ class TemperatureCalibrator:
         w = np.ones(len(y)) if weight is None else weight
 
         def loss(theta):
-            z = base / np.exp(theta[0]) + np.array([0.0, 0.0, theta[1]])
-            return -(w * (onehot * log_softmax(z, axis=1)).sum(axis=1)).sum() / w.sum()
+            scaled = base / np.exp(theta[0])
+            value, dz = _cross_entropy(scaled + np.array([0.0, 0.0, theta[1]]), onehot, w)
+            return value, np.array([-(dz * scaled).sum(), dz[:, 2].sum()])
 
         # Bounded: a near-constant stage would otherwise drive T towards 0 (overflowing logits).
-        res = minimize(loss, np.zeros(2), method="L-BFGS-B", bounds=[(np.log(0.02), np.log(50.0)), (-5.0, 5.0)])
+        res = minimize(loss, np.zeros(2), jac=True, method="L-BFGS-B",
+                       bounds=[(np.log(0.02), np.log(50.0)), (-5.0, 5.0)])
         self.temperature, self.tie_bias = float(np.exp(res.x[0])), float(res.x[1])
         return self
 
@@ -100,11 +111,16 @@ class WeightedAverage:
         n = len(logits)
 
         def loss(theta):
-            z = self._z(logp, softmax(theta[:n]), np.exp(theta[n]), theta[n + 1])
-            return -(w * (onehot * log_softmax(z, axis=1)).sum(axis=1)).sum() / w.sum()
+            weights, temperature = softmax(theta[:n]), np.exp(theta[n])
+            z = self._z(logp, weights, temperature, theta[n + 1])
+            value, dz = _cross_entropy(z, onehot, w)
+            d_weights = np.tensordot(logp, dz, axes=([1, 2], [0, 1])) / temperature
+            d_theta = weights * (d_weights - weights @ d_weights)  # through the softmax
+            scaled = z - np.array([0.0, 0.0, theta[n + 1]])
+            return value, np.concatenate([d_theta, [-(dz * scaled).sum(), dz[:, 2].sum()]])
 
         bounds = [(-10.0, 10.0)] * n + [(np.log(0.02), np.log(50.0)), (-5.0, 5.0)]
-        res = minimize(loss, np.zeros(n + 2), method="L-BFGS-B", bounds=bounds)
+        res = minimize(loss, np.zeros(n + 2), jac=True, method="L-BFGS-B", bounds=bounds)
         self.weights = softmax(res.x[:n])
         self.temperature, self.tie_bias = float(np.exp(res.x[n])), float(res.x[n + 1])
         return self
@@ -126,10 +142,84 @@ class WeightedAverage:
         return c
 
 
-def _multinomial_lr(x: np.ndarray, y: np.ndarray, w: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
-    """L2-penalised multinomial logistic regression (scikit-learn's lbfgs); returns (coef, intercept)."""
-    model = LogisticRegression(C=C, max_iter=2000).fit(x, y, sample_weight=w)
-    return model.coef_, model.intercept_
+def _swap_operator(perm: np.ndarray, sign: np.ndarray, k: int) -> np.ndarray:
+    """The linear map T on multinomial parameters (``k`` classes x (features + intercept), flattened)
+    with loss(swapped rows, theta) = loss(rows, T theta): classes a and b trade places and the
+    features are permuted and sign-flipped as the swap does to them."""
+    d = len(perm)
+    cols, signs = np.r_[perm, d], np.r_[sign, 1.0]  # the intercept stays
+    classes = np.arange(k)
+    classes[:2] = SWAP_PERMUTATION[:2]
+    op = np.zeros((k * (d + 1), k * (d + 1)))
+    for c in range(k):
+        for j in range(d + 1):
+            op[classes[c] * (d + 1) + cols[j], c * (d + 1) + j] = signs[j]
+    return op
+
+
+def _multinomial_lr(x: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, swap=None, tol: float = 1e-12,
+                    max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """L2-penalised multinomial logistic regression: minimises ``sum_i w_i CE_i + |coef|^2 / (2C)`` (the
+    objective of scikit-learn's ``LogisticRegression(C=C)``, intercept unpenalised) by Newton's method
+    with a backtracking line search; returns (coef, intercept).
+
+    ``swap=(perm, sign)``: fit on the rows and on their swapped copies (features ``x[:, perm] * sign``,
+    labels a and b exchanged) without building the copies. The objective is then invariant under the
+    swap map T of the parameters (:func:`_swap_operator`) and strictly convex in the coefficients, so
+    its minimum is T-symmetric: the search runs in that subspace, where the copies' loss equals the
+    rows' own, on half the rows.
+
+    The stacker has tens of features and up to hundreds of thousands of rows: the exact Hessian is a
+    small dense matrix, so a handful of Newton steps reach machine precision where a first-order
+    solver needs dozens of passes over the rows. The intercepts' common shift is not identified (it
+    does not change a prediction); steps are minimum-norm, so the intercepts keep summing to zero."""
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    k = 3
+    xt = np.hstack([x, np.ones((n, 1))])
+    onehot = np.eye(k)[y]
+    w = np.asarray(w, dtype=np.float64)
+    penalty = np.tile(np.r_[np.full(d, 1.0 / C), 0.0], k)  # diagonal of the penalty's Hessian
+    if swap is None:
+        basis, copies = np.eye(k * (d + 1)), 1.0
+    else:  # orthonormal basis of T's fixed points; each row stands for itself and its swapped copy
+        values, vectors = np.linalg.eigh(_swap_operator(*swap, k))
+        basis, copies = vectors[:, values > 0], 2.0
+
+    def objective(theta):
+        z = xt @ theta.reshape(k, d + 1).T
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return -copies * (w * (onehot * logp).sum(axis=1)).sum() + 0.5 * (penalty * theta * theta).sum(), logp
+
+    theta = np.zeros(k * (d + 1))
+    f, logp = objective(theta)
+    for _ in range(max_iter):
+        p = np.exp(logp)
+        grad = copies * ((w[:, None] * (p - onehot)).T @ xt).ravel() + penalty * theta
+        hess = np.empty((k * (d + 1), k * (d + 1)))
+        for a in range(k):
+            for b in range(a, k):
+                block = (xt * (w * p[:, a] * (float(a == b) - p[:, b]))[:, None]).T @ xt
+                hess[a * (d + 1):(a + 1) * (d + 1), b * (d + 1):(b + 1) * (d + 1)] = block
+                hess[b * (d + 1):(b + 1) * (d + 1), a * (d + 1):(a + 1) * (d + 1)] = block.T
+        hess *= copies
+        hess[np.diag_indices_from(hess)] += penalty
+        grad, hess = basis.T @ grad, basis.T @ hess @ basis
+        step = np.linalg.lstsq(hess, grad, rcond=None)[0]
+        decrement = float(grad @ step)  # Newton decrement squared: predicted halving of the gap
+        step = basis @ step
+        if decrement <= tol * max(1.0, abs(f)):
+            break
+        t = 1.0
+        while True:
+            f_new, logp_new = objective(theta - t * step)
+            if f_new <= f - 1e-4 * t * decrement or t < 1e-8:
+                break
+            t *= 0.5
+        theta, f, logp = theta - t * step, f_new, logp_new
+    theta = theta.reshape(k, d + 1)
+    return theta[:, :d], theta[:, d]
 
 
 class LogisticStacker:
@@ -158,12 +248,23 @@ class LogisticStacker:
             xs = np.hstack([xs, (ms - self.meta_mean) / self.meta_scale])
         return x, xs
 
+    def _swap_map(self, n_stages: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(perm, sign)`` with swapped features = ``x[:, perm] * sign``."""
+        perm = np.concatenate([3 * s + np.array(SWAP_PERMUTATION) for s in range(n_stages)])
+        sign = np.ones(len(perm))
+        if self.meta:
+            perm = np.r_[perm, len(perm) + np.arange(len(META_SWAP_SIGN))]
+            sign = np.r_[sign, META_SWAP_SIGN]
+        return perm, sign
+
     def fit(self, logits, y, weight=None, meta=None):
         self.meta_mean = self.meta_scale = None
         x, xs = self._features(logits, meta)
         w = np.ones(len(y)) if weight is None else weight
-        self.coef_, self.intercept_ = _multinomial_lr(np.vstack([x, xs]), np.concatenate([y, np.array(SWAP_PERMUTATION)[y]]),
-                                                      np.concatenate([w, w]), self.C)
+        perm, sign = self._swap_map(len(logits))
+        if not np.allclose(xs, x[:, perm] * sign, rtol=0.0, atol=1e-9):
+            raise AssertionError("swapped stacker features are not the swap map of the features")
+        self.coef_, self.intercept_ = _multinomial_lr(x, y, w, self.C, swap=(perm, sign))
         return self
 
     def _log_proba(self, x):

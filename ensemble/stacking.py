@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import joblib
 import numpy as np
 from pydantic import Field
 from sklearn.metrics import log_loss
@@ -33,6 +34,7 @@ from ensemble.metrics import clip_probs, scores
 
 log = logging.getLogger(__name__)
 
+PARALLEL_MIN_ROWS = 20_000  # from this many OOF rows on, candidates are cross-fitted in parallel
 CARRY_WEIGHT = 0.05  # a stage "carries weight" in the chosen ensemble at this share or more
 
 
@@ -138,19 +140,29 @@ def pick(candidates, losses: dict, tolerance: float = 0.0):
     return next(c for c in candidates if losses[c] <= best + tolerance)
 
 
-def cross_fit_grid(candidates, logits, y, folds, meta=None) -> CVGrid:
+def _cross_fit_candidate(candidate: Candidate, logits, y, folds, meta) -> tuple[np.ndarray, dict]:
+    """One candidate's outer-fold predictions and, per outer fold, its inner-CV loss on the other folds."""
     fold_ids = np.unique(folds)
-    outer = {c: np.zeros((len(y), 3)) for c in candidates}
-    inner = {}
-    for k in fold_ids:
-        rest = folds != k
-        inner[k] = {}
-        for c in candidates:
-            outer[c][folds == k] = _fit_predict(c, logits, meta, y, rest, folds == k)
+    outer, inner = np.zeros((len(y), 3)), {}
+    with threadpool_limits(limits=1):  # also in a worker process
+        for k in fold_ids:
+            rest = folds != k
+            outer[folds == k] = _fit_predict(candidate, logits, meta, y, rest, folds == k)
             inner_probs = np.zeros((len(y), 3))
             for j in fold_ids[fold_ids != k]:
-                inner_probs[folds == j] = _fit_predict(c, logits, meta, y, rest & (folds != j), folds == j)
-            inner[k][c] = _ll(y[rest], inner_probs[rest])
+                inner_probs[folds == j] = _fit_predict(candidate, logits, meta, y, rest & (folds != j), folds == j)
+            inner[k] = _ll(y[rest], inner_probs[rest])
+    return outer, inner
+
+
+def cross_fit_grid(candidates, logits, y, folds, meta=None) -> CVGrid:
+    """Every candidate cross-fitted (candidates are independent: one worker process per core on
+    large inputs, with the same numbers as in one process)."""
+    jobs = min(joblib.cpu_count(), len(candidates)) if len(y) >= PARALLEL_MIN_ROWS else 1
+    task = joblib.delayed(_cross_fit_candidate)
+    results = joblib.Parallel(n_jobs=jobs)(task(c, logits, y, folds, meta) for c in candidates)
+    outer = {c: r[0] for c, r in zip(candidates, results)}
+    inner = {k: {c: r[1][k] for c, r in zip(candidates, results)} for k in np.unique(folds)}
     return CVGrid(list(candidates), folds, outer, inner)
 
 

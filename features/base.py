@@ -87,6 +87,11 @@ class FeatureBlock:
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
         raise NotImplementedError
 
+    def state_key(self):
+        """What the output depends on besides params and battles (JSON-able; part of the run-level
+        feature cache key, :mod:`features.cache`). Default: nothing."""
+        return None
+
     def save(self, directory: Path) -> None:
         """Write what ``fit``/``prepare`` learned. Default: nothing to write."""
 

@@ -83,6 +83,9 @@ class EmbeddingBlock(FeatureBlock):
 
         write_atomic(cache / name, write)
 
+    def state_key(self):
+        return hashlib.sha1((self.model_dir / "config.json").read_bytes()).hexdigest()  # the checkpoint
+
     # ---- embedding ----
     def _load_model(self) -> None:
         import torch  # noqa: F401  (imported here so a LightGBM-only run never loads torch)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from features.base import FeatureBlock, SidedFeatures
+from features.parallel import map_chunks
 from battles.text import plain_text, words
 
 
@@ -22,20 +23,27 @@ class SimilarityBlock(FeatureBlock):
     name = "sim"
 
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
-        side_a, side_b, shared = [], [], []
-        for prompt, ra, rb in zip(battles["prompt"], battles["response_a"], battles["response_b"]):
-            p = set(words(plain_text(prompt)))
-            ta, tb = plain_text(ra), plain_text(rb)
-            a, b = set(words(ta)), set(words(tb))
-            for side, toks in ((side_a, a), (side_b, b)):
-                side.append([len(p & toks) / len(p) if p else 0.0, _jaccard(p, toks)])
-            total = len(ta) + len(tb)
-            shared.append([
-                float(ta.strip() == tb.strip()),
-                _jaccard(a, b),
-                abs(len(ta) - len(tb)) / total if total else 0.0,
-            ])
-        return SidedFeatures(
-            ["prompt_recall", "prompt_jaccard"], np.array(side_a), np.array(side_b),
-            ["identical", "ab_jaccard", "len_gap_rel"], np.array(shared), combine=("a", "b", "diff"),
-        )
+        rows = list(zip(battles["prompt"], battles["response_a"], battles["response_b"]))
+        parts = map_chunks(_similarities, rows, desc="similarities", progress=self.context.progress)
+        a, b, shared = (np.vstack([p[i] for p in parts]) if parts else np.zeros((0, width))
+                        for i, width in enumerate((2, 2, 3)))
+        return SidedFeatures(["prompt_recall", "prompt_jaccard"], a, b,
+                             ["identical", "ab_jaccard", "len_gap_rel"], shared, combine=("a", "b", "diff"))
+
+
+def _similarities(rows: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-side and shared similarity columns of a chunk of ``(prompt, response_a, response_b)`` battles."""
+    side_a, side_b, shared = [], [], []
+    for prompt, ra, rb in rows:
+        p = set(words(plain_text(prompt)))
+        ta, tb = plain_text(ra), plain_text(rb)
+        a, b = set(words(ta)), set(words(tb))
+        for side, toks in ((side_a, a), (side_b, b)):
+            side.append([len(p & toks) / len(p) if p else 0.0, _jaccard(p, toks)])
+        total = len(ta) + len(tb)
+        shared.append([
+            float(ta.strip() == tb.strip()),
+            _jaccard(a, b),
+            abs(len(ta) - len(tb)) / total if total else 0.0,
+        ])
+    return np.array(side_a), np.array(side_b), np.array(shared)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from features.base import FeatureBlock, SidedFeatures
+from features.parallel import map_chunks
 from battles.text import plain_text, words
 
 REFUSAL_PATTERNS = [
@@ -84,7 +85,15 @@ class TextStatsBlock(FeatureBlock):
     name = "stats"
 
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
-        a = np.array([reply_stats(t) for t in battles["response_a"]], dtype=np.float64)
-        b = np.array([reply_stats(t) for t in battles["response_b"]], dtype=np.float64)
-        shared = np.array([prompt_stats(t) for t in battles["prompt"]], dtype=np.float64)
+        rows = list(zip(battles["prompt"], battles["response_a"], battles["response_b"]))
+        parts = map_chunks(_battle_stats, rows, desc="text statistics", progress=self.context.progress)
+        a, b, shared = (np.vstack([p[i] for p in parts]) if parts else np.zeros((0, width))
+                        for i, width in enumerate((len(SIDE_NAMES), len(SIDE_NAMES), len(SHARED_NAMES))))
         return SidedFeatures(SIDE_NAMES, a, b, SHARED_NAMES, shared)
+
+
+def _battle_stats(rows: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reply A, reply B and prompt statistics of a chunk of ``(prompt, response_a, response_b)`` battles."""
+    return (np.array([reply_stats(a) for _, a, _ in rows], dtype=np.float64),
+            np.array([reply_stats(b) for _, _, b in rows], dtype=np.float64),
+            np.array([prompt_stats(p) for p, _, _ in rows], dtype=np.float64))

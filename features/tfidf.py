@@ -26,10 +26,34 @@ from sklearn.preprocessing import normalize
 from battles.schema import Section
 from battles.text import FIELDS, plain_text
 from features.base import FeatureBlock, SidedFeatures, row_cosine
+from features.parallel import map_chunks
 
 
 def _key(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
+def _count_texts(texts: list[str], context) -> sp.csr_matrix:
+    """Hashed word and character n-gram counts of texts (``context``: the two vectorizers, char limit)."""
+    word, char, char_limit = context
+    m = word.transform(texts)
+    if char is not None:
+        m = m + char.transform([t[:char_limit] for t in texts])
+    m = sp.csr_matrix(m, dtype=np.float32)
+    if m.nnz and m.data.max() <= np.iinfo(np.uint16).max:  # whole counts: 2 bytes instead of 4 (500k battles)
+        m = sp.csr_matrix((m.data.astype(np.uint16), m.indices, m.indptr), shape=m.shape)
+    return m
+
+
+def _battle_features(rows: list, context: "TfidfBlock") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-side SVD coordinates and prompt cosines, and the A-B cosine, of a chunk of
+    ``(prompt, response_a, response_b)`` battles (``context``: the fitted block)."""
+    block = context
+    p, a, b = (block._tfidf(block._counts_for([plain_text(r[i]) for r in rows])) for i in range(3))
+    cos = lambda x, y: row_cosine(x, y, unit_rows=True)  # noqa: E731 (rows are L2-normalised)
+    return (np.hstack([np.asarray(a @ block.components_.T), cos(p, a)[:, None]]),
+            np.hstack([np.asarray(b @ block.components_.T), cos(p, b)[:, None]]),
+            cos(a, b)[:, None])
 
 
 class TfidfParams(Section):
@@ -57,32 +81,49 @@ class TfidfBlock(FeatureBlock):
             self._char = HashingVectorizer(analyzer="char_wb", ngram_range=tuple(p.char_ngrams),
                                            n_features=p.n_features, alternate_sign=False, norm=None,
                                            dtype=np.float32)
-        self._index: dict[str, int] = {}
-        self._counts: sp.csr_matrix | None = None
+        self._index: dict[str, int] = {}  # text key -> row of the prepared counts
+        self._chunks: list[sp.csr_matrix] = []  # prepared counts, ``chunk`` rows each
         self.idf_ = None
         self.components_ = None
 
     # -- counting (label-free) -------------------------------------------------------------------
     def _count(self, texts: list[str]) -> sp.csr_matrix:
-        m = self._word.transform(texts)
-        if self._char is not None:
-            m = m + self._char.transform([t[: self.params.char_limit] for t in texts])
-        return sp.csr_matrix(m, dtype=np.float32)
+        return _count_texts(texts, (self._word, self._char, self.params.char_limit))
 
     def prepare(self, battles: pd.DataFrame) -> None:
         texts = sorted({plain_text(t) for c in FIELDS for t in battles[c]})
         self._index = {_key(t): i for i, t in enumerate(texts)}
-        step = self.params.chunk
-        self._counts = sp.vstack([self._count(texts[i:i + step]) for i in range(0, len(texts), step)]).tocsr()
+        # kept as the workers' chunks: stacking them into one matrix would hold the counts twice
+        self._chunks = map_chunks(_count_texts, texts, chunk=self.params.chunk, desc="tf-idf counting",
+                                  progress=self.context.progress,
+                                  context=(self._word, self._char, self.params.char_limit))
+
+    def _prepared_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows of the prepared counts (as if the chunks were one matrix)."""
+        if len(rows) == 0:
+            return sp.csr_matrix((0, self.params.n_features), dtype=np.float32)
+        size = self.params.chunk
+        which = rows // size
+        order = np.argsort(which, kind="stable")
+        ordered, chunk_of = rows[order], which[order]
+        parts = [self._chunks[c][ordered[chunk_of == c] - c * size] for c in np.unique(chunk_of)]
+        stacked = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        if np.all(order[1:] > order[:-1]):
+            return stacked
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return stacked[inverse]
 
     def _counts_for(self, texts: list[str]) -> sp.csr_matrix:
-        rows = [self._index.get(_key(t), -1) for t in texts] if self._counts is not None else [-1] * len(texts)
-        if all(r >= 0 for r in rows):
-            return self._counts[rows]
-        fresh = self._count([t for t, r in zip(texts, rows) if r < 0])
-        known = self._counts[[r for r in rows if r >= 0]] if self._counts is not None else None
-        order = np.argsort(np.argsort([r < 0 for r in rows], kind="stable"), kind="stable")
-        stacked = sp.vstack([m for m in (known, fresh) if m is not None and m.shape[0]]).tocsr()
+        rows = np.array([self._index.get(_key(t), -1) for t in texts], dtype=np.int64)
+        known = rows >= 0
+        if known.all():
+            return self._prepared_rows(rows)
+        fresh = self._count([t for t, k in zip(texts, known) if not k])
+        if not known.any():
+            return fresh
+        stacked = sp.vstack([self._prepared_rows(rows[known]), fresh], format="csr")
+        order = np.argsort(np.argsort(~known, kind="stable"), kind="stable")
         return stacked[order]
 
     # -- fold fitting ----------------------------------------------------------------------------
@@ -111,18 +152,15 @@ class TfidfBlock(FeatureBlock):
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
         if self.idf_ is None:
             raise RuntimeError("TfidfBlock.transform called before fit")
-        step = self.params.chunk
-        side_a, side_b, shared = [], [], []
-        for i in range(0, len(battles), step):
-            part = battles.iloc[i:i + step]
-            p, a, b = (self._tfidf(self._counts_for([plain_text(t) for t in part[c]])) for c in FIELDS)
-            cos = lambda x, y: row_cosine(x, y, unit_rows=True)  # noqa: E731 (rows are L2-normalised)
-            side_a.append(np.hstack([np.asarray(a @ self.components_.T), cos(p, a)[:, None]]))
-            side_b.append(np.hstack([np.asarray(b @ self.components_.T), cos(p, b)[:, None]]))
-            shared.append(cos(a, b)[:, None])
+        rows = list(zip(*(battles[c] for c in FIELDS)))
+        parts = map_chunks(_battle_features, rows, chunk=self.params.chunk, desc="tf-idf features",
+                           progress=self.context.progress, context=self)
+        side_a, side_b, shared = ([p[i] for p in parts] for i in range(3))
         names = [f"svd{i}" for i in range(self.components_.shape[0])] + ["prompt_cos"]
-        return SidedFeatures(names, np.vstack(side_a), np.vstack(side_b), ["ab_cos"], np.vstack(shared),
-                             combine=("diff", "a", "b"))
+        width = len(names)
+        return SidedFeatures(names, np.vstack(side_a) if parts else np.zeros((0, width)),
+                             np.vstack(side_b) if parts else np.zeros((0, width)), ["ab_cos"],
+                             np.vstack(shared) if parts else np.zeros((0, 1)), combine=("diff", "a", "b"))
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

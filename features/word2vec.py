@@ -3,7 +3,9 @@
 ``prepare`` trains one model on the prompts and replies of the run (training and test battles, a
 seeded sample of ``max_train_texts`` when there are more; no labels are read, so this is not label
 leakage) and caches its vectors in the run's resource folder,
-keyed by the corpus and the parameters, in word2vec's own binary format. Per side: the mean word
+keyed by the texts, the parameters and the seed, in word2vec's own binary format. Training runs in
+gensim's worker thread outside the GIL, so a stage may prepare its other blocks meanwhile
+(``trains_outside_gil``). Per side: the mean word
 vector (entering the model as A minus B) and the cosine to the prompt's mean vector; shared: the
 cosine between the replies. With the default single worker the same texts and seed give the same
 vectors in every process; ``workers`` > 1 trains faster but thread scheduling makes it irreproducible.
@@ -18,11 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from gensim.models import KeyedVectors, Word2Vec
+from gensim.models.callbacks import CallbackAny2Vec
+from tqdm.auto import tqdm
 
 from battles.files import write_atomic, write_json
 from battles.schema import Section
-from battles.text import plain_text, words
+from battles.text import FIELDS, plain_text, words
 from features.base import FeatureBlock, SidedFeatures, row_cosine
+from features.parallel import map_chunks
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +42,31 @@ class Word2VecParams(Section):
     workers: int = 1  # 1: identical vectors in every process; more: faster, not reproducible
 
 
-def _corpus(battles: pd.DataFrame, limit: int) -> list[list[str]]:
-    texts = set()
-    for c in ("prompt", "response_a", "response_b"):
-        texts.update(plain_text(t) for t in battles[c])
-    return [words(t)[:limit] for t in sorted(texts)]
+class _EpochBar(CallbackAny2Vec):
+    """Advances a progress bar after every training epoch."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def on_epoch_end(self, model):
+        self.bar.update(1)
+
+
+def _mean_vectors(texts: list[str], context) -> np.ndarray:
+    """Mean word vector of each text's first tokens (zeros where no token is in the vocabulary)."""
+    vectors, limit = context
+    out = np.zeros((len(texts), vectors.vector_size), dtype=np.float32)
+    for i, text in enumerate(texts):
+        ids = [vectors.key_to_index[w] for w in words(text)[:limit] if w in vectors.key_to_index]
+        if ids:
+            out[i] = vectors.vectors[ids].mean(axis=0)
+    return out
 
 
 class Word2VecBlock(FeatureBlock):
     name = "w2v"
     Params = Word2VecParams
+    trains_outside_gil = True  # gensim trains in its own thread: a stage may prepare other blocks meanwhile
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
@@ -59,10 +79,10 @@ class Word2VecBlock(FeatureBlock):
 
     def prepare(self, battles: pd.DataFrame) -> None:
         p = self.params.as_dict()
-        corpus = _corpus(battles, p["max_tokens_per_text"])
-        digest = hashlib.sha256(json.dumps([p, corpus[:0], len(corpus)], sort_keys=True).encode())
-        for doc in corpus:
-            digest.update(" ".join(doc).encode("utf-8", "surrogatepass"))
+        texts = sorted({plain_text(t) for c in FIELDS for t in battles[c]})
+        digest = hashlib.sha256(json.dumps([p, self.context.seed, len(texts)], sort_keys=True).encode())
+        for text in texts:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
         self.resource_name = f"word2vec-{digest.hexdigest()[:12]}"
         root = self._resource_dir()
         path = root / self.resource_name / "vectors.bin" if root else None
@@ -70,31 +90,36 @@ class Word2VecBlock(FeatureBlock):
             self.vectors = KeyedVectors.load_word2vec_format(str(path), binary=True)
             log.info("word2vec: reusing %s (%d words)", path, len(self.vectors))
             return
-        if len(corpus) > p["max_train_texts"]:  # a seeded sample is plenty for 64-d vectors, and bounded in time
+        chosen = range(len(texts))
+        if len(texts) > p["max_train_texts"]:  # a seeded sample is plenty for 64-d vectors, and bounded in time
             rng = np.random.default_rng(self.context.seed)
-            corpus = [corpus[i] for i in sorted(rng.choice(len(corpus), p["max_train_texts"], replace=False))]
+            chosen = sorted(rng.choice(len(texts), p["max_train_texts"], replace=False))
+        corpus = [words(texts[i])[:p["max_tokens_per_text"]] for i in chosen]  # only the sample is tokenised
         log.info("word2vec: training on %d texts (%d tokens)", len(corpus), sum(map(len, corpus)))
-        model = Word2Vec(sentences=corpus, vector_size=p["vector_size"], window=p["window"],
-                         min_count=p["min_count"], epochs=p["epochs"], workers=p["workers"],
-                         seed=self.context.seed)
+        with tqdm(total=p["epochs"], desc="word2vec epochs", unit="epoch", leave=False,
+                  disable=not self.context.progress) as bar:
+            model = Word2Vec(sentences=corpus, vector_size=p["vector_size"], window=p["window"],
+                             min_count=p["min_count"], epochs=p["epochs"], workers=p["workers"],
+                             seed=self.context.seed, callbacks=[_EpochBar(bar)])
         self.vectors = model.wv
         if path is not None:
             write_atomic(path, lambda tmp: self.vectors.save_word2vec_format(str(tmp), binary=True))
             write_json(path.parent / "params.json", p)
 
+    def state_key(self):
+        return self.resource_name  # the trained vectors (corpus and params)
+
     def _embed(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.vectors.vector_size), dtype=np.float32)
-        for i, text in enumerate(texts):
-            ids = [self.vectors.key_to_index[w] for w in words(text)[: self.params.max_tokens_per_text]
-                   if w in self.vectors.key_to_index]
-            if ids:
-                out[i] = self.vectors.vectors[ids].mean(axis=0)
-        return out
+        parts = map_chunks(_mean_vectors, texts, desc="word2vec pooling", progress=self.context.progress,
+                           context=(self.vectors, self.params.max_tokens_per_text))
+        return np.vstack(parts) if parts else np.zeros((0, self.vectors.vector_size), dtype=np.float32)
 
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
         if self.vectors is None:
             raise RuntimeError("Word2VecBlock.transform called before prepare")
-        p, a, b = (self._embed([plain_text(t) for t in battles[c]]) for c in ("prompt", "response_a", "response_b"))
+        n = len(battles)
+        pooled = self._embed([plain_text(t) for c in ("prompt", "response_a", "response_b") for t in battles[c]])
+        p, a, b = pooled[:n], pooled[n:2 * n], pooled[2 * n:]
 
         cos = row_cosine
         names = [f"dim{i}" for i in range(a.shape[1])]

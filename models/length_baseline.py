@@ -1,8 +1,11 @@
 """The length-only baseline users compare against: multinomial logistic regression on reply lengths.
 
 Features: log characters and log words of each reply, as A-minus-B and as absolute gap, plus the
-total (long battles tie less often). Trained on both A/B orders and predicted with swap TTA, so it
-is the same fair comparison the other stages get. Saved as plain JSON coefficients.
+total (long battles tie less often). The counts are the ``chars`` and ``words`` columns of the text
+statistics block, read through the run-level feature cache (:mod:`features.cache`), so the run
+counts them once for this stage and the LightGBM stages together. Trained on both A/B orders and
+predicted with swap TTA, so it is the same fair comparison the other stages get. Saved as plain
+JSON coefficients.
 """
 from __future__ import annotations
 
@@ -11,22 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import log_softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from battles.files import write_json
-from battles.labels import expand_targets, label_matrix, row_weights, swap_battles
+from battles.labels import expand_targets, label_matrix, row_weights, swap_columns
 from battles.schema import Section
-from battles.text import plain_text, words
+from features.base import SidedFeatures
+from features.cache import BlockCache
+from features.text_stats import SIDE_NAMES, TextStatsBlock
 from models.stage import Stage, StageContext
 
+_CHARS, _WORDS = SIDE_NAMES.index("chars"), SIDE_NAMES.index("words")
+UNSEEN_CLASS_PROB = 1e-4  # probability given to a class no training row had (e.g. no tie in a small fold)
 
-def length_features(battles: pd.DataFrame) -> np.ndarray:
-    def side(col):
-        texts = [plain_text(t) for t in battles[col]]
-        return np.log1p([len(t) for t in texts]), np.log1p([len(words(t)) for t in texts])
 
-    (ca, wa), (cb, wb) = side("response_a"), side("response_b")
+def length_features(stats: SidedFeatures) -> np.ndarray:
+    """The six length features from the text statistics of the battles."""
+    ca, wa = np.log1p(stats.a[:, _CHARS]), np.log1p(stats.a[:, _WORDS])
+    cb, wb = np.log1p(stats.b[:, _CHARS]), np.log1p(stats.b[:, _WORDS])
     return np.column_stack([ca - cb, wa - wb, np.abs(ca - cb), np.abs(wa - wb), ca + cb, wa + wb])
 
 
@@ -40,18 +47,35 @@ class LengthLogisticStage(Stage):
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
+        self.stats = BlockCache(TextStatsBlock(context=self.context))
         self.scaler = StandardScaler()
         self.model = LogisticRegression(C=self.params.C, max_iter=1000)
 
+    def prepare(self, battles: pd.DataFrame) -> None:
+        self.stats.warm(battles)
+
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "LengthLogisticStage":
-        both = pd.concat([train, swap_battles(train)], ignore_index=True)
-        rows, y, w = expand_targets(label_matrix(both), row_weights(both))
-        x = self.scaler.fit_transform(length_features(both))[rows]
+        stats = self.stats.sided(train)
+        both = np.vstack([length_features(stats), length_features(stats.swapped())])
+        targets = label_matrix(train)
+        weights = row_weights(train)
+        rows, y, w = expand_targets(np.vstack([targets, swap_columns(targets)]), np.concatenate([weights, weights]))
+        x = self.scaler.fit_transform(both)[rows]
         self.model.fit(x, y, sample_weight=w)
         return self
 
-    def predict_one_order(self, battles: pd.DataFrame) -> np.ndarray:
-        return self.model.predict_log_proba(self.scaler.transform(length_features(battles)))
+    def predict_both_orders(self, battles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Both orders from one lookup of the statistics (the swapped battle's are the sides exchanged)."""
+        stats = self.stats.sided(battles)
+        return tuple(self._log_proba(self.scaler.transform(length_features(s))) for s in (stats, stats.swapped()))
+
+    def _log_proba(self, x: np.ndarray) -> np.ndarray:
+        """``(n, 3)`` log-probabilities; scikit-learn gives a column only per class the training rows had."""
+        if len(self.model.classes_) == 3:
+            return log_softmax(self.model.predict_log_proba(x), axis=1)
+        probs = np.full((len(x), 3), UNSEEN_CLASS_PROB)
+        probs[:, self.model.classes_] = self.model.predict_proba(x)
+        return np.log(probs / probs.sum(axis=1, keepdims=True))
 
     def save(self, directory) -> None:
         write_json(Path(directory) / "stage.json", {

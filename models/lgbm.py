@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -20,11 +21,13 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, create_model, field_validator
 from scipy.special import log_softmax
+from tqdm.auto import tqdm
 
 from battles.files import write_json
 from battles.labels import expand_targets, label_matrix, row_weights, swap_columns
 from battles.schema import Section
 from features.assemble import FeatureMatrix
+from features.cache import battle_keys
 from features.registry import FEATURE_BLOCKS, block_class, make_block
 from models.stage import Stage, StageContext
 
@@ -101,31 +104,70 @@ class LightGBMStage(Stage):
         self.features = FeatureMatrix([make_block(b.type, b.params, self.context) for b in self.params.blocks])
         self.booster: lgb.Booster | None = None
         self.feature_names: list[str] = []
+        self._valid_matrices = None  # (battle keys, build) of the last fit's validation battles
+        self._background, self._pending, self._unwarmed = None, [], None  # see prepare / _ready
+
+    def _build(self, battles: pd.DataFrame):
+        """The feature matrices; the validation battles' build is kept from ``fit`` for their prediction."""
+        if self._valid_matrices is not None and self._valid_matrices[0] == battle_keys(battles):
+            return self._valid_matrices[1]
+        return self.features.build(battles)
 
     def prepare(self, battles: pd.DataFrame) -> None:
+        """Label-free preparation of every block. Blocks that train in a thread of their own outside
+        the GIL (Word2Vec: one gensim worker, so its vectors stay reproducible) are started in the
+        background: the other blocks prepare meanwhile, and the first fold's fold-dependent fitting
+        (TF-IDF) runs before their features are needed (:meth:`_ready`)."""
+        background = [b for b in self.features.blocks if getattr(b, "trains_outside_gil", False)]
+        if background:
+            self._background = ThreadPoolExecutor(max_workers=1)
+            self._pending = [self._background.submit(b.prepare, battles) for b in background]
         for block in self.features.blocks:
-            block.prepare(battles)
-        self.features.warm(battles)
+            if block not in background:
+                block.prepare(battles)
+        self.features.warm(battles, [b for b in self.features.blocks if b not in background])
+        self._unwarmed = (battles, background)
+
+    def _ready(self) -> None:
+        """Wait for the blocks preparing in the background, then compute their cached features."""
+        if self._pending:
+            for future in self._pending:
+                future.result()
+            self._background.shutdown()
+            self._pending = []
+        if self._unwarmed is not None:
+            battles, blocks = self._unwarmed
+            self._unwarmed = None
+            self.features.warm(battles, blocks)
 
     def _dataset(self, battles: pd.DataFrame, reference=None) -> lgb.Dataset:
-        x, xs, names = self.features.build(battles)
+        x, xs, names = self._build(battles)
         self.feature_names = names
         targets, weights = label_matrix(battles), row_weights(battles)
-        rows, y, w = expand_targets(targets, weights)
-        xx, yy, ww = [x[rows]], [y], [w]
+        parts = [(x, *expand_targets(targets, weights))]
         if self.params.swap_augment:
-            srows, sy, sw = expand_targets(swap_columns(targets), weights)
-            xx.append(xs[srows]), yy.append(sy), ww.append(sw)
-        return lgb.Dataset(np.vstack(xx), np.concatenate(yy), weight=np.concatenate(ww),
+            parts.append((xs, *expand_targets(swap_columns(targets), weights)))
+        matrix = np.empty((sum(len(rows) for _, rows, _, _ in parts), x.shape[1]), dtype=x.dtype)
+        start = 0
+        for source, rows, _, _ in parts:  # rows written in place: no stacked copies at 500k battles
+            np.take(source, rows, axis=0, out=matrix[start:start + len(rows)])
+            start += len(rows)
+        return lgb.Dataset(matrix, np.concatenate([y for _, _, y, _ in parts]),
+                           weight=np.concatenate([w for _, _, _, w in parts]),
                            feature_name=[n.replace(" ", "_") for n in names], reference=reference,
                            free_raw_data=True)
 
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "LightGBMStage":
         for block in self.features.blocks:
             block.fit(train)
+        self._ready()
+        self._valid_matrices = None
         dtrain = self._dataset(train)
-        callbacks = [lgb.log_evaluation(period=0)]
+        bar = tqdm(total=self.params.num_boost_round, desc="lightgbm rounds", unit="round", leave=False,
+                   disable=not self.context.progress)
+        callbacks = [lgb.log_evaluation(period=0), lambda env: bar.update(1)]
         if valid is not None and len(valid):
+            self._valid_matrices = (battle_keys(valid), self.features.build(valid))
             dvalid = self._dataset(valid, reference=dtrain)
             callbacks.append(lgb.early_stopping(self.params.early_stopping_rounds, verbose=False))
             self.booster = lgb.train(self.lgb_params, dtrain, self.params.num_boost_round,
@@ -133,14 +175,16 @@ class LightGBMStage(Stage):
             log.info("lgbm: best iteration %d, valid multi_logloss %.4f", self.booster.best_iteration,
                      self.booster.best_score["valid"]["multi_logloss"])
         else:
-            self.booster = lgb.train(self.lgb_params, dtrain, self.params.rounds_without_valid)
+            self.booster = lgb.train(self.lgb_params, dtrain, self.params.rounds_without_valid, callbacks=callbacks)
+        bar.close()
         return self
 
     def predict_both_orders(self, battles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Both orders from one feature build (the swapped matrix costs nothing); TTA is the base class's."""
         if self.booster is None:
             raise RuntimeError("LightGBMStage.predict_logits called before fit or load")
-        x, xs, _ = self.features.build(battles)
+        self._ready()
+        x, xs, _ = self._build(battles)
         it = self.booster.best_iteration or None
         straight = log_softmax(self.booster.predict(x, raw_score=True, num_iteration=it), axis=1)
         swapped = log_softmax(self.booster.predict(xs, raw_score=True, num_iteration=it), axis=1)

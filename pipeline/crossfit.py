@@ -58,11 +58,16 @@ def planned_folds(spec: StageSpec, folds: np.ndarray) -> list[int]:
     return list(spec.folds) if spec.folds is not None else sorted(int(k) for k in np.unique(folds))
 
 
-def model_key(spec: StageSpec, train: pd.DataFrame, folds: np.ndarray, extra: pd.DataFrame | None, seed: int,
-              which) -> str:
+def data_keys(train: pd.DataFrame, test: pd.DataFrame | None, extra: pd.DataFrame | None) -> dict:
+    """Content hashes of a run's tables (computed once per run: hashing 500k battles takes seconds)."""
+    return {"train": data_hash(train), "test": data_hash(test) if test is not None else None,
+            "extra": data_hash(extra) if extra is not None else None}
+
+
+def model_key(spec: StageSpec, keys: dict, folds: np.ndarray, seed: int, which) -> str:
     """What one fitted model depends on (``which``: a fold index or "full"); not the plan, not the test file."""
-    return content_key({"type": spec.type, "params": spec.params}, data_hash(train), folds.tolist(),
-                       data_hash(extra) if extra is not None else None, seed, which)
+    return content_key({"type": spec.type, "params": spec.params}, keys["train"], folds.tolist(), keys["extra"],
+                       seed, which)
 
 
 def _label_free(battles: pd.DataFrame) -> pd.DataFrame:
@@ -95,21 +100,26 @@ class _Fitter:
 
 def crossfit_stage(run: RunDir, name: str, spec: StageSpec, train: pd.DataFrame, folds: np.ndarray,
                    test: pd.DataFrame | None = None, extra_train: pd.DataFrame | None = None,
-                   seed: int = 42, progress: bool = True, timings: Timings | None = None) -> StageResult:
-    """Fit the stage's fold plan (resuming what is done); return its OOF and test logits."""
+                   seed: int = 42, progress: bool = True, timings: Timings | None = None,
+                   feature_memo: dict | None = None, hashes: dict | None = None) -> StageResult:
+    """Fit the stage's fold plan (resuming what is done); return its OOF and test logits.
+    ``feature_memo``: the run's in-memory store of fold-independent features, shared by its stages;
+    ``hashes``: :func:`data_keys` of the tables (computed here when not given)."""
     timings = timings or Timings()
     stage_dir = run.stage(name)
     plan = planned_folds(spec, folds)
-    test_hash = data_hash(test) if test is not None else None
-    keys = {k: model_key(spec, train, folds, extra_train, seed, k) for k in plan}
+    hashes = hashes or data_keys(train, test, extra_train)
+    test_hash = hashes["test"]
+    keys = {k: model_key(spec, hashes, folds, seed, k) for k in plan}
     if spec.refit_full:
-        keys["full"] = model_key(spec, train, folds, extra_train, seed, "full")
+        keys["full"] = model_key(spec, hashes, folds, seed, "full")
     stage_key = content_key({str(k): v for k, v in keys.items()}, spec.folds, spec.refit_full, test_hash)
     if stage_dir.done.exists() and read_json(stage_dir.done).get("key") == stage_key:
         log.info("stage %s: finished earlier with the same config and data, reusing it", name)
         return load_stage_result(run, name, train, test)
 
-    context = StageContext(resource_dir=run.resources, seed=seed, progress=progress)
+    context = StageContext(resource_dir=run.resources, seed=seed, progress=progress,
+                           feature_memo=feature_memo if feature_memo is not None else {})
     fitter = _Fitter(name, spec, context, lambda: pd.concat(
         [_label_free(x) for x in (train, test, extra_train) if x is not None], ignore_index=True), timings)
     started = time.time()

@@ -48,6 +48,8 @@ class Run:
         self.results: dict[str, StageResult] = {}
         self.warnings: list[str] = []
         self.timings = Timings()
+        self.feature_memo: dict = {}  # fold-independent features shared in memory by this run's stages
+        self.hashes: dict = {}  # content hashes of the tables (train, test, extra), computed once
 
     # -- data and folds -------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -66,18 +68,20 @@ class Run:
             if self.test_path is not None:
                 self.test, rep = read_battles(self.test_path, require_labels=False)
                 self.repairs["test"] = rep.as_dict()
-        train_hash = data_hash(self.train)
+        self.hashes = {"train": data_hash(self.train), "test": data_hash(self.test) if self.test is not None else None}
+        train_hash = self.hashes["train"]
         RunDir.check_writable(self.dir.path, train_hash)
         self.dir.path.mkdir(parents=True, exist_ok=True)
         self.dir.write_marker({
             "train_path": str(Path(self.train_path).resolve()), "train_hash": train_hash, "n_train": len(self.train),
             "test_path": str(Path(self.test_path).resolve()) if self.test_path else None,
-            "test_hash": data_hash(self.test) if self.test is not None else None,
+            "test_hash": self.hashes["test"],
             "n_test": 0 if self.test is None else len(self.test), "python": platform.python_version()})
         write_json(self.dir.config, self.config.as_dict())
         write_json(self.dir.data_report, self.repairs)
         with self.timings.step("external data"):
             self.extra_train = self._external_rows()
+            self.hashes["extra"] = data_hash(self.extra_train) if self.extra_train is not None else None
         with self.timings.step("folds"):
             self._fix_folds()
         self.warnings += checks.data_warnings(self)
@@ -91,7 +95,7 @@ class Run:
         rows, report = gather_external(self.train, self.config.external, self.config.seed)
         if rows is not None:
             write_json(self.dir.external_report, report)
-            self.warnings += checks.pseudo_label_warnings(report, data_hash(self.train))
+            self.warnings += checks.pseudo_label_warnings(report, self.hashes["train"])
         return rows
 
     def _fix_folds(self) -> None:
@@ -113,7 +117,8 @@ class Run:
     # -- stages ---------------------------------------------------------------------------------
     def fit_stage(self, name: str) -> StageResult:
         result = crossfit_stage(self.dir, name, self.config.stages[name], self.train, self.folds, self.test,
-                                self.extra_train, seed=self.config.seed, progress=self.progress, timings=self.timings)
+                                self.extra_train, seed=self.config.seed, progress=self.progress, timings=self.timings,
+                                feature_memo=self.feature_memo, hashes=self.hashes)
         self.results[name] = result
         return result
 

@@ -72,3 +72,49 @@ def test_pick_prefers_the_simplest_candidate_within_tolerance():
     assert pick(order, losses) == "complex"
     assert pick(order, losses, tolerance=0.0012) == "middle"
     assert pick(order, losses, tolerance=0.002) == "simple"
+
+
+def test_candidates_cross_fitted_in_worker_processes_give_the_same_grid(monkeypatch):
+    import ensemble.stacking as stacking
+
+    y, logits, folds = _synthetic(600)
+    meta = np.random.default_rng(2).normal(size=(600, 3))
+    candidates = stacking.default_candidates(3, StackerConfig(C_grid=[0.1]), meta=True)
+    one = stacking.cross_fit_grid(candidates, logits, y, folds, meta)
+    monkeypatch.setattr(stacking, "PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(stacking.joblib, "cpu_count", lambda: 2)
+    parallel = stacking.cross_fit_grid(candidates, logits, y, folds, meta)
+    for c in candidates:
+        np.testing.assert_array_equal(parallel.outer[c], one.outer[c])
+        assert [parallel.inner[k][c] for k in sorted(one.inner)] == [one.inner[k][c] for k in sorted(one.inner)]
+
+
+def test_logistic_stacker_on_both_orders_without_building_the_swapped_rows():
+    """The swap-symmetric Newton fit equals a plain fit on the rows plus their swapped copies."""
+    from battles.labels import SWAP_PERMUTATION
+    from ensemble.calibrators import _multinomial_lr
+
+    y, logits, _ = _synthetic(400)
+    meta = np.random.default_rng(3).normal(size=(400, 3))
+    weight = np.random.default_rng(4).uniform(0.5, 2.0, 400)
+    stacker = LogisticStacker(0.3, meta=True).fit(logits, y, weight=weight, meta=meta)
+    x, xs = stacker._features(logits, meta)
+    coef, intercept = _multinomial_lr(np.vstack([x, xs]), np.concatenate([y, np.array(SWAP_PERMUTATION)[y]]),
+                                      np.concatenate([weight, weight]), 0.3)
+    np.testing.assert_allclose(stacker.coef_, coef, atol=1e-9)
+    np.testing.assert_allclose(stacker.intercept_ - stacker.intercept_.mean(), intercept - intercept.mean(), atol=1e-9)
+
+
+def test_newton_solver_reaches_scikit_learns_optimum():
+    from sklearn.linear_model import LogisticRegression
+
+    from ensemble.calibrators import _multinomial_lr
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(500, 6))
+    y = (x[:, :3] + rng.normal(size=(500, 3))).argmax(axis=1)
+    w = rng.uniform(0.5, 2.0, 500)
+    for C in (0.01, 1.0):
+        coef, _ = _multinomial_lr(x, y, w, C)
+        reference = LogisticRegression(C=C, tol=1e-12, max_iter=10_000).fit(x, y, sample_weight=w)
+        np.testing.assert_allclose(coef, reference.coef_, atol=1e-6)

@@ -67,3 +67,20 @@ def test_single_order_predictions_only_where_the_stage_gives_them(arena_battles)
     own, s2, w2 = predict_with_orders(OwnTTA(), battles)
     assert s2 is None and w2 is None
     np.testing.assert_allclose(own, logits)
+
+
+def test_length_stage_without_ties_in_training_still_gives_three_classes(arena_battles, tmp_path):
+    """A fold whose training rows hold no tie (small data, tie-free external sets): three columns, the
+    unseen class small but not impossible (found by the fuzz test of run.py)."""
+    from battles.context import StageContext
+    from battles.labels import LABEL_COLUMNS
+    from models.length_baseline import UNSEEN_CLASS_PROB
+    from models.stage import make_stage
+
+    no_tie = arena_battles[arena_battles["winner_tie"] == 0].iloc[:80]
+    stage = make_stage("length_lr", None, StageContext(resource_dir=tmp_path)).fit(no_tie)
+    logits = stage.predict_logits(arena_battles.iloc[:10])
+    assert logits.shape == (10, 3) and np.isfinite(logits).all()
+    probs = np.exp(logits)
+    assert np.allclose(probs.sum(axis=1), 1.0) and (probs[:, 2] < 10 * UNSEEN_CLASS_PROB).all()
+    assert list(LABEL_COLUMNS)[2] == "winner_tie"

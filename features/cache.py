@@ -1,0 +1,130 @@
+"""Run-level cache of fold-independent feature blocks: each block's features are computed once per run.
+
+A block whose output depends only on the battle (and on label-free ``prepare``: text statistics,
+similarities, Word2Vec means, frozen-encoder embeddings) gives the same row for a battle in every
+fold and every stage. :class:`BlockCache` computes it once for every distinct battle of the run and
+serves any subset by row lookup; with a ``resource_dir`` the matrices are kept on disk
+(``<resource_dir>/features/<block>-<key>/``: ``a.npy``, ``b.npy``, ``shared.npy``, ``meta.json``;
+plain arrays, no pickles), so the stages of one run that use the same block (``length_lr``,
+``lgbm_stats`` and ``lgbm_full`` all read the text statistics) and a resumed run share one pass.
+The key is the block's type, its params, its prepared state (:meth:`FeatureBlock.state_key`, e.g.
+the Word2Vec vectors) and a digest of the battles' texts: different data or settings never meet.
+
+Within one run the stages share the computed matrices in memory (``StageContext.feature_memo``,
+keyed like the directory); the files are read back only by a later process (a resumed run).
+
+Battles are matched by content (the turns of prompt, A and B), so slices, concatenations and
+swapped copies of the run's table all hit; a battle the cache has not seen is transformed on the
+spot (prediction on new battles) and kept in memory only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from battles.files import content_key, write_atomic, write_json
+from features.base import FeatureBlock, SidedFeatures
+
+log = logging.getLogger(__name__)
+
+BattleKey = tuple  # (prompt turns, reply A turns, reply B turns), each a tuple of strings
+
+
+def battle_keys(battles: pd.DataFrame) -> list[BattleKey]:
+    """Content keys of battles: exact (compared by value, not by a digest), cheap (string hashes are cached)."""
+    return [(tuple(p), tuple(a), tuple(b))
+            for p, a, b in zip(battles["prompt"], battles["response_a"], battles["response_b"])]
+
+
+def texts_digest(keys: list[BattleKey]) -> str:
+    """A stable digest of the battles' texts, in order (the on-disk cache key's data part)."""
+    h = hashlib.blake2b(digest_size=16)
+    for battle in keys:
+        for turns in battle:
+            h.update(len(turns).to_bytes(4, "little"))
+            for t in turns:
+                data = t.encode("utf-8", "surrogatepass")
+                h.update(len(data).to_bytes(8, "little"))
+                h.update(data)
+    return h.hexdigest()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+
+    write_atomic(path, write)
+
+
+class BlockCache:
+    """The features of one fold-independent block for every battle it has seen (see module doc)."""
+
+    def __init__(self, block: FeatureBlock):
+        self.block = block
+        self._index: dict[BattleKey, int] = {}
+        self._parts: list[SidedFeatures] = []  # row blocks, in index order
+        self._sided: SidedFeatures | None = None  # the parts stacked (rebuilt when a part is added)
+
+    def _key(self, keys: list[BattleKey]) -> str:
+        key = content_key(self.block.name, self.block.params.as_dict(), self.block.state_key(), texts_digest(keys))
+        return f"{self.block.name}-{key}"
+
+    def _directory(self, key: str) -> Path | None:
+        root = self.block.context.resource_dir
+        return None if root is None else Path(root) / "features" / key
+
+    def _add(self, keys: list[BattleKey], sided: SidedFeatures) -> None:
+        start = len(self._index)
+        self._index.update((k, start + i) for i, k in enumerate(keys))
+        self._parts.append(sided)
+        self._sided = None
+
+    def warm(self, battles: pd.DataFrame) -> None:
+        """Features of every distinct battle not seen yet: read from the run's cache, or computed (and saved)."""
+        fresh = list(dict.fromkeys(k for k in battle_keys(battles) if k not in self._index))
+        if not fresh:
+            return
+        key = self._key(fresh)
+        directory, memo = self._directory(key), self.block.context.feature_memo
+        if key in memo:  # another stage of this run computed it
+            sided = memo[key]
+        elif directory is not None and (directory / "meta.json").exists():  # a finished earlier process (resume)
+            meta = json.loads((directory / "meta.json").read_text())
+            sided = SidedFeatures(meta["names"], np.load(directory / "a.npy"), np.load(directory / "b.npy"),
+                                  meta["shared_names"], np.load(directory / "shared.npy"), tuple(meta["combine"]))
+            log.info("features: %s for %d battles read from %s", self.block.name, len(fresh), directory)
+        else:
+            rows = {k: i for i, k in enumerate(battle_keys(battles))}
+            sided = self.block.transform(battles.iloc[[rows[k] for k in fresh]])
+            if directory is not None:
+                for part in ("a", "b", "shared"):
+                    _save_npy(directory / f"{part}.npy", getattr(sided, part))
+                write_json(directory / "meta.json", {"block": self.block.name, "n_battles": len(fresh),
+                                                     "names": sided.names, "shared_names": sided.shared_names,
+                                                     "combine": list(sided.combine)})
+        memo[key] = sided
+        self._add(fresh, sided)
+
+    def sided(self, battles: pd.DataFrame) -> SidedFeatures:
+        """The block's features of these battles (rows in their order)."""
+        keys = battle_keys(battles)
+        if any(k not in self._index for k in keys):
+            missing = [i for i, k in enumerate(keys) if k not in self._index]
+            fresh = list(dict.fromkeys(keys[i] for i in missing))
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            self._add(fresh, self.block.transform(battles.iloc[[first[k] for k in fresh]]))
+        if self._sided is None:
+            parts = self._parts
+            self._sided = parts[0] if len(parts) == 1 else SidedFeatures(
+                parts[0].names, np.vstack([p.a for p in parts]), np.vstack([p.b for p in parts]),
+                parts[0].shared_names, np.vstack([p.shared for p in parts]), parts[0].combine)
+            self._parts = [self._sided]
+        rows = np.fromiter((self._index[k] for k in keys), dtype=np.int64, count=len(keys))
+        s = self._sided
+        return SidedFeatures(s.names, s.a[rows], s.b[rows], s.shared_names, s.shared[rows], s.combine)

@@ -1,0 +1,56 @@
+"""Row-wise feature work spread over the machine's cores, results in input order.
+
+Text statistics, similarities, n-gram counting and Word2Vec pooling treat every text on its own, so
+splitting the texts into chunks and handing them to worker processes changes no number: the
+chunks' results are concatenated in input order. Workers are forked (they inherit the imported
+modules and a ``context`` object such as a vocabulary or a count matrix, so only the chunks and
+their results are pickled) and live for one call. Small inputs, and machines with one usable core,
+run in the calling process.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from typing import Callable, Sequence
+
+from tqdm.auto import tqdm
+
+MIN_PARALLEL_ITEMS = 4000  # below this, forking costs more than it saves
+CHUNK = 2000  # items per task unless the caller says otherwise
+_INHERITED: dict[int, object] = {}  # contexts handed to forked workers by inheritance, not pickling
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _inherited_call(func, token: int, chunk: list):
+    return func(chunk, context=_INHERITED[token])
+
+
+def map_chunks(func: Callable, items: Sequence, chunk: int | None = None, desc: str | None = None,
+               progress: bool = False, context=None) -> list:
+    """``[func(chunk) for each chunk of items]`` (``func(chunk, context)`` when a context is given),
+    computed by one forked worker per core; ``func`` must be a module-level function."""
+    chunk = chunk or CHUNK
+    chunks = [list(items[i:i + chunk]) for i in range(0, len(items), chunk)]
+    workers = min(usable_cores(), len(chunks))
+    bar = dict(total=len(chunks), desc=desc, unit="chunk", disable=not progress or desc is None, leave=False)
+    call = func if context is None else partial(func, context=context)
+    if workers <= 1 or len(items) < MIN_PARALLEL_ITEMS:
+        return [call(c) for c in tqdm(chunks, **bar)]
+    if context is not None:
+        token = id(context)
+        _INHERITED[token] = context
+        call = partial(_inherited_call, func, token)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(tqdm(pool.map(call, chunks), **bar))
+    finally:
+        if context is not None:
+            _INHERITED.pop(token, None)
