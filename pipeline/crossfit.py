@@ -141,8 +141,8 @@ def crossfit_stage(run: RunDir, name: str, spec: StageSpec, train: pd.DataFrame,
                     orders[o][valid_mask] = read_logits(fold.valid_order(o), valid["id"].tolist())
             bar.set_postfix_str(f"fold {k} reused")
         else:
+            stage = fitter.get()  # label-free preparation is its own step ("<name>: features")
             with timings.step(f"{name}: fold {k}"):
-                stage = fitter.get()
                 fold.claim(keys[k])
                 fit_rows = train[~valid_mask]
                 if extra_train is not None and len(extra_train):
@@ -196,8 +196,8 @@ def _test_logits(fitter: _Fitter, which, fold: FoldDir, record: dict, test, test
 def _refit_full(fitter: _Fitter, full: FoldDir, key: str, train, extra_train, test, test_hash, timings):
     record = _done(full, key)
     if record is None:
+        stage = fitter.get()
         with timings.step(f"{fitter.name}: refit on all rows"):
-            stage = fitter.get()
             full.claim(key)
             fit_rows = train if extra_train is None or not len(extra_train) else pd.concat(
                 [train, extra_train], ignore_index=True)
