@@ -30,11 +30,10 @@ from features.base import FeatureBlock, SidedFeatures, row_cosine
 log = logging.getLogger(__name__)
 
 
-
 class EmbeddingParams(Section):
     model: str  # local Hugging Face checkpoint directory (required)
     max_length: int = 256  # tokens per text; longer texts are cut to their beginning
-    batch_size: int = 32
+    batch_size: int = 32  # texts per forward pass of the frozen encoder (lower it if memory runs out)
 
 
 def _text_hash(text: str) -> str:

@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 
 
 class Word2VecParams(Section):
-    vector_size: int = 64
-    window: int = 5
-    min_count: int = 3
-    epochs: int = 5
+    vector_size: int = 64  # dimensions of a word vector (and of each reply's mean-pooled vector)
+    window: int = 5  # context words on each side that a word is trained to predict
+    min_count: int = 3  # words seen fewer times in the training texts get no vector (ignored in pooling)
+    epochs: int = 5  # passes over the training texts
     max_tokens_per_text: int = 2000  # word tokens of a text used for training and pooling
     max_train_texts: int = 50_000  # a seeded sample of the run's distinct texts trains the vectors
     workers: int = 1  # 1: identical vectors in every process; more: faster, not reproducible
