@@ -7,7 +7,7 @@ optionally, ``language``. Other columns (``turn``, ``openai_moderation``, ...) a
 Pairing rules (each unusable conversation or pair is dropped and counted under its reason):
 
 1. A conversation becomes user turns and replies as every converter does
-   (:func:`battles.converters.conversation_to_turns`: system messages dropped, consecutive messages
+   (:func:`battles.messages.conversation_to_turns`: system messages dropped, consecutive messages
    of one role joined); ``empty_conversation``, ``starts_with_assistant``, ``no_final_reply``,
    ``empty_prompt`` (blank first user turn), ``empty_final_reply`` and, with ``languages``,
    ``language_filtered`` drop it.
@@ -63,7 +63,8 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from battles.context import DEFAULT_SEED
-from battles.converters import ConversionReport, Unusable, conversation_to_turns, parse_messages, side_coin
+from battles.converters import ConversionReport, side_coin
+from battles.messages import Unusable, conversation_to_turns, parse_messages
 from battles.dedup import DedupConfig, find_duplicates
 from battles.files import check_output_file, write_atomic, write_json
 from battles.io import TEXT_COLUMNS, BattleDataError, battles_from_frame, read_battles

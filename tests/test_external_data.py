@@ -12,11 +12,11 @@ from battles.converters import (
     from_competition,
     from_preference_pairs,
     from_scored_answers,
-    split_transcript,
 )
 from battles.dedup import DedupConfig, deduplicate, find_duplicates
 from battles.io import BattleDataError, read_battles
 from battles.labels import LABEL_COLUMNS, label_index
+from battles.messages import split_transcript
 from tests.conftest import shared_file
 
 # ------------------------------------------------------------------ converters on the real files
