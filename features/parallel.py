@@ -15,7 +15,11 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from typing import Callable, Sequence
 
+import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
+
+from battles.text import FIELDS
 
 MIN_PARALLEL_ITEMS = 4000  # below this, forking costs more than it saves
 CHUNK = 2000  # items per task unless the caller says otherwise
@@ -54,3 +58,13 @@ def map_chunks(func: Callable, items: Sequence, chunk: int | None = None, desc: 
     finally:
         if context is not None:
             _INHERITED.pop(token, None)
+
+
+def map_battles(func: Callable, battles: pd.DataFrame, widths: Sequence[int], desc: str, progress: bool = False,
+                chunk: int | None = None, context=None) -> tuple[np.ndarray, ...]:
+    """Row-wise features of battles: ``func`` gets a chunk of ``(prompt, response_a, response_b)`` rows
+    and returns one array per part (e.g. side A, side B, shared); each part is stacked over the chunks
+    in input order (an empty ``(0, width)`` array when there are no battles)."""
+    rows = list(zip(*(battles[c] for c in FIELDS)))
+    parts = map_chunks(func, rows, chunk=chunk, desc=desc, progress=progress, context=context)
+    return tuple(np.vstack([p[i] for p in parts]) if parts else np.zeros((0, width)) for i, width in enumerate(widths))

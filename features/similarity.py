@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from features.base import FeatureBlock, SidedFeatures
-from features.parallel import map_chunks
+from features.parallel import map_battles
 from battles.text import plain_text, words
 
 
@@ -23,10 +23,7 @@ class SimilarityBlock(FeatureBlock):
     name = "sim"
 
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
-        rows = list(zip(battles["prompt"], battles["response_a"], battles["response_b"]))
-        parts = map_chunks(_similarities, rows, desc="similarities", progress=self.context.progress)
-        a, b, shared = (np.vstack([p[i] for p in parts]) if parts else np.zeros((0, width))
-                        for i, width in enumerate((2, 2, 3)))
+        a, b, shared = map_battles(_similarities, battles, (2, 2, 3), "similarities", self.context.progress)
         return SidedFeatures(["prompt_recall", "prompt_jaccard"], a, b,
                              ["identical", "ab_jaccard", "len_gap_rel"], shared, combine=("a", "b", "diff"))
 

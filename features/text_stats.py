@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from features.base import FeatureBlock, SidedFeatures
-from features.parallel import map_chunks
+from features.parallel import map_battles
 from battles.text import plain_text, words
 
 REFUSAL_PATTERNS = [
@@ -85,10 +85,8 @@ class TextStatsBlock(FeatureBlock):
     name = "stats"
 
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
-        rows = list(zip(battles["prompt"], battles["response_a"], battles["response_b"]))
-        parts = map_chunks(_battle_stats, rows, desc="text statistics", progress=self.context.progress)
-        a, b, shared = (np.vstack([p[i] for p in parts]) if parts else np.zeros((0, width))
-                        for i, width in enumerate((len(SIDE_NAMES), len(SIDE_NAMES), len(SHARED_NAMES))))
+        a, b, shared = map_battles(_battle_stats, battles, (len(SIDE_NAMES), len(SIDE_NAMES), len(SHARED_NAMES)),
+                                   "text statistics", self.context.progress)
         return SidedFeatures(SIDE_NAMES, a, b, SHARED_NAMES, shared)
 
 

@@ -26,7 +26,7 @@ from sklearn.preprocessing import normalize
 from battles.schema import Section
 from battles.text import FIELDS, plain_text
 from features.base import FeatureBlock, SidedFeatures, row_cosine
-from features.parallel import map_chunks
+from features.parallel import map_battles, map_chunks
 
 
 def _key(text: str) -> str:
@@ -152,15 +152,10 @@ class TfidfBlock(FeatureBlock):
     def transform(self, battles: pd.DataFrame) -> SidedFeatures:
         if self.idf_ is None:
             raise RuntimeError("TfidfBlock.transform called before fit")
-        rows = list(zip(*(battles[c] for c in FIELDS)))
-        parts = map_chunks(_battle_features, rows, chunk=self.params.chunk, desc="tf-idf features",
-                           progress=self.context.progress, context=self)
-        side_a, side_b, shared = ([p[i] for p in parts] for i in range(3))
         names = [f"svd{i}" for i in range(self.components_.shape[0])] + ["prompt_cos"]
-        width = len(names)
-        return SidedFeatures(names, np.vstack(side_a) if parts else np.zeros((0, width)),
-                             np.vstack(side_b) if parts else np.zeros((0, width)), ["ab_cos"],
-                             np.vstack(shared) if parts else np.zeros((0, 1)), combine=("diff", "a", "b"))
+        a, b, shared = map_battles(_battle_features, battles, (len(names), len(names), 1), "tf-idf features",
+                                   self.context.progress, chunk=self.params.chunk, context=self)
+        return SidedFeatures(names, a, b, ["ab_cos"], shared, combine=("diff", "a", "b"))
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
