@@ -8,9 +8,7 @@ through the prediction path too. Each size runs ``run.py`` in a fresh subprocess
 largest resident set size of that subprocess and its workers, CPU time their user + system seconds.
 
 Per-step wall times (reading, folds, each stage's features and folds, ensemble, report) come from the
-run's ``timings.json`` when the pipeline writes one; otherwise from the times at which the run wrote
-its files (``folds.csv``, each fold's ``done.json``, ``ensemble.json``, ``report.html``), where a
-stage's first fold includes its feature preparation.
+run's ``timings.json``.
 
     python benchmarks/speed.py [--rows 57477 500000] [--workdir /tmp/arena-speed]
 """
@@ -64,27 +62,6 @@ def make_battles(source: Path, n: int, seed: int) -> pd.DataFrame:
     return rows
 
 
-def steps_from_files(run: Path, started: float) -> list[dict]:
-    """Per-step wall times from the modification times of the files a run writes, in order."""
-    marks = [("read", run / "data_report.json"), ("folds", run / "folds.csv")]
-    stage_dirs = list((run / "stages").iterdir()) if (run / "stages").exists() else []
-    stages = sorted(stage_dirs, key=lambda s: min((p.stat().st_mtime for p in s.glob("fold*/done.json")),
-                                                                 default=float("inf")))
-    for stage_dir in stages:  # in the order they ran (config.json's keys are sorted)
-        stage = stage_dir.name
-        folds = sorted(stage_dir.glob("fold*/done.json"), key=lambda p: p.stat().st_mtime)
-        for i, done in enumerate(folds):
-            marks.append((f"{stage}: {'features + ' if i == 0 else ''}fold {done.parent.name[4:]}", done))
-        marks.append((f"{stage}: oof/test logits", run / "stages" / stage / "done.json"))
-    marks += [("ensemble", run / "ensemble" / "ensemble.json"), ("report", run / "report.html")]
-    steps, last = [], started
-    for name, path in marks:
-        if path.exists():
-            steps.append({"step": name, "seconds": path.stat().st_mtime - last})
-            last = path.stat().st_mtime
-    return steps
-
-
 def run_size(n: int, args, work: Path) -> dict:
     d = work / f"n{n}"
     if d.exists():
@@ -106,12 +83,10 @@ def run_size(n: int, args, work: Path) -> dict:
         print((d / "run.log").read_text()[-3000:])
         sys.exit(f"run.py failed at n={n} (log: {d / 'run.log'})")
     run = d / "run"
-    timings = run / "timings.json"
-    steps = json.loads(timings.read_text())["steps"] if timings.exists() else steps_from_files(run, started)
+    steps = json.loads((run / "timings.json").read_text())["steps"]
     summary = json.loads((run / "ensemble" / "ensemble.json").read_text())
     return {"n": n, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_gib": usage.ru_maxrss / 2**20,
-            "log_loss": summary["nested_scores"]["log_loss"], "steps": steps,
-            "source": "timings.json" if timings.exists() else "file times"}
+            "log_loss": summary["nested_scores"]["log_loss"], "steps": steps}
 
 
 def main() -> None:
@@ -127,8 +102,7 @@ def main() -> None:
     for n in args.rows:
         r = run_size(n, args, work)
         results.append(r)
-        print(f"\nn={n}: wall {r['wall']:.0f} s, CPU {r['cpu']:.0f} s, peak RSS {r['peak_gib']:.2f} GiB "
-              f"(steps from {r['source']})")
+        print(f"\nn={n}: wall {r['wall']:.0f} s, CPU {r['cpu']:.0f} s, peak RSS {r['peak_gib']:.2f} GiB")
         print(f"{'step':<40}{'wall (s)':>10}")
         for step in r["steps"]:
             print(f"{step['step']:<40}{step['seconds']:>10.1f}")
