@@ -9,7 +9,9 @@ in a box at the top of the report. Each names what it saw and what to do (README
   prompts (AUC above ``SHIFT_AUC``), so the cross-validated score may not carry over;
 * a stage, or the final ensemble, scores worse than the class prior on its rows;
 * pseudo-labels of this data: an external source of pseudo-labels made by a run trained on this very
-  training data carries every fold's validation labels, so the OOF scores are optimistic.
+  training data carries every fold's validation labels, so the OOF scores are optimistic;
+* a distilled student: its targets are a teacher's out-of-fold probabilities, which still carry what
+  the teacher learned from the other folds (``pipeline/distill.py``), so its OOF scores are optimistic.
 """
 from __future__ import annotations
 
@@ -48,6 +50,11 @@ def data_warnings(run) -> list[str]:
     if empty > EMPTY_PROMPT_SHARE:
         out.append(_warn(f"{empty:.0%} of training battles have an empty prompt: they share one prompt group, "
                          "hence one fold; check the file's prompt column."))
+    teacher = (run.repairs.get("train", {}).get("provenance") or {}).get("distilled_from")
+    if teacher:
+        out.append(_warn(f"distilled student of the run {teacher}: its targets come from teacher models that saw the "
+                         "other folds' labels, so the OOF scores of this run are optimistic; compare student and "
+                         "teacher on labelled battles neither saw."))
     if run.test is not None:
         auc = prompt_shift_auc(run.train, run.test, run.config.seed)
         if auc is not None and auc > SHIFT_AUC:

@@ -94,6 +94,7 @@ def test_student_scores_use_hard_labels(student, slice_files):
     assert summary["nested_scores"]["log_loss"] == pytest.approx(row_log_loss(y, probs).mean(), abs=1e-6)
     report = json.loads((student / "data_report.json").read_text())
     assert report["train"]["provenance"]["distilled_from"].endswith("teacher")
+    assert any(w.startswith("distilled student of the run") for w in summary["warnings"])  # optimism said aloud
 
 
 def test_distill_refusals_and_resume(teacher, student, slice_files, tmp_path, caplog):
