@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--verbose", action="store_true", help="debug logs, and the traceback of an error")
 
+    def output_file(sp, what, overwrite="replace --out if it exists"):
+        """``--out`` (a file this command writes) and ``--overwrite``: the one overwrite rule's switch."""
+        sp.add_argument("--out", required=True, help=what)
+        sp.add_argument("--overwrite", action="store_true", help=overwrite)
+
     def training(sp, train_required=False):
         sp.add_argument("--train", required=train_required,
                         help="labelled battles (.csv/.parquet/.jsonl); a resumed run remembers it")
@@ -70,34 +75,32 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predict new battles with a finished run's models and ensemble")
     pr.add_argument("--run", required=True, help="a finished run directory")
     pr.add_argument("--test", required=True, help="battles to predict (.csv/.parquet/.jsonl; labels ignored)")
-    pr.add_argument("--out", required=True, help="the CSV to write (id + winner_* columns)")
-    pr.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    output_file(pr, "the CSV to write (id + winner_* columns)")
     loudness(pr)
     pl = sub.add_parser("pseudo-label", help="score unlabelled battles with a finished run; write soft labels "
                                              "with provenance (JSONL) for training")
     pl.add_argument("--run", required=True, help="a finished run directory")
     pl.add_argument("--data", required=True, help="unlabelled battles (.csv/.parquet/.jsonl)")
-    pl.add_argument("--out", required=True, help="pseudo-label file to write (.jsonl)")
+    output_file(pl, "pseudo-label file to write (.jsonl)",
+                "replace --out (or an unfinished <out>.partial of other inputs) instead of refusing; a rerun of the "
+                "same command resumes an interrupted job")
     pl.add_argument("--source", default="pseudo", help="source tag of the written rows")
     pl.add_argument("--weight", type=float, default=1.0, help="training weight written on every row")
     pl.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens, > 1 softens the soft labels")
     pl.add_argument("--chunk-rows", type=int, default=4096, help="battles read, scored and written at a time")
-    pl.add_argument("--overwrite", action="store_true", help="replace --out (or an unfinished <out>.partial of "
-                                                             "other inputs) instead of refusing; a rerun of the same "
-                                                             "command resumes an interrupted job")
     loudness(pl)
     pc = sub.add_parser("pair-chatlogs", help="pair single-reply chat logs (LMSYS-Chat-1M layout) into unlabelled "
                                               "battles, streamed (see battles/chatlogs.py)")
     pc.add_argument("--data", required=True, nargs="+", help="chat logs (.parquet/.jsonl[.gz]): conversation_id, "
                                                              "model, conversation, [language]")
-    pc.add_argument("--out", required=True, help="battle file to write (.parquet or .jsonl); report beside it")
+    output_file(pc, "battle file to write (.parquet or .jsonl); report beside it",
+                "replace --out and its report if they exist")
     pc.add_argument("--train", help="training battles: pairs repeating their prompts or battles are dropped")
     pc.add_argument("--max-pairs-per-prompt", type=int, help="cap of pairs per prompt (default 3; 0: no cap)")
     pc.add_argument("--seed", type=int, help="seed of sides, cap samples and repeat picks")
     pc.add_argument("--source", help="source tag (and id prefix) of the pairs (default chatlog)")
     pc.add_argument("--language", action="append", help="keep only this language (repeatable)")
     pc.add_argument("--keep-prompt-matches", action="store_true", help="keep pairs whose prompt is a training prompt")
-    pc.add_argument("--overwrite", action="store_true", help="replace --out and its report if they exist")
     loudness(pc)
     cv = sub.add_parser("convert", help="convert an external data file (a source kind of the config's external "
                                         "section) into a battle file (.jsonl) that pseudo-label, predict or --train read")
@@ -107,8 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--source", required=True, help="source tag written on the rows (and prefixed to their ids)")
     cv.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="a converter option (value as JSON), e.g. --option max_pairs_per_prompt=10")
-    cv.add_argument("--out", required=True, help="the .jsonl battle file to write")
-    cv.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    output_file(cv, "the .jsonl battle file to write")
     loudness(cv)
     d = sub.add_parser("distill", help="train a student run on a finished teacher run's out-of-fold probabilities "
                                        "mixed with the hard labels, on the teacher's folds")
