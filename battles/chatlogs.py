@@ -308,7 +308,7 @@ def _shard_battles(shard_path: Path, target: pd.DataFrame, params: PairingParams
     level = dedup_log.level
     dedup_log.setLevel(logging.WARNING)  # one summary for the whole job, not one line per shard
     try:
-        reasons, dedup_report = find_duplicates(target, battles, dedup)
+        reasons, dedup_report = find_duplicates(target, battles, dedup, progress=False)  # one bar: the shards'
     finally:
         dedup_log.setLevel(level)
     for reason, n in dedup_report.dropped.items():

@@ -111,7 +111,7 @@ def _exact_key(text: str) -> str:
 class _TextClusters:
     """Exact keys and near-duplicate cluster ids for a list of texts (target texts first)."""
 
-    def __init__(self, texts: list[str], config: DedupConfig, what: str):
+    def __init__(self, texts: list[str], config: DedupConfig, what: str, progress: bool = True):
         self.exact = [_exact_key(t) for t in texts]
         uniq = {}
         for i, k in enumerate(self.exact):
@@ -137,7 +137,7 @@ class _TextClusters:
                     shingle_sets.append(_shingles(words, config.shingle))
             sets = {k: set(sh) for k, sh in zip(keys, shingle_sets)}
             hashes = dict(zip(keys, MinHash.bulk(shingle_sets, num_perm=config.num_perm, seed=config.seed)))
-            for k in tqdm(keys, desc=f"near-duplicate {what}", disable=len(keys) < 5000, leave=False):
+            for k in tqdm(keys, desc=f"near-duplicate {what}", disable=not progress or len(keys) < 5000, leave=False):
                 mine = sets[k]
                 for other in lsh.query(hashes[k]):
                     theirs = sets[other]
@@ -157,7 +157,7 @@ class _TextClusters:
 
 
 def find_duplicates(target: pd.DataFrame, external: pd.DataFrame,
-                    config: DedupConfig | None = None) -> tuple[np.ndarray, DedupReport]:
+                    config: DedupConfig | None = None, progress: bool = True) -> tuple[np.ndarray, DedupReport]:
     """A reason per external row ('' = keep; a DROP_REASONS entry = drop) and the report.
 
     Flag-only reasons (reply matches) are counted in the report but give '' unless
@@ -169,9 +169,9 @@ def find_duplicates(target: pd.DataFrame, external: pd.DataFrame,
                       external[["id", "prompt", "response_a", "response_b"]]], ignore_index=True)
     prompts_exact = prompt_groups(both)
     prompt_texts = [plain_text(p) for p in both["prompt"]]
-    prompts = _TextClusters(prompt_texts, config, "prompts")
+    prompts = _TextClusters(prompt_texts, config, "prompts", progress)
     reply_texts = [plain_text(r) for r in both["response_a"]] + [plain_text(r) for r in both["response_b"]]
-    replies = _TextClusters(reply_texts, config, "replies")
+    replies = _TextClusters(reply_texts, config, "replies", progress)
     n = len(both)
 
     def battle_keys(idx, level):
@@ -256,7 +256,7 @@ def find_duplicates(target: pd.DataFrame, external: pd.DataFrame,
 
 
 def deduplicate(target: pd.DataFrame, external: pd.DataFrame,
-                config: DedupConfig | None = None) -> tuple[pd.DataFrame, DedupReport]:
+                config: DedupConfig | None = None, progress: bool = True) -> tuple[pd.DataFrame, DedupReport]:
     """External battles with duplicates (see module docstring) removed, and the report."""
-    reasons, report = find_duplicates(target, external, config)
+    reasons, report = find_duplicates(target, external, config, progress)
     return external.loc[reasons == ""].reset_index(drop=True), report

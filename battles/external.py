@@ -108,7 +108,8 @@ def convert_sources(sources: list[ExternalSource]) -> list[tuple[pd.DataFrame, d
 
 
 def gather_external(train: pd.DataFrame, spec: ExternalConfig, seed: int,
-                    converted: list[tuple[pd.DataFrame, dict]] | None = None) -> tuple[pd.DataFrame | None, dict]:
+                    converted: list[tuple[pd.DataFrame, dict]] | None = None,
+                    progress: bool = True) -> tuple[pd.DataFrame | None, dict]:
     """The training-only rows that ``spec`` adds to a run on ``train``, and the report.
 
     Sources converted (or ``converted``: :func:`convert_sources` of ``spec.sources``, done once by a
@@ -122,7 +123,7 @@ def gather_external(train: pd.DataFrame, spec: ExternalConfig, seed: int,
     report: dict = {"conversion": [rep for _, rep in converted]}
     external = pd.concat([battles for battles, _ in converted], ignore_index=True, sort=False)
     if spec.dedup is not False:
-        external, dedup = deduplicate(train, external, spec.dedup)
+        external, dedup = deduplicate(train, external, spec.dedup, progress)
         report["dedup"] = dedup.as_dict()
     weights = None
     if spec.shift_weighting and len(external):

@@ -94,7 +94,8 @@ def external_check(run: Run, stage: str | None = None) -> dict:
     converted = convert_sources(spec.sources)
     settings = [("none", None, None, None)]
     for src, conv in zip(spec.sources, converted):
-        rows, _ = gather_external(train, spec.model_copy(update={"sources": [src]}), seed, converted=[conv])
+        rows, _ = gather_external(train, spec.model_copy(update={"sources": [src]}), seed, converted=[conv],
+                                  progress=progress)
         settings.append((f"+{src.source}", src, conv[1], rows))
     if len(spec.sources) > 1:
         settings.append(("all", None, None, run.extra_train))

@@ -92,7 +92,7 @@ class Run:
         fold's training part only (never validation, never scored). Reports go to external_report.json."""
         from battles.external import gather_external
 
-        rows, report = gather_external(self.train, self.config.external, self.config.seed)
+        rows, report = gather_external(self.train, self.config.external, self.config.seed, progress=self.progress)
         if rows is not None:
             write_json(self.dir.external_report, report)
             self.warnings += checks.pseudo_label_warnings(report, self.hashes["train"])

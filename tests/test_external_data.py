@@ -247,3 +247,16 @@ def test_dedup_real_files_find_known_overlap():
     # the hit is real: the normalised prompt text is equal
     ex = report.examples["exact_prompt_in_target"][0]
     assert " ".join(ex["external_text"].lower().split()) == " ".join(ex["match_text"].lower().split())
+
+
+def test_near_duplicate_progress_bar_follows_the_progress_switch(capsys):
+    """A long near-duplicate search shows a bar, unless the caller (``--quiet``) turned progress off."""
+    words = [f"w{k}" for k in range(60)]
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(rng.choice(words, 10)) for _ in range(5200)]
+    target = _frame([_battle(0, "a target prompt of its own with enough words to shingle", "x", "y")])
+    ext = _frame([_battle(i, p, "a", "b", "ext") for i, p in enumerate(prompts)])
+    config = DedupConfig(drop_prompt_matches=False)
+    for progress in (False, True):
+        find_duplicates(target, ext, config, progress=progress)
+        assert ("near-duplicate prompts" in capsys.readouterr().err) == progress
