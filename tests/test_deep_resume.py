@@ -28,6 +28,9 @@ from models.stage import StageContext
 from tests.test_decoder import FAST, toy_battles
 
 work, model, kill_at, out = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+# Ctrl-C as in a terminal: a shell that starts this suite in the background (``cmd &``) hands its
+# children SIGINT ignored, and Python then leaves it ignored; restore Python's own handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 torch.set_num_threads(1)
 logging.basicConfig(level=logging.INFO)
 steps = []
