@@ -106,7 +106,7 @@ def load_config(path=None, sets: Iterable[str] = (), *, saved: dict | None = Non
     on after the file (programmatic use, e.g. benchmarks); ``edit``: a function that changes the dict
     after the file (a command adding its stage); ``sets``: ``key.path=JSON`` strings, in order."""
     data = RunConfig().as_dict() if saved is None else copy.deepcopy(saved)
-    _check(data, "the saved run config" if saved is not None else "the defaults")
+    data = _check(data, "the saved run config" if saved is not None else "the defaults")
     if path is not None:
         data = merge(data, read_config_file(path))
         data = _check(data, str(path))

@@ -115,6 +115,17 @@ def test_saved_config_records_every_default(light, tmp_path):
     assert saved["seed"] == 42 and saved["external"]["dedup"]["threshold"] == 0.8
 
 
+
+def test_default_config_resolves_stage_params_without_any_layer():
+    """The bare defaults (no file, no --set) resolve every stage's params too, so a plain run hashes
+    them into its resume keys exactly like a run given the same values explicitly."""
+    from pipeline.config import load_config
+
+    bare, explicit = load_config(), load_config(sets=["seed=42"])
+    assert bare.as_dict() == explicit.as_dict()
+    assert bare.stages["lgbm_full"].params["blocks"][2]["params"]["svd_components"] == 32
+
+
 # -- ids are text -------------------------------------------------------------------------------
 def test_ids_that_look_missing_are_text(arena_frame, tmp_path):
     train = arena_frame.iloc[:240].copy()
