@@ -178,15 +178,7 @@ def _cmd_train(args) -> int:
     from pipeline.runner import Run, run_all
 
     run = _Session.run = Run(args.out, _config(args), args.train, args.test, progress=not args.quiet)
-    if args.command == "all":
-        summary = run_all(run)
-    else:
-        run.load_data()
-        for name in args.stage_names:
-            run.fit_stage(name)
-        summary = run.fit_ensemble()
-        run.write_report(summary)
-        run.finish()
+    summary = run_all(run, args.stage_names if args.command == "train" else None)
     _print_summary(summary, args.out)
     return 0
 
@@ -195,16 +187,13 @@ def _cmd_tune(args) -> int:
     from battles.files import read_json
     from pipeline.config import load_config
     from pipeline.rundir import RunDir
-    from pipeline.runner import Run
+    from pipeline.runner import Run, run_all
 
     rundir = RunDir.open(args.out)
     config = load_config(None, args.set, saved=read_json(rundir.config),
                          overrides={"stacker": _stacker_section(args.config)} if args.config else None)
     run = _Session.run = Run(args.out, config, progress=not args.quiet)
-    run.load_data()
-    summary = run.fit_ensemble()
-    run.write_report(summary)
-    run.finish()
+    summary = run_all(run, stages=[])  # the ensemble over the finished stages only
     _print_summary(summary, args.out)
     _print_tune_table(summary, args.out)
     return 0

@@ -190,10 +190,11 @@ class Run:
         self.timings.write(self.dir.timings)
 
 
-def run_all(run: Run) -> dict:
-    """Every configured stage, the ensemble, the report: the default command."""
+def run_all(run: Run, stages: list[str] | None = None) -> dict:
+    """The stages (default: every configured stage; ``[]``: none, as ``tune``), then the ensemble over
+    every finished stage and the report: the default command, ``train STAGE`` and ``tune``."""
     run.load_data()
-    for name in run.config.stages:
+    for name in run.config.stages if stages is None else stages:
         run.fit_stage(name)
     summary = run.fit_ensemble()
     run.write_report(summary)
