@@ -30,17 +30,20 @@ def stage_log_probs(logits: list[np.ndarray]) -> list[np.ndarray]:
 def _cross_entropy(z: np.ndarray, onehot: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
     """Weighted mean cross-entropy of logits ``z`` ``(n, 3)`` and its gradient with respect to ``z``
     (analytic gradients let L-BFGS take one pass over the rows per step instead of one per parameter)."""
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    logp = log_softmax(z, axis=1)
     total = w.sum()
     loss = -float((w * (onehot * logp).sum(axis=1)).sum()) / total
     return loss, (np.exp(logp) - onehot) * (w / total)[:, None]
 
 
+def _stage_swap_perm(n_stages: int) -> np.ndarray:
+    """The column permutation that swaps A and B inside every stage's 3-column group."""
+    return np.concatenate([3 * s + np.array(SWAP_PERMUTATION) for s in range(n_stages)])
+
+
 def _swap_stack(x: np.ndarray, n_stages: int) -> np.ndarray:
     """Swap A/B columns inside every stage's 3-column group of a stacked logit matrix."""
-    perm = np.concatenate([3 * s + np.array(SWAP_PERMUTATION) for s in range(n_stages)])
-    return x[:, perm]
+    return x[:, _stage_swap_perm(n_stages)]
 
 
 class TemperatureCalibrator:
@@ -187,9 +190,7 @@ def _multinomial_lr(x: np.ndarray, y: np.ndarray, w: np.ndarray, C: float, swap=
         basis, copies = vectors[:, values > 0], 2.0
 
     def objective(theta):
-        z = xt @ theta.reshape(k, d + 1).T
-        z -= z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        logp = log_softmax(xt @ theta.reshape(k, d + 1).T, axis=1)
         return -copies * (w * (onehot * logp).sum(axis=1)).sum() + 0.5 * (penalty * theta * theta).sum(), logp
 
     theta = np.zeros(k * (d + 1))
@@ -250,7 +251,7 @@ class LogisticStacker:
 
     def _swap_map(self, n_stages: int) -> tuple[np.ndarray, np.ndarray]:
         """``(perm, sign)`` with swapped features = ``x[:, perm] * sign``."""
-        perm = np.concatenate([3 * s + np.array(SWAP_PERMUTATION) for s in range(n_stages)])
+        perm = _stage_swap_perm(n_stages)
         sign = np.ones(len(perm))
         if self.meta:
             perm = np.r_[perm, len(perm) + np.arange(len(META_SWAP_SIGN))]

@@ -27,7 +27,7 @@ import pandas as pd
 
 from battles.folds import make_folds
 from ensemble.meta import meta_features
-from ensemble.metrics import clip_probs, prior_log_loss, scores
+from ensemble.metrics import clip_probs, prior_log_loss
 from ensemble.stacking import StackerConfig, StackResult, fit_stacker
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def fit_over_coverage(names: list[str], oof: dict, covered: dict, train: pd.Data
                "nested_log_loss": float(nested.mean()), "interval": bootstrap_interval(nested, seed),
                "prior_log_loss": s.prior}
         if len(sets) > 1:
-            mine, theirs = _nested_row_losses(s, common, y), _nested_row_losses(chosen, common, y)
+            mine, theirs = losses[id(s)], losses[id(chosen)]
             row.update({"common_rows": int(common.sum()), "log_loss_on_common_rows": float(mine.mean()),
                         "minus_chosen_on_common_rows": float((mine - theirs).mean()),
                         "minus_chosen_interval": bootstrap_interval(mine, seed, paired_with=theirs)})
@@ -138,7 +138,3 @@ def _nested_row_losses(s: StageSet, rows: np.ndarray, y: np.ndarray) -> np.ndarr
     position = np.cumsum(s.rows) - 1  # row index -> position in s's nested OOF probabilities
     probs = s.stacked.oof_probs[position[rows]]
     return row_log_loss(y[rows], probs)
-
-
-def nested_scores(s: StageSet, y: np.ndarray) -> dict:
-    return scores(y[s.rows], s.stacked.oof_probs)

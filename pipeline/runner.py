@@ -19,7 +19,7 @@ from battles.files import write_json
 from battles.folds import make_folds
 from battles.io import data_hash, read_battles
 from battles.labels import hard_mask, label_index
-from ensemble.coverage import bootstrap_interval, fit_over_coverage, row_log_loss
+from ensemble.coverage import fit_over_coverage
 from ensemble.meta import meta_features
 from pipeline import checks
 from pipeline.config import RunConfig
@@ -148,7 +148,7 @@ class Run:
             chosen, sets = fit_over_coverage(
                 names, {n: r.oof_logits for n, r in results.items()}, {n: r.covered for n, r in results.items()},
                 self.train, y, scored, self.folds, stacker, self.config.n_folds, self.config.seed)
-            summary = self._summary(chosen, sets, results, y)
+            summary = self._summary(chosen, sets, results)
             summary["stage_keys"] = {n: results[n].key for n in chosen.names}
             self.warnings += checks.score_warnings(summary)
             summary["warnings"] = list(self.warnings)
@@ -166,13 +166,12 @@ class Run:
         self.ensemble_probs = chosen.stacked.oof_probs
         return summary
 
-    def _summary(self, chosen, sets, results: dict, y: np.ndarray) -> dict:
+    def _summary(self, chosen, sets, results: dict) -> dict:
         names = chosen.names
         summary = chosen.stacked.to_json(names)
-        nested = row_log_loss(y[chosen.rows], chosen.stacked.oof_probs)
         summary.update({
             "rows": int(chosen.rows.sum()), "outer_folds": chosen.fold_source, "prior_log_loss": chosen.prior,
-            "nested_interval": bootstrap_interval(nested, self.config.seed), "stage_sets": sets,
+            "nested_interval": next(t["interval"] for t in sets if t["chosen"]), "stage_sets": sets,
             "coverage": {n: int(r.covered.sum()) for n, r in results.items()},
             "stages_raw": {n: r.metrics["oof"] for n, r in results.items() if "oof" in r.metrics},
             "stages_calibrated": {row["single_stage"]: row["cv_log_loss"] for row in chosen.stacked.table
