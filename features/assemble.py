@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from features.base import FeatureBlock
-from features.cache import BlockCache
+from features.cache import BlockCache, battle_keys
 
 
 class FeatureMatrix:
@@ -24,14 +24,16 @@ class FeatureMatrix:
     def warm(self, battles: pd.DataFrame, blocks: list[FeatureBlock] | None = None) -> None:
         """Compute (or read from the run's cache) the fold-independent blocks (all, or those listed)
         for these battles."""
+        keys = battle_keys(battles) if any(self._caches) else None  # once for every block
         for block, cache in zip(self.blocks, self._caches):
             if cache is not None and (blocks is None or block in blocks):
-                cache.warm(battles)
+                cache.warm(battles, keys)
 
     def build(self, battles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
         straight, swapped, names = [], [], []
+        keys = battle_keys(battles) if any(self._caches) else None  # once for every block
         for block, cache in zip(self.blocks, self._caches):
-            sided = block.transform(battles) if cache is None else cache.sided(battles)
+            sided = block.transform(battles) if cache is None else cache.sided(battles, keys)
             x, n = sided.matrix(prefix=f"{block.name}_")
             xs, _ = sided.swapped().matrix(prefix=f"{block.name}_")
             straight.append(x)

@@ -68,8 +68,7 @@ class BlockCache:
     def __init__(self, block: FeatureBlock):
         self.block = block
         self._index: dict[BattleKey, int] = {}
-        self._parts: list[SidedFeatures] = []  # row blocks, in index order
-        self._sided: SidedFeatures | None = None  # the parts stacked (rebuilt when a part is added)
+        self._parts: list[SidedFeatures] = []  # row blocks, in index order (stacked into one when read)
 
     def _key(self, keys: list[BattleKey]) -> str:
         key = content_key(self.block.name, self.block.params.as_dict(), self.block.state_key(), texts_digest(keys))
@@ -83,11 +82,19 @@ class BlockCache:
         start = len(self._index)
         self._index.update((k, start + i) for i, k in enumerate(keys))
         self._parts.append(sided)
-        self._sided = None
 
-    def warm(self, battles: pd.DataFrame) -> None:
-        """Features of every distinct battle not seen yet: read from the run's cache, or computed (and saved)."""
-        fresh = list(dict.fromkeys(k for k in battle_keys(battles) if k not in self._index))
+    def _transform(self, battles: pd.DataFrame, keys: list[BattleKey], fresh: list[BattleKey]) -> SidedFeatures:
+        """The block's features of the ``fresh`` battles (distinct keys), from their first rows in ``battles``."""
+        first: dict[BattleKey, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        return self.block.transform(battles.iloc[[first[k] for k in fresh]])
+
+    def warm(self, battles: pd.DataFrame, keys: list[BattleKey] | None = None) -> None:
+        """Features of every distinct battle not seen yet: read from the run's cache, or computed (and saved).
+        ``keys``: :func:`battle_keys` of ``battles``, when the caller has them already."""
+        keys = battle_keys(battles) if keys is None else keys
+        fresh = list(dict.fromkeys(k for k in keys if k not in self._index))
         if not fresh:
             return
         key = self._key(fresh)
@@ -100,8 +107,7 @@ class BlockCache:
                                   meta["shared_names"], np.load(directory / "shared.npy"), tuple(meta["combine"]))
             log.info("features: %s for %d battles read from %s", self.block.name, len(fresh), directory)
         else:
-            rows = {k: i for i, k in enumerate(battle_keys(battles))}
-            sided = self.block.transform(battles.iloc[[rows[k] for k in fresh]])
+            sided = self._transform(battles, keys, fresh)
             if directory is not None:
                 for part in ("a", "b", "shared"):
                     _save_npy(directory / f"{part}.npy", getattr(sided, part))
@@ -111,20 +117,17 @@ class BlockCache:
         memo[key] = sided
         self._add(fresh, sided)
 
-    def sided(self, battles: pd.DataFrame) -> SidedFeatures:
-        """The block's features of these battles (rows in their order)."""
-        keys = battle_keys(battles)
-        if any(k not in self._index for k in keys):
-            missing = [i for i, k in enumerate(keys) if k not in self._index]
-            fresh = list(dict.fromkeys(keys[i] for i in missing))
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            self._add(fresh, self.block.transform(battles.iloc[[first[k] for k in fresh]]))
-        if self._sided is None:
+    def sided(self, battles: pd.DataFrame, keys: list[BattleKey] | None = None) -> SidedFeatures:
+        """The block's features of these battles (rows in their order); battles not seen yet are
+        transformed on the spot and kept in memory only."""
+        keys = battle_keys(battles) if keys is None else keys
+        fresh = list(dict.fromkeys(k for k in keys if k not in self._index))
+        if fresh:
+            self._add(fresh, self._transform(battles, keys, fresh))
+        if len(self._parts) > 1:
             parts = self._parts
-            self._sided = parts[0] if len(parts) == 1 else SidedFeatures(
-                parts[0].names, np.vstack([p.a for p in parts]), np.vstack([p.b for p in parts]),
-                parts[0].shared_names, np.vstack([p.shared for p in parts]), parts[0].combine)
-            self._parts = [self._sided]
+            self._parts = [SidedFeatures(parts[0].names, np.vstack([p.a for p in parts]), np.vstack([p.b for p in parts]),
+                                         parts[0].shared_names, np.vstack([p.shared for p in parts]), parts[0].combine)]
         rows = np.fromiter((self._index[k] for k in keys), dtype=np.int64, count=len(keys))
-        s = self._sided
+        s = self._parts[0]
         return SidedFeatures(s.names, s.a[rows], s.b[rows], s.shared_names, s.shared[rows], s.combine)

@@ -49,6 +49,7 @@ class EmbeddingBlock(FeatureBlock):
         self.model_dir = Path(self.params.model).expanduser().resolve()
         if not (self.model_dir / "config.json").exists():
             raise FileNotFoundError(f"embeddings model directory not found or has no config.json: {self.model_dir}")
+        self._checkpoint_config = (self.model_dir / "config.json").read_bytes()  # what identifies the checkpoint
         self._vectors: dict[str, np.ndarray] = {}
         self._model = self._tokenizer = None
         self.n_embedded = 0  # texts embedded by this instance (not read from the cache)
@@ -58,8 +59,7 @@ class EmbeddingBlock(FeatureBlock):
         root = self.context.resource_dir
         if root is None:
             return None
-        config = (self.model_dir / "config.json").read_bytes()
-        key = hashlib.sha1(config + str(self.model_dir).encode() + str(self.params.max_length).encode())
+        key = hashlib.sha1(self._checkpoint_config + str(self.model_dir).encode() + str(self.params.max_length).encode())
         return Path(root) / "embeddings" / f"{self.model_dir.name}-{key.hexdigest()[:12]}"
 
     def _read_cache(self) -> None:
@@ -83,7 +83,7 @@ class EmbeddingBlock(FeatureBlock):
         write_atomic(cache / name, write)
 
     def state_key(self):
-        return hashlib.sha1((self.model_dir / "config.json").read_bytes()).hexdigest()  # the checkpoint
+        return hashlib.sha1(self._checkpoint_config).hexdigest()  # the checkpoint
 
     # ---- embedding ----
     def _load_model(self) -> None:
