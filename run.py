@@ -137,7 +137,7 @@ class _Session:
 
 
 # ----------------------------------------------------------------------------------------------- config
-def _config(args, saved_ok: bool = True):
+def _config(args):
     """The resolved config: the run's saved config (resuming without --config) or the defaults, the
     --config file, the stage ``train`` adds, then every --set."""
     from battles.files import read_json
@@ -145,7 +145,7 @@ def _config(args, saved_ok: bool = True):
     from pipeline.rundir import RunDir
 
     run = RunDir(args.out)
-    saved = read_json(run.config) if saved_ok and args.config is None and run.is_ours() and run.config.exists() else None
+    saved = read_json(run.config) if args.config is None and run.is_ours() and run.config.exists() else None
     if saved is not None:
         log.info("using the run's saved config %s", run.config)
     edit = (lambda data: _add_trained_stage(data, args)) if args.command == "train" else None
@@ -206,16 +206,16 @@ def _stacker_section(path) -> dict:
 
 
 def _cmd_predict(args) -> int:
-    from battles.files import check_output_file, write_atomic
+    from battles.files import check_output_file
     from battles.io import read_battles
     from pipeline.predict import Predictor
+    from pipeline.rundir import write_probs
 
     out = check_output_file(args.out, args.overwrite)
     battles, _ = read_battles(args.test, require_labels=False)
     predictor = Predictor.load(args.run, progress=not args.quiet)
-    frame = predictor.predict_frame(battles)
-    write_atomic(out, lambda p: frame.to_csv(p, index=False, float_format="%.9g"))
-    print(f"wrote {len(frame)} predictions to {out} (ensemble: {predictor.ensemble['chosen']})")
+    write_probs(out, battles["id"], predictor.predict_proba(battles))
+    print(f"wrote {len(battles)} predictions to {out} (ensemble: {predictor.ensemble['chosen']})")
     return 0
 
 
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     try:
         return HANDLERS[args.command](args)
     except KeyboardInterrupt:
-        log.error("interrupted. %s", _interrupt_note(args))
+        log.error("interrupted. %s", _interrupt_note())
         return EXIT_INTERRUPTED
     except UserError as exc:
         return _fail(str(exc), args)
@@ -331,11 +331,11 @@ def _fail(message: str, args) -> int:
     return EXIT_USER_ERROR
 
 
-def _interrupt_note(args) -> str:
+def _interrupt_note() -> str:
     run = _Session.run
     if run is None or not run.dir.path.exists():
         return "Nothing was written."
-    finished = [n for n in run.config.stages if run.dir.stage(n).done.exists()]
+    finished = run.finished_stages()
     partial = []
     for name in run.config.stages:
         if name in finished:

@@ -90,12 +90,6 @@ class RunConfig(Section):
                 raise ValueError(f"stages.{name}.folds: {bad} not among the run's folds 0..{self.n_folds - 1}")
         return self
 
-    def stage(self, name: str) -> StageSpec:
-        return self.stages[name]
-
-    def stage_names_of_type(self, kind: str) -> list[str]:
-        return [n for n, s in self.stages.items() if s.type == kind]
-
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_config(path=None, sets: Iterable[str] = (), *, saved: dict | None = None, overrides: dict | None = None,

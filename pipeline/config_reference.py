@@ -85,7 +85,7 @@ def _default(field) -> str:
         return "(section)"
     if isinstance(value, list) and value and isinstance(value[0], dict):
         return ", ".join(v.get("type", "?") if isinstance(v, dict) else str(v) for v in value)
-    text = json.dumps(value.model_dump(mode="json") if hasattr(value, "model_dump") else value, default=str)
+    text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

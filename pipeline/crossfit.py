@@ -35,7 +35,8 @@ from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, hard_mask, label_index
 from ensemble.metrics import probs_from_logits, scores
 from models.stage import average_logits, make_stage, predict_with_orders, stage_class
 from pipeline.config import StageSpec
-from pipeline.rundir import ORDERS, FoldDir, RunDir, as_stored, read_logit_ids, read_logits, write_logits
+from pipeline.rundir import (LOGIT_COLUMNS, ORDERS, FoldDir, RunDir, StageDir, as_stored, read_id_table, read_logits,
+                             write_logits)
 from pipeline.timings import Timings
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,10 @@ def _label_free(battles: pd.DataFrame) -> pd.DataFrame:
     return battles.drop(columns=[c for c in [*LABEL_COLUMNS, *SOFT_COLUMNS] if c in battles.columns])
 
 
-def _done(fold: FoldDir, key: str) -> dict | None:
-    if fold.done.exists():
-        record = read_json(fold.done)
+def _done(place: FoldDir | StageDir, key: str) -> dict | None:
+    """The ``done.json`` record of a fold or stage finished with this key, else None."""
+    if place.done.exists():
+        record = read_json(place.done)
         if record.get("key") == key:
             return record
     return None
@@ -114,7 +116,7 @@ def crossfit_stage(run: RunDir, name: str, spec: StageSpec, train: pd.DataFrame,
     if spec.refit_full:
         keys["full"] = model_key(spec, hashes, folds, seed, "full")
     stage_key = content_key({str(k): v for k, v in keys.items()}, spec.folds, spec.refit_full, test_hash)
-    if stage_dir.done.exists() and read_json(stage_dir.done).get("key") == stage_key:
+    if _done(stage_dir, stage_key) is not None:
         log.info("stage %s: finished earlier with the same config and data, reusing it", name)
         return load_stage_result(run, name, train, test)
 
@@ -249,12 +251,13 @@ def load_stage_result(run: RunDir, name: str, train: pd.DataFrame, test: pd.Data
     if not stage_dir.done.exists():
         raise FileNotFoundError(f"{stage_dir.path}: stage {name!r} has not finished (no done.json); run it first")
     index = pd.Series(np.arange(len(train)), index=train["id"].astype(str).to_numpy())
-    ids = read_logit_ids(stage_dir.oof_logits)
+    table = read_id_table(stage_dir.oof_logits)
+    ids = table["id"].tolist()
     rows = index.loc[ids].to_numpy()
     covered = np.zeros(len(train), dtype=bool)
     covered[rows] = True
     oof = np.full((len(train), 3), np.nan)
-    oof[rows] = read_logits(stage_dir.oof_logits, ids)
+    oof[rows] = table[LOGIT_COLUMNS].to_numpy(dtype=np.float64)
     orders = None
     if all(stage_dir.oof_order(o).exists() for o in ORDERS):
         orders = tuple(np.full((len(train), 3), np.nan) for _ in ORDERS)

@@ -110,7 +110,7 @@ class RunDir(_Layout):
 
     FILES = {"marker": "run.json", "config": "config.json", "data_report": "data_report.json",
              "external_report": "external_report.json", "folds": "folds.csv", "timings": "timings.json",
-             "resources": "resources", "ensemble_dir": "ensemble", "ensemble": "ensemble/ensemble.json",
+             "resources": "resources", "ensemble": "ensemble/ensemble.json",
              "oof_probs": "ensemble/oof_probs.csv", "report": "report.html", "submission": "submission.csv",
              "distill_train": "distill_train.jsonl", "external_check": "external_check.json",
              "external_check_table": "external_check.txt"}
@@ -204,10 +204,6 @@ def read_logits(path, ids=None) -> np.ndarray:
             raise ValueError(f"{path}: logits are for different battles than expected ({len(frame)} vs {len(ids)} rows)")
         frame = frame.set_index("id").loc[ids].reset_index()
     return frame[LOGIT_COLUMNS].to_numpy(dtype=np.float64)
-
-
-def read_logit_ids(path) -> list[str]:
-    return read_id_table(path)["id"].tolist()
 
 
 def read_id_table(path) -> pd.DataFrame:
