@@ -91,10 +91,7 @@ class Predictor:
     @classmethod
     def load(cls, run_dir, progress: bool = True) -> "Predictor":
         run = RunDir.open(run_dir)
-        check_complete(run)
-        ensemble = read_json(run.ensemble)
-        config = RunConfig.model_validate(read_json(run.config))
-        folds = read_folds(run.folds)["fold"].to_numpy()
+        ensemble, config, folds = check_complete(run)
         context = StageContext(resource_dir=run.resources, seed=config.seed, progress=False)
         specs = {n: config.stages[n] for n in ensemble["stages"]}
         models = {n: stage_class(s.type).load_folds(stage_model_dirs(run, n, s, folds), context)
@@ -135,18 +132,20 @@ class Predictor:
         return out
 
     def predict_proba(self, data) -> np.ndarray:
-        battles = as_battles(data)
-        meta = meta_features(battles) if self.uses_meta else None
-        return self.model.predict_proba(self.stage_logits(battles), meta=meta)
+        return self._proba(as_battles(data))
 
     def predict_frame(self, data) -> pd.DataFrame:
         battles = as_battles(data)
+        return probs_frame(battles["id"], self._proba(battles))
+
+    def _proba(self, battles: pd.DataFrame) -> np.ndarray:
         meta = meta_features(battles) if self.uses_meta else None
-        return probs_frame(battles["id"], self.model.predict_proba(self.stage_logits(battles), meta=meta))
+        return self.model.predict_proba(self.stage_logits(battles), meta=meta)
 
 
-def check_complete(run: RunDir) -> None:
-    """Raise :class:`IncompleteRunError` naming the first stage (and what it lacks) that cannot predict."""
+def check_complete(run: RunDir) -> tuple[dict, RunConfig, np.ndarray]:
+    """Raise :class:`IncompleteRunError` naming the first stage (and what it lacks) that cannot predict;
+    return what was read to check it: the saved ensemble, the run's config and its folds."""
     if not run.folds.exists():
         raise IncompleteRunError(f"{run}: no folds.csv; the run did not get past reading its data")
     if not run.ensemble.exists():
@@ -160,7 +159,7 @@ def check_complete(run: RunDir) -> None:
             raise IncompleteRunError(f"{run}: stage {name!r} is incomplete: {stage_dir.done} is missing "
                                      f"(the stage did not finish); rerun it, then `run.py tune`")
         missing = [str(d.parent.name) for d in stage_model_dirs(run, name, config.stages[name], folds)
-                   if not (d.parent / "done.json").exists() or not d.is_dir()]
+                   if not (d.parent / "done.json").exists() or not d.is_dir()]  # d: <fold dir>/model
         if missing:
             raise IncompleteRunError(f"{run}: stage {name!r} is incomplete: model(s) {missing} missing under "
                                      f"{stage_dir.path}; rerun the stage")
@@ -168,3 +167,4 @@ def check_complete(run: RunDir) -> None:
         if key is not None and read_json(stage_dir.done).get("key") != key:
             raise IncompleteRunError(f"{run}: stage {name!r} was refitted after the ensemble was tuned; "
                                      f"run `run.py tune --run {run}` again")
+    return ensemble, config, folds
