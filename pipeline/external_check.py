@@ -28,6 +28,7 @@ import re
 
 from battles.external import ExternalConfig, convert_sources, gather_external
 from battles.files import write_json, write_text
+from battles.io import data_hash
 from battles.labels import hard_mask, label_index
 from battles.shift import shift_weights
 from ensemble.coverage import bootstrap_interval, row_log_loss
@@ -89,9 +90,9 @@ def external_check(run: Run, stage: str | None = None) -> dict:
         raise ConfigError("external-check: the config's external section lists no sources "
                           "(external.sources: [{kind, path, source, ...}])")
     name, stage_spec = check_stage(config, stage)
+    converted = run.converted_sources = convert_sources(spec.sources)  # once, for every setting
     run.load_data()  # claims the directory, fixes the folds, gathers the 'all' setting's rows
     train, seed = run.train, config.seed
-    converted = convert_sources(spec.sources)
     settings = [("none", None, None, None)]
     for src, conv in zip(spec.sources, converted):
         rows, _ = gather_external(train, spec.model_copy(update={"sources": [src]}), seed, converted=[conv],
@@ -106,8 +107,11 @@ def external_check(run: Run, stage: str | None = None) -> dict:
         log.info("external-check: setting %d of %d: %s (%d external rows)", i + 1, len(settings), setting,
                  0 if rows is None else len(rows))
         with run.timings.step(f"external-check: {setting}"):
+            hashes = {"train": run.hashes["train"], "test": None,
+                      "extra": None if rows is None else run.hashes["extra"] if rows is run.extra_train
+                      else data_hash(rows)}
             result = crossfit_stage(run.dir, _dir_name(setting), stage_spec, train, run.folds, None, rows, seed=seed,
-                                    progress=progress, timings=run.timings)
+                                    progress=progress, timings=run.timings, hashes=hashes)
         use = scored & result.covered
         losses[setting] = row_log_loss(label_index(train[use]), probs_from_logits(result.oof_logits[use]))
         row = {"setting": setting, "rows_kept": None if setting == "none" else 0 if rows is None else len(rows),

@@ -50,6 +50,7 @@ class Run:
         self.timings = Timings()
         self.feature_memo: dict = {}  # fold-independent features shared in memory by this run's stages
         self.hashes: dict = {}  # content hashes of the tables (train, test, extra), computed once
+        self.converted_sources = None  # the external sources, when a caller converted them already
 
     # -- data and folds -------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -92,7 +93,8 @@ class Run:
         fold's training part only (never validation, never scored). Reports go to external_report.json."""
         from battles.external import gather_external
 
-        rows, report = gather_external(self.train, self.config.external, self.config.seed, progress=self.progress)
+        rows, report = gather_external(self.train, self.config.external, self.config.seed,
+                                       converted=self.converted_sources, progress=self.progress)
         if rows is not None:
             write_json(self.dir.external_report, report)
             self.warnings += checks.pseudo_label_warnings(report, self.hashes["train"])
