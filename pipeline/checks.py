@@ -46,7 +46,8 @@ def data_warnings(run) -> list[str]:
     if sizes.min() < MIN_FOLD_ROWS:
         out.append(_warn(f"few rows per fold: the smallest fold has {sizes.min()} battles (< {MIN_FOLD_ROWS}); "
                          "scores on folds this small move by chance by several hundredths of log loss."))
-    empty = np.mean([not plain_text(p).strip() for p in run.train["prompt"]])
+    read = run.repairs["train"]  # the reader counted the empty prompts
+    empty = read["empty_prompts"] / max(read["rows"], 1)
     if empty > EMPTY_PROMPT_SHARE:
         out.append(_warn(f"{empty:.0%} of training battles have an empty prompt: they share one prompt group, "
                          "hence one fold; check the file's prompt column."))
