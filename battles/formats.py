@@ -113,6 +113,11 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             yield line_no, record
 
 
+def provenance_line(provenance: dict) -> str:
+    """The first line of a JSONL file with provenance (what :func:`provenance_of` reads back), no newline."""
+    return json.dumps({PROVENANCE_KEY: provenance}, ensure_ascii=False, sort_keys=True)
+
+
 def provenance_of(path) -> dict | None:
     """A JSONL file's provenance record (its first line ``{"provenance": {...}}``), or None."""
     path = Path(path)

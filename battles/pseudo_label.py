@@ -44,7 +44,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from battles.files import OutputExistsError, check_output_file, write_atomic, write_text
-from battles.formats import CHUNK_ROWS, PROVENANCE_KEY, count_rows, file_sha256
+from battles.formats import CHUNK_ROWS, PROVENANCE_KEY, count_rows, file_sha256, provenance_line
 from battles.io import TEXT_COLUMNS, BattleDataError, read_battles
 from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, soft_mask
 from battles.stream import iter_battle_chunks
@@ -92,7 +92,7 @@ def score_battles(battles: pd.DataFrame, predict_fn: Callable[[pd.DataFrame], np
 
 
 def _header_line(provenance: dict) -> str:
-    return json.dumps({PROVENANCE_KEY: provenance}, ensure_ascii=False, sort_keys=True) + "\n"
+    return provenance_line(provenance) + "\n"
 
 
 def _complete(provenance: dict, probs: np.ndarray) -> dict:
@@ -224,7 +224,7 @@ def pseudo_label_file(data, predict_fn: Callable[[pd.DataFrame], np.ndarray], ou
         write_text(partial, _header_line(job))
     start = sum(len(p) for p in done)
     with open(partial, "a", encoding="utf-8", errors="surrogatepass") as f, \
-            tqdm(total=count_rows(data), initial=start, desc="pseudo-labelling", unit="battle",
+            tqdm(total=count_rows(data) if progress else None, initial=start, desc="pseudo-labelling", unit="battle",
                  disable=not progress, smoothing=0.1) as bar:
         for first, chunk in iter_battle_chunks(data, chunk_rows, start=start, seen_ids=seen_ids):
             probs = apply_temperature(check_probs(predict_fn(chunk), len(chunk),

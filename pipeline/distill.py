@@ -51,7 +51,7 @@ import pandas as pd
 
 from battles.errors import UserError
 from battles.files import read_json, write_text
-from battles.formats import PROVENANCE_KEY
+from battles.formats import provenance_line, provenance_of
 from battles.io import TEXT_COLUMNS, battles_from_frame, data_hash, read_battles
 from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, hard_mask, label_matrix
 from pipeline.config import ConfigError, RunConfig
@@ -123,7 +123,7 @@ def student_lines(train: pd.DataFrame, targets: np.ndarray, provenance: dict) ->
     soft = np.where(np.isnan(targets).any(axis=1)[:, None], own_soft, targets)
     keep = [c for c in ["id", *TEXT_COLUMNS, "model_a", "model_b", *LABEL_COLUMNS, "weight", "source"]
             if c in train.columns]
-    lines = [json.dumps({PROVENANCE_KEY: provenance}, ensure_ascii=False, sort_keys=True)]
+    lines = [provenance_line(provenance)]
     for rec, s in zip(train[keep].to_dict("records"), soft):
         row = {k: _json_value(v) for k, v in rec.items()}
         row.update({c: _json_value(x) for c, x in zip(SOFT_COLUMNS, s)})
@@ -146,8 +146,7 @@ def _check_same_settings(student: RunDir, provenance: dict) -> None:
     """Refuse to resume a student made from another teacher, training file or soft weight."""
     if not (student.is_ours() and student.distill_train.exists()):
         return
-    with open(student.distill_train, encoding="utf-8") as f:
-        before = json.loads(f.readline()).get(PROVENANCE_KEY, {})
+    before = provenance_of(student.distill_train) or {}
     changed = [f"{k} {before.get(k)} -> {provenance[k]}" for k in ("distilled_from", "train", "soft_weight")
                if before.get(k) != provenance[k]]
     if changed:
