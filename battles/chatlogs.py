@@ -170,7 +170,7 @@ def _shard_conversations(paths, params: PairingParams, report: ChatlogReport, sh
     languages = set(params.languages) if params.languages else None
     id_hashes = array("Q")  # one per row read, in reading order: duplicate conversation ids are refused
     row_origin = []  # (file, first global index) per file, to name the rows of a duplicate
-    bar = tqdm(total=sum(count_rows(p) for p in paths), desc="chat logs: read", unit="conv", disable=not progress,
+    bar = tqdm(total=sum(count_rows(p) for p in paths) if progress else None, desc="chat logs: read", unit="conv", disable=not progress,
                smoothing=0.1)
     for path in paths:
         row_origin.append((path, len(id_hashes)))
@@ -304,13 +304,8 @@ def _shard_battles(shard_path: Path, target: pd.DataFrame, params: PairingParams
     battles, repair = battles_from_frame(pd.DataFrame(rows), f"{shard_path.name} (pairs)", source=params.source,
                                          require_labels=False)
     repairs.update({k: v for k, v in repair.as_dict().items() if isinstance(v, int) and k != "rows"})
-    dedup_log = logging.getLogger("battles.dedup")
-    level = dedup_log.level
-    dedup_log.setLevel(logging.WARNING)  # one summary for the whole job, not one line per shard
-    try:
-        reasons, dedup_report = find_duplicates(target, battles, dedup, progress=False)  # one bar: the shards'
-    finally:
-        dedup_log.setLevel(level)
+    # per shard: no bar and no log line of its own (the job has one bar and one summary)
+    reasons, dedup_report = find_duplicates(target, battles, dedup, progress=False)
     for reason, n in dedup_report.dropped.items():
         report.drop_pairs(reason, n)
     for reason, n in dedup_report.flagged.items():

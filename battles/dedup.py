@@ -250,8 +250,6 @@ def find_duplicates(target: pd.DataFrame, external: pd.DataFrame,
     for s in np.unique(sources):
         report.kept_per_source[str(s)] = int((kept & (sources == s)).sum())
         report.dropped_per_source[str(s)] = int((~kept & (sources == s)).sum())
-    log.info("de-duplication: kept %d of %d external battles; dropped %s; flagged %s", report.kept, ne,
-             report.dropped, report.flagged)
     return reasons, report
 
 
@@ -259,4 +257,6 @@ def deduplicate(target: pd.DataFrame, external: pd.DataFrame,
                 config: DedupConfig | None = None, progress: bool = True) -> tuple[pd.DataFrame, DedupReport]:
     """External battles with duplicates (see module docstring) removed, and the report."""
     reasons, report = find_duplicates(target, external, config, progress)
+    log.info("de-duplication: kept %d of %d external battles; dropped %s; flagged %s", report.kept, len(external),
+             report.dropped, report.flagged)
     return external.loc[reasons == ""].reset_index(drop=True), report
