@@ -36,13 +36,12 @@ from tqdm.auto import tqdm
 from battles.files import read_json, write_json
 from battles.labels import has_labels, label_matrix
 from models.deep import quantization
-from models.deep.batching import length_batches, predict_sharded
-from models.deep.checkpoints import check_model_dir, load_tokenizer
+from models.deep.batching import length_batches
+from models.deep.checkpoints import check_model_dir
 from models.deep.inputs import ChatEncoding, training_rows, training_table
 from models.deep.params import DeepParams
-from models.deep.precision import default_device, resolve_precision
 from models.deep.stage import DeepStage
-from models.stage import StageContext, average_logits
+from models.stage import FoldModels, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +75,8 @@ class DecoderStage(DeepStage):
 
     kind = "decoder"
     Params = DecoderParams
-
-    def __init__(self, params=None, context: StageContext | None = None):
-        super().__init__(params, context)
-        self.model = None  # the PeftModel (base + this fold's adapter), once fitted or loaded
-        self.tokenizer = None
-        self.log_history: list[dict] = []
-
-    # -- set-up (in fit / load, never in __init__)
-    def _setup(self) -> None:
-        if self.tokenizer is not None:
-            return
-        p = self.params
-        self.tokenizer = load_tokenizer(p.model, "decoder", pad_with_eos=True)
-        self.encoding = ChatEncoding(self.tokenizer, p.max_length, p.prompt_share)
-        self.device = default_device()
-        self.precision = resolve_precision(p.precision, self.device, "decoder")
+    Encoding = ChatEncoding
+    pad_with_eos = True  # self.model: the PeftModel (base + this fold's adapter), once fitted or loaded
 
     def _load_base(self):
         p = self.params
@@ -101,10 +86,6 @@ class DecoderStage(DeepStage):
     def encode(self, battles: pd.DataFrame) -> list[list[int]]:
         self._setup()
         return self.encoding(battles)
-
-    def training_callbacks(self, has_eval: bool) -> list:
-        """Extra ``TrainerCallback``s for this stage's Trainer (none by default)."""
-        return []
 
     # -- training
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "DecoderStage":
@@ -146,12 +127,6 @@ class DecoderStage(DeepStage):
         return float(-(label_matrix(battles) * logp).sum(axis=1).mean())
 
     # -- inference
-    def predict_one_order(self, battles: pd.DataFrame) -> np.ndarray:
-        """Logits for the battles as given (no TTA); under a multi-process launch each rank scores a shard."""
-        if self.model is None:
-            raise RuntimeError("decoder stage is not fitted or loaded")
-        return predict_sharded(self._score, battles)
-
     def _score(self, battles: pd.DataFrame) -> np.ndarray:
         encoded = self.encoding(battles)
         batches = length_batches([len(x) for x in encoded], int(self.params.predict_batch_tokens),
@@ -180,13 +155,14 @@ class DecoderStage(DeepStage):
         return cls._with_adapters([directory], ["default"], context)
 
     @classmethod
-    def load_folds(cls, directories, context: StageContext | None = None) -> "DecoderFolds":
+    def load_folds(cls, directories, context: StageContext | None = None) -> FoldModels:
         """Every fold's adapter on ONE base model (loaded once), predicting like cross-fitting averages folds."""
         directories = [Path(d) for d in directories]
         if not directories:
             raise ValueError("load_folds needs at least one saved fold directory")
         names = [f"fold{k}" for k in range(len(directories))]
-        return DecoderFolds(cls._with_adapters(directories, names, context), names)
+        stage = cls._with_adapters(directories, names, context)
+        return FoldModels([_Adapter(stage, name) for name in names])
 
     @classmethod
     def _with_adapters(cls, directories, names: list[str], context) -> "DecoderStage":
@@ -214,21 +190,14 @@ class DecoderStage(DeepStage):
         return stage
 
 
-class DecoderFolds:
-    """Several fold adapters on one base model; ``predict_logits`` averages the folds' log-probabilities
-    (:func:`models.stage.average_logits`), the same numbers as predicting with each fold stage alone."""
+class _Adapter:
+    """One fold's adapter on the shared base model, predicting like that fold's stage alone; a stage's
+    adapters go together in a :class:`models.stage.FoldModels` (which averages them)."""
 
-    def __init__(self, stage: DecoderStage, adapters: list[str]):
-        self.stage = stage
-        self.adapters = adapters
-
-    def __len__(self) -> int:
-        return len(self.adapters)
+    def __init__(self, stage: DecoderStage, name: str):
+        self.stage, self.name = stage, name
 
     def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
-        per_fold = []
-        for name in self.adapters:
-            log.info("decoder: predicting %d battles with adapter %s", len(battles), name)
-            self.stage.model.set_adapter(name)
-            per_fold.append(self.stage.predict_logits(battles))
-        return average_logits(per_fold)
+        log.info("decoder: predicting %d battles with adapter %s", len(battles), self.name)
+        self.stage.model.set_adapter(self.name)
+        return self.stage.predict_logits(battles)

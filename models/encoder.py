@@ -32,11 +32,10 @@ from tqdm.auto import tqdm
 
 from battles.files import read_json, write_json, write_text
 from battles.labels import CLASS_NAMES
-from models.deep.batching import length_batches, predict_sharded
-from models.deep.checkpoints import check_model_dir, load_tokenizer
+from models.deep.batching import length_batches
+from models.deep.checkpoints import check_model_dir
 from models.deep.inputs import PairEncoding, training_rows, training_table
 from models.deep.params import DeepParams
-from models.deep.precision import default_device, resolve_precision
 from models.deep.stage import DeepStage
 from models.stage import StageContext
 
@@ -65,22 +64,9 @@ def _log_loss_metric(eval_pred) -> dict:
 class EncoderStage(DeepStage):
     kind = "encoder"
     Params = EncoderParams
-
-    def __init__(self, params: dict | None = None, context: StageContext | None = None):
-        super().__init__(params, context)
-        self.model = None
-        self.tokenizer = None
-        self.log_history: list[dict] = []
+    Encoding = PairEncoding
 
     # ---- set-up (in fit / load) ----
-    def _setup(self) -> None:
-        if self.tokenizer is not None:
-            return
-        self.tokenizer = load_tokenizer(self.params.model, "encoder")
-        self.encoding = PairEncoding(self.tokenizer, self.params.max_length, self.params.prompt_share)
-        self.device = default_device()
-        self.precision = resolve_precision(self.params.precision, self.device, "encoder")
-
     def _load_pretrained(self, directory: Path, new_head: bool) -> None:
         from transformers import AutoModelForSequenceClassification
 
@@ -145,12 +131,6 @@ class EncoderStage(DeepStage):
             log.info("encoder: best validation log loss %.4f at step %s",
                      trainer.state.best_metric, trainer.state.best_global_step)
         return self
-
-    def predict_one_order(self, battles: pd.DataFrame) -> np.ndarray:
-        """Logits for the battles as given (no TTA); under a multi-process launch each rank scores a shard."""
-        if self.model is None:
-            raise RuntimeError("encoder stage is not fitted: call fit() or load() first")
-        return predict_sharded(self._score, battles)
 
     def _score(self, battles: pd.DataFrame) -> np.ndarray:
         from transformers import DataCollatorWithPadding

@@ -1,4 +1,5 @@
-"""What the two deep stages share at the stage level: optional swap TTA and main-process saving."""
+"""What the two deep stages share at the stage level: set-up in fit/load (tokenizer, input encoding,
+device, precision), sharded scoring, optional swap TTA and main-process saving."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +8,47 @@ import numpy as np
 import pandas as pd
 
 from battles.files import is_main_process
-from models.stage import Stage
+from models.deep.batching import predict_sharded
+from models.deep.checkpoints import load_tokenizer
+from models.deep.precision import default_device, resolve_precision
+from models.stage import Stage, StageContext
 
 
 class DeepStage(Stage):
-    """Base of :class:`models.encoder.EncoderStage` and :class:`models.decoder.DecoderStage`."""
+    """Base of :class:`models.encoder.EncoderStage` and :class:`models.decoder.DecoderStage`.
 
-    model = None
+    A subclass names its input encoding (``Encoding``: battles -> token ids), whether its tokenizer pads
+    with EOS, and implements ``_score`` (logits of one shard of battles), ``fit``, ``save`` and ``load``."""
+
+    Encoding: type  # models.deep.inputs.ChatEncoding or PairEncoding
+    pad_with_eos = False
+
+    def __init__(self, params=None, context: StageContext | None = None):
+        super().__init__(params, context)
+        self.model = None  # the fitted or loaded model
+        self.tokenizer = None
+        self.log_history: list[dict] = []
+
+    # -- set-up (in fit / load, never in __init__)
+    def _setup(self) -> None:
+        if self.tokenizer is not None:
+            return
+        p = self.params
+        self.tokenizer = load_tokenizer(p.model, self.kind, pad_with_eos=self.pad_with_eos)
+        self.encoding = self.Encoding(self.tokenizer, p.max_length, p.prompt_share)
+        self.device = default_device()
+        self.precision = resolve_precision(p.precision, self.device, self.kind)
+
+    def training_callbacks(self, has_eval: bool) -> list:
+        """Extra ``TrainerCallback``s for this stage's Trainer (none by default)."""
+        return []
+
+    # -- inference
+    def predict_one_order(self, battles: pd.DataFrame) -> np.ndarray:
+        """Logits for the battles as given (no TTA); under a multi-process launch each rank scores a shard."""
+        if self.model is None:
+            raise RuntimeError(f"{self.kind} stage is not fitted or loaded: call fit() or load() first")
+        return predict_sharded(self._score, battles)
 
     @property
     def tta_from_orders(self) -> bool:
