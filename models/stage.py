@@ -7,7 +7,7 @@ texts of the run (e.g. Word2Vec, an embedding cache), is ``fit`` on one fold's t
 and round-trips through ``save(dir)`` / ``load(dir)`` with no pickles.
 
 Logits are log-probabilities up to a per-row constant; ``predict_logits`` returns the stage's final
-answer, which for every stage in this repo is averaged over both A/B orders (:func:`swap_tta`), so
+answer, which for every stage in this repo is averaged over both A/B orders (:func:`combine_orders`), so
 ``predict_logits(swap_battles(x)) == swap_columns(predict_logits(x))``.
 
 Swap TTA is written once here. A stage implements ``predict_one_order`` (one A/B order, no TTA), or
@@ -19,7 +19,6 @@ position-bias check); :func:`predict_with_orders` is the one call that gives bot
 from __future__ import annotations
 
 import importlib
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -123,11 +122,6 @@ def combine_orders(straight: np.ndarray, swapped: np.ndarray) -> np.ndarray:
     straight = log_softmax(np.asarray(straight, dtype=np.float64), axis=1)
     swapped = log_softmax(np.asarray(swapped, dtype=np.float64), axis=1)
     return 0.5 * (straight + swap_columns(swapped))
-
-
-def swap_tta(predict_one_order: Callable[[pd.DataFrame], np.ndarray], battles: pd.DataFrame) -> np.ndarray:
-    """Swap TTA around any one-order predictor (for stages that override ``predict_logits``)."""
-    return combine_orders(predict_one_order(battles), predict_one_order(swap_battles(battles)))
 
 
 def predict_with_orders(stage: Stage, battles: pd.DataFrame):

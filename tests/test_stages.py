@@ -48,7 +48,7 @@ def test_lgbm_learns_from_soft_labels_and_weights(split, tmp_path):
 
 
 def test_single_order_predictions_only_where_the_stage_gives_them(arena_battles):
-    from models.stage import Stage, predict_with_orders, swap_tta
+    from models.stage import Stage, combine_orders, predict_with_orders
 
     battles = arena_battles.head(12)
     length = battles["response_a"].map(lambda t: len(t[0])).to_numpy(dtype=float)
@@ -59,10 +59,12 @@ def test_single_order_predictions_only_where_the_stage_gives_them(arena_battles)
 
     class OwnTTA(OneOrder):  # a stage that writes its own predict_logits (e.g. a deep stage)
         def predict_logits(self, b):
-            return swap_tta(self.predict_one_order, b)
+            return combine_orders(self.predict_one_order(b), self.predict_one_order(swap_battles(b)))
 
     logits, straight, swapped = predict_with_orders(OneOrder(), battles)
-    np.testing.assert_allclose(logits, swap_tta(OneOrder().predict_one_order, battles))
+    one = OneOrder()
+    np.testing.assert_allclose(logits, combine_orders(one.predict_one_order(battles),
+                                                      one.predict_one_order(swap_battles(battles))))
     assert (straight.argmax(axis=1) == 0).all() and (swapped.argmax(axis=1) == 0).all()  # biased before TTA
     own, s2, w2 = predict_with_orders(OwnTTA(), battles)
     assert s2 is None and w2 is None

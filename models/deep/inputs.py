@@ -81,11 +81,10 @@ def encode_text(tokenizer, text: str) -> list[int]:
 class ChatEncoding:
     """Encodes battles for one decoder tokenizer and ``max_length`` with the shared packing policy."""
 
-    def __init__(self, tokenizer, max_length: int, prompt_share: float = 0.2, cut_marker: str = " [...] "):
+    def __init__(self, tokenizer, max_length: int, prompt_share: float = 0.2):
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.prompt_share = prompt_share
-        self.cut_marker = cut_marker
         self.frame_tokens = len(encode_text(tokenizer, render(tokenizer, "", "", "")))
         if self.max_length - self.frame_tokens < MIN_TEXT_TOKENS:
             raise ValueError(
@@ -101,7 +100,7 @@ class ChatEncoding:
         """Pack the texts into the budget left by the frame; shrink and retry if token merges overshoot."""
         budget = self.max_length - self.frame_tokens
         for _ in range(4):
-            policy = PackingPolicy(max_tokens=budget, prompt_share=self.prompt_share, cut_marker=self.cut_marker)
+            policy = PackingPolicy(max_tokens=budget, prompt_share=self.prompt_share)
             packed = pack_battle(list(prompt_turns), list(a_turns), list(b_turns), self.count_tokens, policy)
             text = render(self.tokenizer, packed.prompt, packed.response_a, packed.response_b)
             ids = encode_text(self.tokenizer, text)
@@ -148,9 +147,6 @@ class PairEncoding:
                 feature["token_type_ids"] = [0] * len(first) + [1] * len(rest)
             features.append(feature)
         return features
-
-    def __call__(self, battles: pd.DataFrame, progress: bool = False) -> list[list[int]]:
-        return [f["input_ids"] for f in self.features(battles, progress)]
 
 
 def training_table(battles: pd.DataFrame, swap_augment: bool) -> pd.DataFrame:
