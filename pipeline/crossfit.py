@@ -145,12 +145,7 @@ def crossfit_stage(run: RunDir, name: str, spec: StageSpec, train: pd.DataFrame,
         else:
             stage = fitter.get()  # label-free preparation is its own step ("<name>: features")
             with timings.step(f"{name}: fold {k}"):
-                fold.claim(keys[k])
-                fit_rows = train[~valid_mask]
-                if extra_train is not None and len(extra_train):
-                    fit_rows = pd.concat([fit_rows, extra_train], ignore_index=True)
-                stage.context.work_dir = fold.path  # the fold's own scratch space (training checkpoints)
-                stage.fit(fit_rows, valid)
+                _fit(stage, fold, keys[k], _with_extra(train[~valid_mask], extra_train), valid)
                 oof[valid_mask], straight, swapped = predict_with_orders(stage, valid)
                 write_logits(fold.valid_logits, valid["id"].tolist(), oof[valid_mask])
                 if straight is None:
@@ -159,11 +154,7 @@ def crossfit_stage(run: RunDir, name: str, spec: StageSpec, train: pd.DataFrame,
                     for o, values in zip(ORDERS, (straight, swapped)):
                         orders[o][valid_mask] = values
                         write_logits(fold.valid_order(o), valid["id"].tolist(), values)
-                stage.save(fold.model)
-                fitter.holds = k
-                record = {"key": keys[k], "stage": name, "fold": int(k), "test": None}
-                write_json(fold.done, record)
-                wait_for_everyone()
+                record = _finish(fitter, fold, keys[k], int(k))
         if test is not None and not spec.refit_full:
             test_per_fold.append(_test_logits(fitter, k, fold, record, test, test_hash, timings,
                                               f"{name}: test fold {k}"))
@@ -195,21 +186,37 @@ def _test_logits(fitter: _Fitter, which, fold: FoldDir, record: dict, test, test
     return logits
 
 
+def _with_extra(rows: pd.DataFrame, extra_train: pd.DataFrame | None) -> pd.DataFrame:
+    """A model's training rows: ``rows`` plus the external training-only rows, if any."""
+    if extra_train is None or not len(extra_train):
+        return rows
+    return pd.concat([rows, extra_train], ignore_index=True)
+
+
+def _fit(stage, place: FoldDir, key: str, fit_rows: pd.DataFrame, valid: pd.DataFrame | None) -> None:
+    """Claim the model's directory, then fit (its directory is the stage's scratch space: checkpoints)."""
+    place.claim(key)
+    stage.context.work_dir = place.path
+    stage.fit(fit_rows, valid)
+
+
+def _finish(fitter: _Fitter, place: FoldDir, key: str, which) -> dict:
+    """Save the model just fitted and mark it done (after everything else it writes); return the record."""
+    fitter.stage.save(place.model)
+    fitter.holds = which
+    record = {"key": key, "stage": fitter.name, "fold": which, "test": None}
+    write_json(place.done, record)
+    wait_for_everyone()
+    return record
+
+
 def _refit_full(fitter: _Fitter, full: FoldDir, key: str, train, extra_train, test, test_hash, timings):
     record = _done(full, key)
     if record is None:
         stage = fitter.get()
         with timings.step(f"{fitter.name}: refit on all rows"):
-            full.claim(key)
-            fit_rows = train if extra_train is None or not len(extra_train) else pd.concat(
-                [train, extra_train], ignore_index=True)
-            stage.context.work_dir = full.path
-            stage.fit(fit_rows, None)
-            stage.save(full.model)
-            fitter.holds = "full"
-            record = {"key": key, "stage": fitter.name, "fold": "full", "test": None}
-            write_json(full.done, record)
-            wait_for_everyone()
+            _fit(stage, full, key, _with_extra(train, extra_train), None)
+            record = _finish(fitter, full, key, "full")
     if test is None:
         return None
     return _test_logits(fitter, "full", full, record, test, test_hash, timings, f"{fitter.name}: test (refit)")
