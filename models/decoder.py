@@ -105,11 +105,9 @@ class DecoderStage(DeepStage):
         else:
             base = self._load_base()
         self.model = quantization.add_lora(base, p, self.context.seed)
-        args = training_arguments(p, self.precision, self.device, ".", quantization.optimizer_name(self.device),
+        args = training_arguments(p, self.precision, self.device, quantization.optimizer_name(self.device),
                                   self.context.seed, self.context.progress)
-        args.device  # sets up the process group of a multi-process launch before our own PartialState
-        with checkpoint_folder(self.context.work_dir) as (folder, resume):
-            args.output_dir = str(folder)
+        with checkpoint_folder(self.context.work_dir, args) as resume:
             trainer = PreferenceTrainer(model=self.model, args=args, train_dataset=rows,
                                         data_collator=DataCollatorWithPadding(self.tokenizer),
                                         callbacks=self.training_callbacks(has_eval=False), label_smoothing=p.label_smoothing)

@@ -112,12 +112,10 @@ class EncoderStage(DeepStage):
             evaluation = dict(eval_strategy=strategy, eval_steps=p.eval_steps, save_strategy=strategy,
                               save_steps=p.eval_steps or 500, load_best_model_at_end=True,
                               metric_for_best_model="log_loss", greater_is_better=False)
-        args = training_arguments(p, self.precision, self.device, ".", "adamw_torch", self.context.seed,
+        args = training_arguments(p, self.precision, self.device, "adamw_torch", self.context.seed,
                                   self.context.progress, activation_checkpointing=bool(p.gradient_checkpointing),
                                   **evaluation)
-        args.device  # sets up the process group of a multi-process launch before our own PartialState
-        with checkpoint_folder(self.context.work_dir) as (folder, resume):
-            args.output_dir = str(folder)
+        with checkpoint_folder(self.context.work_dir, args) as resume:
             trainer = PreferenceTrainer(
                 model=self.model, args=args, train_dataset=train_set, eval_dataset=valid_set,
                 processing_class=self.tokenizer, data_collator=DataCollatorWithPadding(self.tokenizer),

@@ -72,12 +72,13 @@ class PreferenceTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def training_arguments(params, precision: Precision, device: torch.device, output_dir, optim: str,
+def training_arguments(params, precision: Precision, device: torch.device, optim: str,
                        seed: int, progress: bool, **overrides) -> TrainingArguments:
-    """The Trainer arguments both deep stages share; ``overrides`` adds or replaces stage-specific ones."""
+    """The Trainer arguments both deep stages share; ``overrides`` adds or replaces stage-specific ones.
+    The output directory is the fold's checkpoint folder, set by :func:`checkpoint_folder`."""
     p = params
     kwargs = dict(
-        output_dir=str(output_dir), use_cpu=device.type == "cpu", per_device_train_batch_size=int(p.train_batch_size),
+        use_cpu=device.type == "cpu", per_device_train_batch_size=int(p.train_batch_size),
         per_device_eval_batch_size=int(p.predict_batch_size), gradient_accumulation_steps=int(p.grad_accum),
         learning_rate=float(p.learning_rate), weight_decay=float(p.weight_decay), num_train_epochs=float(p.epochs),
         max_steps=int(p.max_steps), lr_scheduler_type="cosine", warmup_steps=float(p.warmup_ratio),  # < 1: a ratio
@@ -93,8 +94,9 @@ def training_arguments(params, precision: Precision, device: torch.device, outpu
 
 
 @contextmanager
-def checkpoint_folder(work_dir):
-    """``(folder, resume_from)`` for one fold's training; removes the folder when training succeeded.
+def checkpoint_folder(work_dir, args: TrainingArguments):
+    """Point ``args.output_dir`` at one fold's checkpoint folder and yield the checkpoint to resume
+    from (or None); remove the folder when training succeeded.
 
     ``work_dir`` is the fold directory (checkpoints kept there, and resumed from) or ``None`` (a
     temporary folder that every rank of a multi-process launch shares; nothing is resumed).
@@ -102,6 +104,7 @@ def checkpoint_folder(work_dir):
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
+    args.device  # sets up the process group of a multi-process launch before our own PartialState
     state = PartialState()
     if work_dir is not None:
         folder = Path(work_dir) / CHECKPOINTS
@@ -112,7 +115,8 @@ def checkpoint_folder(work_dir):
     resume = get_last_checkpoint(folder) if work_dir is not None and folder.is_dir() else None
     if resume:
         log.info("resuming the fold's training from %s", resume)
-    yield folder, resume
+    args.output_dir = str(folder)
+    yield resume
     state.wait_for_everyone()
     if is_main_process():
         shutil.rmtree(folder, ignore_errors=True)
