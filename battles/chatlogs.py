@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from battles.context import DEFAULT_SEED
 from battles.converters import ConversionReport, side_coin
-from battles.messages import Unusable, conversation_to_turns, parse_messages
+from battles.messages import Unusable, conversation_turns, is_missing
 from battles.dedup import DedupConfig, find_duplicates
 from battles.files import check_output_file, write_atomic, write_json
 from battles.io import TEXT_COLUMNS, BattleDataError, battles_from_frame, read_battles
@@ -139,10 +139,6 @@ def _id_hash(conversation_id: str) -> int:
                           "little")
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
-
-
 # --------------------------------------------------------------------------------------------
 # pass 1: conversations -> shard files
 
@@ -151,12 +147,7 @@ def _turns(path, row: int, conv, language, languages: set | None) -> tuple[list[
     """User turns and replies of one log row; :class:`Unusable` names why a row cannot be paired."""
     if languages is not None and language not in languages:
         raise Unusable("language_filtered", str(language))
-    if _missing(conv):
-        raise BattleDataError(path, "missing value", row, "conversation")
-    messages = parse_messages(conv, path, row, "conversation")
-    if messages is None:
-        raise BattleDataError(path, "expected a list of {role, content} messages", row, "conversation")
-    users, replies = conversation_to_turns(messages)
+    users, replies = conversation_turns(conv, path, row, "conversation")
     if not users[0].strip():
         raise Unusable("empty_prompt")
     if not replies[-1].strip():
@@ -188,7 +179,7 @@ def _shard_conversations(paths, params: PairingParams, report: ChatlogReport, sh
                 row = first + k + 1
                 report.rows_read += 1
                 for column, value in (("conversation_id", cid), ("model", model)):
-                    if _missing(value) or not str(value).strip():
+                    if is_missing(value) or not str(value).strip():
                         raise BattleDataError(path, "missing value", row, column)
                 cid, model = str(cid), str(model)
                 id_hashes.append(_id_hash(cid))

@@ -44,7 +44,7 @@ import pandas as pd
 from battles.formats import read_frame
 from battles.io import BattleDataError, RepairReport, battles_from_frame, parse_turns, read_battles
 from battles.labels import LABEL_COLUMNS, soft_mask
-from battles.messages import Unusable, conversation_to_turns, parse_messages
+from battles.messages import Unusable, conversation_to_turns, conversation_turns, is_missing, parse_messages
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +172,6 @@ def from_competition(path, source: str, require_labels: bool | None = True, inva
 
 
 # --------------------------------------------------------------------------------------------
-# messages and transcripts
-
-
-
-# --------------------------------------------------------------------------------------------
 # chosen / rejected pairs
 
 
@@ -235,7 +230,7 @@ def from_preference_pairs(data, source: str, seed: int = 0, path=None,
         chosen, rejected = rec[names["chosen"]], rec[names["rejected"]]
         prompt = rec[names["prompt"]] if has_prompt else None
         for col, v in ((names["chosen"], chosen), (names["rejected"], rejected)):
-            if v is None or (isinstance(v, float) and np.isnan(v)):
+            if is_missing(v):
                 raise BattleDataError(path, "missing value", row, col)
         try:
             p_turns, c_turns, r_turns = _pair_turns(prompt, chosen, rejected, path, row)
@@ -368,10 +363,7 @@ def from_arena_conversations(data, source: str, path=None) -> tuple[pd.DataFrame
         try:
             sides = []
             for col in ("conversation_a", "conversation_b"):
-                msgs = parse_messages(rec[col], path, row, col)
-                if msgs is None:
-                    raise BattleDataError(path, "expected a list of {role, content} messages", row, col)
-                sides.append(conversation_to_turns(msgs))
+                sides.append(conversation_turns(rec[col], path, row, col))
             (ua, ra), (ub, rb) = sides
             if [" ".join(t.split()) for t in ua] != [" ".join(t.split()) for t in ub]:
                 raise Unusable("prompt_mismatch", "the two conversations have different user turns")

@@ -103,3 +103,19 @@ def conversation_to_turns(turns: list[tuple[str, str]]) -> tuple[list[str], list
     users = [t for r, t in turns if r == "user"]
     replies = [t for r, t in turns if r == "assistant"]
     return users, replies
+
+
+def is_missing(value) -> bool:
+    """A cell with no value at all (None or NaN), as opposed to an empty text."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def conversation_turns(value, path, row: int, column: str) -> tuple[list[str], list[str]]:
+    """A cell holding one whole conversation (``{role, content}`` messages) as (user turns, replies);
+    a missing cell or plain text is a :class:`BattleDataError` naming file, row and column."""
+    if is_missing(value):
+        raise BattleDataError(path, "missing value", row, column)
+    messages = parse_messages(value, path, row, column)
+    if messages is None:
+        raise BattleDataError(path, "expected a list of {role, content} messages", row, column)
+    return conversation_to_turns(messages)
