@@ -44,7 +44,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from battles.files import OutputExistsError, check_output_file, write_atomic, write_text
-from battles.formats import CHUNK_ROWS, PROVENANCE_KEY, count_rows, file_sha256, provenance_line
+from battles.formats import CHUNK_ROWS, PROVENANCE_KEY, check_readable, count_rows, file_sha256, provenance_line
 from battles.io import TEXT_COLUMNS, BattleDataError, read_battles
 from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, soft_mask
 from battles.stream import iter_battle_chunks
@@ -196,10 +196,8 @@ def pseudo_label_file(data, predict_fn: Callable[[pd.DataFrame], np.ndarray], ou
                       chunk_rows: int = CHUNK_ROWS, overwrite: bool = False, progress: bool = True) -> int:
     """Score the battle file ``data`` chunk by chunk into the pseudo-label file ``out``, resuming an
     interrupted job for the same run and data (see the module docstring). Returns the row count."""
-    data, out = Path(data), check_output_file(out, overwrite)
+    data, out = check_readable(data), check_output_file(out, overwrite)  # before hashing the data
     partial = partial_path(out)
-    if not data.exists():
-        raise BattleDataError(data, "file not found")
     job = json.loads(json.dumps({**provenance, "data": str(data.resolve()), "data_bytes": data.stat().st_size,
                                  "data_sha256": file_sha256(data), "temperature": float(temperature),
                                  "weight": float(weight), "source": source, "format": FORMAT_VERSION}))
