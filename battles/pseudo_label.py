@@ -13,7 +13,7 @@ Scoring goes through a plain ``predict_fn(battles) -> (n, 3) probabilities`` in 
 order, so any model can label; loading a finished run's final output as such a function is the
 runner's job (``run.py pseudo-label --run ... --data ... --out ...``).
 
-Large inputs (:func:`pseudo_label_file`) are streamed and resumable:
+:func:`pseudo_label_file` streams a battle file and resumes an interrupted job:
 
 * the input is read ``chunk_rows`` battles at a time (:func:`battles.stream.iter_battle_chunks`),
   scored, and each finished chunk is appended to ``<out>.partial`` and flushed to disk; a progress
@@ -80,17 +80,6 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-def score_battles(battles: pd.DataFrame, predict_fn: Callable[[pd.DataFrame], np.ndarray],
-                  batch_size: int = CHUNK_ROWS, temperature: float = 1.0) -> np.ndarray:
-    """Probabilities ``(n, 3)`` from ``predict_fn`` in batches, checked, then tempered."""
-    parts = []
-    for start in tqdm(range(0, len(battles), batch_size), desc="pseudo-labelling", disable=len(battles) <= batch_size):
-        chunk = battles.iloc[start:start + batch_size]
-        parts.append(check_probs(predict_fn(chunk), len(chunk)))
-    probs = np.concatenate(parts) if parts else np.zeros((0, 3))
-    return apply_temperature(probs, temperature)
-
-
 def _header_line(provenance: dict) -> str:
     return provenance_line(provenance) + "\n"
 
@@ -111,35 +100,6 @@ def _battle_lines(battles: pd.DataFrame, probs: np.ndarray, source: str, weight:
                     "weight": float(weight), "source": source})
         lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
     return "".join(lines)
-
-
-def write_pseudo_labels(path, battles: pd.DataFrame, probs: np.ndarray, provenance: dict,
-                        source: str = "pseudo", weight: float = 1.0, overwrite: bool = False) -> Path:
-    """Write the JSONL file (provenance line first) atomically; refuses to replace a file unless
-    ``overwrite``."""
-    path = check_output_file(path, overwrite)
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.shape != (len(battles), 3):
-        raise ValueError(f"probs shape {probs.shape} does not match {len(battles)} battles")
-    header = _header_line(_complete({**provenance, "source": source, "format": FORMAT_VERSION}, probs))
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8", errors="surrogatepass") as f:
-            f.write(header)
-            f.write(_battle_lines(battles, probs, source, weight))
-
-    write_atomic(path, write)
-    log.info("wrote %d pseudo-labelled battles to %s", len(battles), path)
-    return path
-
-
-def pseudo_label(battles: pd.DataFrame, predict_fn, out_path, provenance: dict, source: str = "pseudo",
-                 weight: float = 1.0, temperature: float = 1.0, overwrite: bool = False) -> Path:
-    """Score ``battles`` (in memory) with ``predict_fn`` and write the pseudo-label file."""
-    check_output_file(out_path, overwrite)
-    probs = score_battles(battles, predict_fn, temperature=temperature)
-    return write_pseudo_labels(out_path, battles, probs, {**provenance, "temperature": temperature},
-                               source=source, weight=weight, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from battles.external import external_rows
 from battles.folds import make_folds
 from battles.io import BattleDataError
 from battles.labels import LABEL_COLUMNS, expand_targets, label_matrix, row_weights
-from battles.pseudo_label import pseudo_label, read_pseudo_labels
+from battles.pseudo_label import pseudo_label_file, read_pseudo_labels
 from battles.shift import ShiftConfig, importance_weights, shift_weights
 
 
@@ -89,11 +89,12 @@ def test_pseudo_label_round_trip_trains_lightgbm(tmp_path):
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
 
-    out = tmp_path / "pseudo.jsonl"
+    data, out = tmp_path / "unlabelled.jsonl", tmp_path / "pseudo.jsonl"
+    unlabelled.to_json(data, orient="records", lines=True, force_ascii=False)
     provenance = {"run": "runs/x", "stages": ["lgbm"], "config_hash": "abc123"}
-    pseudo_label(unlabelled, predict_fn, out, provenance, weight=0.5)
+    pseudo_label_file(data, predict_fn, out, provenance, weight=0.5, progress=False)
     with pytest.raises(FileExistsError, match="overwrite"):
-        pseudo_label(unlabelled, predict_fn, out, provenance)
+        pseudo_label_file(data, predict_fn, out, provenance, progress=False)
     header = json.loads(out.read_text().splitlines()[0])["provenance"]
     assert header["stages"] == ["lgbm"] and header["n_battles"] == 120 and "written_at" in header
     battles, prov = read_pseudo_labels(out)
