@@ -50,6 +50,14 @@ def hard_mask(battles: pd.DataFrame) -> np.ndarray:
     return ~np.isnan(battles[LABEL_COLUMNS].to_numpy(dtype=float)).any(axis=1)
 
 
+def label_index_or_missing(battles: pd.DataFrame) -> np.ndarray:
+    """Hard class index per battle, -1 where a row has no hard label (a soft-labelled row)."""
+    scored = hard_mask(battles)
+    y = np.full(len(battles), -1)
+    y[scored] = label_index(battles[scored])
+    return y
+
+
 def label_index(battles: pd.DataFrame) -> np.ndarray:
     """Hard class index (0=a, 1=b, 2=tie) per battle; every row must have a hard label."""
     if not has_labels(battles):

@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
 from battles.files import write_bytes, write_text  # noqa: E402
-from battles.labels import CLASS_NAMES, hard_mask, label_index, swap_columns  # noqa: E402
+from battles.labels import CLASS_NAMES, label_index_or_missing, swap_columns  # noqa: E402
 from battles.text import plain_text  # noqa: E402
 from ensemble.metrics import probs_from_logits, scores  # noqa: E402
 
@@ -219,9 +219,8 @@ figcaption{color:#666;font-size:.85em}.note{color:#555;font-size:.92em}
 def write_report(run, summary: dict) -> None:
     """Write ``report.html`` (and its PNGs) for a run whose ensemble has just been fitted (from memory:
     the stages' results and the ensemble's nested probabilities)."""
-    scored = hard_mask(run.train)
-    y = np.full(len(run.train), -1)
-    y[scored] = label_index(run.train[scored])
+    y = label_index_or_missing(run.train)
+    scored = y >= 0
     rows = run.ensemble_rows
     yr, final = y[rows], run.ensemble_probs
     names = list(summary["stages_raw"])

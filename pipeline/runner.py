@@ -18,7 +18,7 @@ from battles.errors import UserError
 from battles.files import write_json
 from battles.folds import make_folds
 from battles.io import data_hash, read_battles
-from battles.labels import hard_mask, label_index
+from battles.labels import hard_mask, label_index_or_missing
 from ensemble.coverage import fit_over_coverage
 from ensemble.meta import meta_features
 from pipeline import checks
@@ -144,9 +144,8 @@ class Run:
             raise RunError(f"{self.dir}: no finished stage to fit an ensemble on; run the stages first")
         with self.timings.step("ensemble"):
             results = {n: self.result(n) for n in names}
-            scored = hard_mask(self.train)
-            y = np.full(len(self.train), -1)
-            y[scored] = label_index(self.train[scored])
+            y = label_index_or_missing(self.train)
+            scored = y >= 0
             chosen, sets = fit_over_coverage(
                 names, {n: r.oof_logits for n, r in results.items()}, {n: r.covered for n, r in results.items()},
                 self.train, y, scored, self.folds, stacker, self.config.n_folds, self.config.seed)
