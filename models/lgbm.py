@@ -105,7 +105,7 @@ class LightGBMStage(Stage):
         self.booster: lgb.Booster | None = None
         self.feature_names: list[str] = []
         self._valid_matrices = None  # (battle keys, build) of the last fit's validation battles
-        self._background, self._pending, self._unwarmed = None, [], None  # see prepare / _ready
+        self._deferred = None  # (futures, battles, blocks) of blocks preparing in the background: prepare / _ready
 
     def _build(self, battles: pd.DataFrame):
         """The feature matrices; the validation battles' build is kept from ``fit`` for their prediction."""
@@ -119,25 +119,24 @@ class LightGBMStage(Stage):
         background: the other blocks prepare meanwhile, and the first fold's fold-dependent fitting
         (TF-IDF) runs before their features are needed (:meth:`_ready`)."""
         background = [b for b in self.features.blocks if getattr(b, "trains_outside_gil", False)]
+        futures = []
         if background:
-            self._background = ThreadPoolExecutor(max_workers=1)
-            self._pending = [self._background.submit(b.prepare, battles) for b in background]
-        for block in self.features.blocks:
-            if block not in background:
-                block.prepare(battles)
-        self.features.warm(battles, [b for b in self.features.blocks if b not in background])
-        self._unwarmed = (battles, background)
+            pool = ThreadPoolExecutor(max_workers=1)
+            futures = [pool.submit(b.prepare, battles) for b in background]
+            pool.shutdown(wait=False)  # the submitted work still runs; _ready waits for it
+        foreground = [b for b in self.features.blocks if b not in background]
+        for block in foreground:
+            block.prepare(battles)
+        self.features.warm(battles, foreground)
+        self._deferred = (futures, battles, background)
 
     def _ready(self) -> None:
         """Wait for the blocks preparing in the background, then compute their cached features."""
-        if self._pending:
-            for future in self._pending:
+        if self._deferred is not None:
+            futures, battles, blocks = self._deferred
+            for future in futures:
                 future.result()
-            self._background.shutdown()
-            self._pending = []
-        if self._unwarmed is not None:
-            battles, blocks = self._unwarmed
-            self._unwarmed = None
+            self._deferred = None
             self.features.warm(battles, blocks)
 
     def _dataset(self, battles: pd.DataFrame, reference=None) -> lgb.Dataset:
