@@ -401,13 +401,14 @@ def from_pseudo_labels(path, source: str, prefix_ids: bool = True) -> tuple[pd.D
     report = ConversionReport(file=str(path), source=source, rows_read=repairs.rows, repairs=repairs.as_dict(),
                               provenance=repairs.provenance)
     report.repairs.pop("provenance", None)
-    if not soft_mask(battles).any():
+    n_soft = int(soft_mask(battles).sum())
+    if not n_soft:
         raise BattleDataError(path, "no row has soft labels (soft_a, soft_b, soft_tie); a file of hard labels "
                                     "is an external source of kind 'competition'")
     if prefix_ids:
         battles["id"] = [f"{source}:{i}" for i in battles["id"]]
     report.kept = len(battles)
-    log.info("%s; soft-labelled rows: %d", report.summary(), int(soft_mask(battles).sum()))
+    log.info("%s; soft-labelled rows: %d", report.summary(), n_soft)
     return battles, report
 
 
