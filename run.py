@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--chunk-rows", type=int, default=4096, help="battles read, scored and written at a time")
     loudness(pl)
     pc = sub.add_parser("pair-chatlogs", help="pair single-reply chat logs (LMSYS-Chat-1M layout) into unlabelled "
-                                              "battles, streamed (see battles/chatlogs.py)")
+                                              "battles, streamed (see flywheel/chatlogs.py)")
     pc.add_argument("--data", required=True, nargs="+", help="chat logs (.parquet/.jsonl[.gz]): conversation_id, "
                                                              "model, conversation, [language]")
     output_file(pc, "battle file to write (.parquet or .jsonl); report beside it",
@@ -140,7 +140,7 @@ class _Session:
 def _config(args):
     """The resolved config: the run's saved config (resuming without --config) or the defaults, the
     --config file, the stage ``train`` adds, then every --set."""
-    from battles.files import read_json
+    from kernel.files import read_json
     from pipeline.config import load_config
     from pipeline.rundir import RunDir
 
@@ -184,7 +184,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from battles.files import read_json
+    from kernel.files import read_json
     from pipeline.config import load_config
     from pipeline.rundir import RunDir
     from pipeline.runner import Run, run_all
@@ -206,8 +206,8 @@ def _stacker_section(path) -> dict:
 
 
 def _cmd_predict(args) -> int:
-    from battles.files import check_output_file
     from battles.io import read_battles
+    from kernel.files import check_output_file
     from pipeline.predict import Predictor
     from pipeline.rundir import write_probs
 
@@ -220,8 +220,8 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_pseudo_label(args) -> int:
-    from battles.files import check_output_file, content_key, read_json
-    from battles.pseudo_label import pseudo_label_file
+    from flywheel.pseudo_label import pseudo_label_file
+    from kernel.files import check_output_file, content_key, read_json
     from pipeline.predict import Predictor
 
     check_output_file(args.out, args.overwrite)  # before loading the run's models
@@ -237,7 +237,7 @@ def _cmd_pseudo_label(args) -> int:
 
 
 def _cmd_pair_chatlogs(args) -> int:
-    from battles.chatlogs import pair_chatlogs
+    from flywheel.chatlogs import pair_chatlogs
 
     given = {"source": args.source, "seed": args.seed, "languages": args.language,
              "max_pairs_per_prompt": args.max_pairs_per_prompt}
@@ -255,8 +255,8 @@ def _cmd_pair_chatlogs(args) -> int:
 def _cmd_convert(args) -> int:
     from pydantic import ValidationError
 
-    from battles.external import ExternalSource, convert_sources
-    from battles.files import check_output_file, write_atomic
+    from flywheel.sources import ExternalSource, convert_sources
+    from kernel.files import check_output_file, write_atomic
     from pipeline.config import ConfigError, apply_set
 
     out = check_output_file(args.out, args.overwrite)
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     _Session.run = None
-    from battles.errors import UserError
+    from kernel.errors import UserError
 
     try:
         return HANDLERS[args.command](args)

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
-from battles.labels import SOFT_COLUMNS, has_labels, label_matrix
+from battles.columns import SOFT_COLUMNS
+from battles.labels import has_labels, label_matrix
 from battles.text import normalised
 
 

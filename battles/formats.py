@@ -24,7 +24,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from battles.errors import BattleDataError
+from kernel.errors import BattleDataError
 
 CHUNK_ROWS = 4096
 FILE_TYPES = ".csv, .csv.gz, .parquet, .jsonl or .jsonl.gz"
@@ -37,7 +37,7 @@ def file_type(path) -> str:
     """``csv``, ``parquet``, ``jsonl`` or ``json`` from the file name, or a clear error."""
     path = Path(path)
     suffixes = [x.lower() for x in path.suffixes[-2:]]
-    if suffixes[-1:] == [".partial"]:  # what an interrupted `run.py pseudo-label` leaves (battles/pseudo_label.py)
+    if suffixes[-1:] == [".partial"]:  # what an interrupted `run.py pseudo-label` leaves (flywheel/pseudo_label.py)
         raise BattleDataError(path, "an unfinished pseudo-label job; rerun `run.py pseudo-label` with the same "
                                     "arguments to finish it, then use the finished file")
     suffix = "".join(suffixes) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])

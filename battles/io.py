@@ -29,13 +29,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from battles.errors import BattleDataError
+from battles.columns import (
+    CONTENT_COLUMNS,
+    LABEL_COLUMNS,
+    MODEL_COLUMNS,
+    REQUIRED_COLUMNS,
+    SOFT_COLUMNS,
+    TEXT_COLUMNS,
+    present,
+)
 from battles.formats import provenance_of, read_frame
-from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, soft_label_problem
-
-TEXT_COLUMNS = ["prompt", "response_a", "response_b"]
-REQUIRED_COLUMNS = ["id", *TEXT_COLUMNS]
-OPTIONAL_COLUMNS = ["model_a", "model_b", *LABEL_COLUMNS, "source", *SOFT_COLUMNS, "weight"]
+from battles.labels import soft_label_problem
+from kernel.errors import BattleDataError
 
 
 @dataclass
@@ -269,7 +274,7 @@ def battles_from_frame(frame: pd.DataFrame, path="<DataFrame>", source: str | No
                 report.note("empty_reply", row, c)
     for c in TEXT_COLUMNS:
         out[c] = parsed[c]
-    for c in ("model_a", "model_b"):
+    for c in MODEL_COLUMNS:
         if c in frame.columns:
             out[c] = frame[c].astype(str).to_numpy()
     if labelled:
@@ -311,9 +316,7 @@ def battles_to_frame(battles: pd.DataFrame) -> pd.DataFrame:
 def data_hash(battles: pd.DataFrame) -> str:
     """A stable fingerprint of a battle table's content (ids, texts, labels), for resume keys."""
     h = hashlib.sha256()
-    cols = [c for c in ["id", *TEXT_COLUMNS, *LABEL_COLUMNS, *SOFT_COLUMNS, "weight", "source"]
-            if c in battles.columns]
-    for c in cols:
+    for c in present(battles, CONTENT_COLUMNS):
         h.update(c.encode())
         for v in battles[c].tolist():
             h.update(json.dumps(list(v) if isinstance(v, (list, np.ndarray)) else v, ensure_ascii=False,

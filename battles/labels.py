@@ -8,13 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-LABEL_COLUMNS = ["winner_model_a", "winner_model_b", "winner_tie"]
+from battles.columns import LABEL_COLUMNS, SIDE_PAIRS, SOFT_COLUMNS  # noqa: F401  (re-exported: label names)
+
 CLASS_NAMES = ["a", "b", "tie"]
 SWAP_PERMUTATION = [1, 0, 2]
-
-# Columns of the battle table that describe side A and side B; swap exchanges each pair.
-_SIDE_PAIRS = [("response_a", "response_b"), ("model_a", "model_b"), ("winner_model_a", "winner_model_b")]
-
 
 def swap_columns(values: np.ndarray) -> np.ndarray:
     """Return ``(n, 3)`` values with the A and B columns exchanged (tie column unchanged)."""
@@ -32,8 +29,7 @@ def swap_battles(battles: pd.DataFrame) -> pd.DataFrame:
     written for tables; arrays use :func:`swap_columns`.
     """
     out = battles.copy()
-    pairs = list(_SIDE_PAIRS) + [("soft_a", "soft_b")]
-    for left, right in pairs:
+    for left, right in SIDE_PAIRS:
         if left in out.columns and right in out.columns:
             out[left], out[right] = battles[right].values, battles[left].values
     return out
@@ -68,7 +64,6 @@ def label_index(battles: pd.DataFrame) -> np.ndarray:
     return values.argmax(axis=1)
 
 
-SOFT_COLUMNS = ["soft_a", "soft_b", "soft_tie"]
 SOFT_TOLERANCE = 1e-3  # a soft label's three probabilities must sum to 1 within this
 
 

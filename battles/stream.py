@@ -14,9 +14,11 @@ from typing import Iterator
 
 import pandas as pd
 
-from battles.errors import BattleDataError
+from battles.columns import TEXT_COLUMNS
 from battles.formats import CHUNK_ROWS, iter_frames
-from battles.io import TEXT_COLUMNS, battles_from_frame
+from battles.io import battles_from_frame
+from kernel.errors import BattleDataError
+
 
 def _at_file_row(exc: BattleDataError, offset: int) -> BattleDataError:
     """The reader's error for a chunk, re-numbered to the row of the whole file."""
@@ -49,7 +51,7 @@ class BattleWriter:
     """Appends battle tables to one parquet file (a row group each) or JSONL file (``.gz`` too).
 
     ``columns``: what is written, in order; the turn columns as lists of strings, the others as text.
-    The caller makes the file atomic (:func:`battles.files.write_atomic` around the whole job).
+    The caller makes the file atomic (:func:`kernel.files.write_atomic` around the whole job).
     """
 
     def __init__(self, path, kind: str, columns: list[str]):

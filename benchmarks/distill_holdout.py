@@ -24,9 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from battles.columns import LABEL_COLUMNS
 from battles.folds import make_folds  # noqa: E402
 from battles.io import read_battles  # noqa: E402
-from battles.labels import LABEL_COLUMNS, label_index  # noqa: E402
+from battles.labels import label_index  # noqa: E402
 from ensemble.coverage import bootstrap_interval, row_log_loss  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.distill import prepare_student  # noqa: E402

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from battles.files import check_output_file, write_json  # noqa: E402
+from kernel.files import check_output_file, write_json  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import Run, run_all  # noqa: E402
 

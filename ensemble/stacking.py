@@ -28,9 +28,9 @@ from pydantic import Field
 from sklearn.metrics import log_loss
 from threadpoolctl import threadpool_limits
 
-from battles.schema import Section
 from ensemble.calibrators import LogisticStacker, TemperatureCalibrator, WeightedAverage
 from ensemble.metrics import clip_probs, scores
+from kernel.schema import Section
 
 log = logging.getLogger(__name__)
 

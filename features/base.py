@@ -9,7 +9,7 @@ augmentation cost no second feature pass.
 ``combine`` says which per-side views a block contributes to the model matrix: ``"a"``, ``"b"``
 (raw per-side values), ``"diff"`` (A minus B) and ``"ratio"`` (log of (A+1)/(B+1), for counts).
 
-Parameters are declared per block as a ``Params`` section (:mod:`battles.schema`): unknown keys
+Parameters are declared per block as a ``Params`` section (:mod:`kernel.schema`): unknown keys
 and wrong types are errors, and the defaults live there and nowhere else.
 
 Lifecycle (all optional but ``transform``): ``prepare`` on every text of the run without labels
@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from battles.context import StageContext
-from battles.schema import Section, validated
+from kernel.context import StageContext
+from kernel.schema import Section, validated
 
 
 @dataclass

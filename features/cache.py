@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from battles.files import content_key, write_atomic, write_json
 from features.base import FeatureBlock, SidedFeatures
+from kernel.files import content_key, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 

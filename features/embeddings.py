@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from battles.files import write_atomic
-from battles.schema import Section
 from battles.text import labelled_text
 from features.base import FeatureBlock, SidedFeatures, row_cosine
+from kernel.files import write_atomic
+from kernel.local_models import check_model_dir, default_device
+from kernel.schema import Section
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,7 @@ class EmbeddingBlock(FeatureBlock):
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
-        self.model_dir = Path(self.params.model).expanduser().resolve()
-        if not (self.model_dir / "config.json").exists():
-            raise FileNotFoundError(f"embeddings model directory not found or has no config.json: {self.model_dir}")
+        self.model_dir = check_model_dir(self.params.model, "embeddings").resolve()
         self._checkpoint_config = (self.model_dir / "config.json").read_bytes()  # what identifies the checkpoint
         self._vectors: dict[str, np.ndarray] = {}
         self._model = self._tokenizer = None
@@ -99,7 +98,7 @@ class EmbeddingBlock(FeatureBlock):
 
         self._load_model()
         tok, model = self._tokenizer, self._model
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
         model.to(device)
         lengths = [len(t) for t in texts]
         order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding

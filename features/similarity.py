@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from battles.text import plain_text, words
 from features.base import FeatureBlock, SidedFeatures
 from features.parallel import map_battles
-from battles.text import plain_text, words
 
 
 def _jaccard(x: set, y: set) -> float:

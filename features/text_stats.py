@@ -12,9 +12,9 @@ import re
 import numpy as np
 import pandas as pd
 
+from battles.text import plain_text, words
 from features.base import FeatureBlock, SidedFeatures
 from features.parallel import map_battles
-from battles.text import plain_text, words
 
 REFUSAL_PATTERNS = [
     r"\bas an ai\b", r"\bas a language model\b", r"\bi(?: a|')m (?:just )?an ai\b", r"\bi cannot\b",

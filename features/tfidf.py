@@ -23,10 +23,10 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
 
-from battles.schema import Section
 from battles.text import FIELDS, plain_text
 from features.base import FeatureBlock, SidedFeatures, row_cosine
 from features.parallel import map_battles, map_chunks
+from kernel.schema import Section
 
 
 def _key(text: str) -> str:

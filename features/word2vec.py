@@ -23,11 +23,11 @@ from gensim.models import KeyedVectors, Word2Vec
 from gensim.models.callbacks import CallbackAny2Vec
 from tqdm.auto import tqdm
 
-from battles.files import write_atomic, write_json
-from battles.schema import Section
 from battles.text import FIELDS, plain_text, words
 from features.base import FeatureBlock, SidedFeatures, row_cosine
 from features.parallel import map_chunks
+from kernel.files import write_atomic, write_json
+from kernel.schema import Section
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,11 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from battles.files import read_json, write_json
 from battles.labels import has_labels, label_matrix
+from kernel.files import read_json, write_json
+from kernel.local_models import check_model_dir
 from models.deep import quantization
 from models.deep.batching import length_batches
-from models.deep.checkpoints import check_model_dir
 from models.deep.inputs import ChatEncoding, training_rows, training_table
 from models.deep.params import DeepParams
 from models.deep.stage import DeepStage

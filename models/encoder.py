@@ -16,7 +16,7 @@ Prediction: length-sorted batches under autocast, both A/B orders averaged (swap
 the model and tokenizer with ``save_pretrained`` (safetensors) plus ``stage.json``.
 
 DeBERTa-v3 checkpoints ship ``spm.model`` and no ``tokenizer.json``; they load through
-``sentencepiece`` and ``protobuf`` (:mod:`models.deep.checkpoints`).
+``sentencepiece`` and ``protobuf`` (:mod:`kernel.local_models`).
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from battles.files import read_json, write_json, write_text
 from battles.labels import CLASS_NAMES
+from kernel.files import read_json, write_json, write_text
+from kernel.local_models import check_model_dir
 from models.deep.batching import length_batches
-from models.deep.checkpoints import check_model_dir
 from models.deep.inputs import PairEncoding, training_rows, training_table
 from models.deep.params import DeepParams
 from models.deep.stage import DeepStage

@@ -18,12 +18,12 @@ from scipy.special import log_softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from battles.files import write_json
 from battles.labels import expand_targets, label_matrix, row_weights, swap_columns
-from battles.schema import Section
 from features.base import SidedFeatures
 from features.cache import BlockCache
 from features.text_stats import SIDE_NAMES, TextStatsBlock
+from kernel.files import write_json
+from kernel.schema import Section
 from models.stage import Stage, StageContext
 
 _CHARS, _WORDS = SIDE_NAMES.index("chars"), SIDE_NAMES.index("words")

@@ -23,12 +23,12 @@ from pydantic import Field, create_model, field_validator
 from scipy.special import log_softmax
 from tqdm.auto import tqdm
 
-from battles.files import write_json
 from battles.labels import expand_targets, label_matrix, row_weights, swap_columns
-from battles.schema import Section
 from features.assemble import FeatureMatrix
 from features.cache import battle_keys
 from features.registry import FEATURE_BLOCKS, block_class, make_block
+from kernel.files import write_json
+from kernel.schema import Section
 from models.stage import Stage, StageContext
 
 log = logging.getLogger(__name__)

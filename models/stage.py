@@ -1,7 +1,7 @@
 """The stage contract: anything that turns battles into ``(n, 3)`` logits in ``[a, b, tie]`` order.
 
 A stage is built from its params (a dict or its ``Params`` section: declared keys, types and
-defaults, :mod:`battles.schema`), optionally ``prepare``s label-free resources on all
+defaults, :mod:`kernel.schema`), optionally ``prepare``s label-free resources on all
 texts of the run (e.g. Word2Vec, an embedding cache), is ``fit`` on one fold's training battles
 (with that fold's validation battles for early stopping), returns logits with ``predict_logits``,
 and round-trips through ``save(dir)`` / ``load(dir)`` with no pickles.
@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from scipy.special import log_softmax
 
-from battles.context import StageContext
 from battles.labels import swap_battles, swap_columns
-from battles.schema import Section, validated
+from kernel.context import StageContext
+from kernel.schema import Section, validated
 
 # Stage type name -> "module:Class". Imported lazily so a LightGBM-only run never imports torch.
 STAGE_TYPES: dict[str, str] = {

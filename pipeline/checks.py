@@ -19,8 +19,8 @@ import logging
 
 import numpy as np
 
-from battles.shift import adversarial_auc
 from battles.text import plain_text
+from flywheel.shift import adversarial_auc
 
 log = logging.getLogger(__name__)
 

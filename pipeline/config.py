@@ -6,7 +6,7 @@
         params                                  the stage type's own Params (models/*.py), e.g.
                                                 LightGBMParams with its feature blocks' Params
       stacker: StackerConfig                    (ensemble/stacking.py)
-      external: ExternalConfig                  (battles/external.py; dedup, shift sections)
+      external: ExternalConfig                  (flywheel/sources.py; dedup, shift sections)
 
 Every key has one declared type and one default, where the code that reads it lives. A config is
 built from layers, each checked as it is laid on, so an error names where it came from: the
@@ -29,11 +29,11 @@ from typing import Any, Callable, Iterable
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from battles.context import DEFAULT_SEED
-from battles.errors import UserError
-from battles.external import ExternalConfig
-from battles.schema import Section
 from ensemble.stacking import StackerConfig
+from flywheel.sources import ExternalConfig
+from kernel.context import DEFAULT_SEED
+from kernel.errors import UserError
+from kernel.schema import Section
 from models.stage import STAGE_TYPES, stage_class
 
 # The stages a run fits when the config names none. lgbm_full uses LightGBMParams' default blocks.

@@ -17,11 +17,11 @@ import textwrap
 import tokenize
 import typing
 
-from battles.dedup import DedupConfig
-from battles.external import ExternalConfig, ExternalSource
-from battles.shift import ShiftConfig
 from ensemble.stacking import StackerConfig
 from features.registry import FEATURE_BLOCKS, block_class
+from flywheel.dedup import DedupConfig
+from flywheel.shift import ShiftConfig
+from flywheel.sources import ExternalConfig, ExternalSource
 from models.stage import STAGE_TYPES, stage_class
 from pipeline.config import RunConfig, StageSpec
 
@@ -132,7 +132,7 @@ def in_readme(text: str) -> str:
 def write_into(path) -> None:
     from pathlib import Path
 
-    from battles.files import write_text
+    from kernel.files import write_text
 
     text = Path(path).read_text(encoding="utf-8")
     if START not in text or END not in text:

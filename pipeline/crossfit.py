@@ -12,7 +12,7 @@ the training-only rows and the seed. The plan and the test file are not part of 
 ``folds`` reuses the folds already fitted, and a new test file is predicted by the saved model
 without refitting (the fold's test logits are keyed by the test data's hash). A fold directory whose
 key changed is emptied before it is refitted; one with the same key keeps what an interrupted fit
-left there (a deep stage's training checkpoints, :attr:`battles.context.StageContext.work_dir`).
+left there (a deep stage's training checkpoints, :attr:`kernel.context.StageContext.work_dir`).
 
 Stages that can (:func:`models.stage.predict_with_orders`) also leave their single-order OOF
 log-probabilities before swap TTA (``oof_logits_straight.csv`` / ``oof_logits_swapped.csv``), for the
@@ -28,15 +28,26 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from battles.context import StageContext
-from battles.files import content_key, read_json, wait_for_everyone, write_json
+from battles.columns import LABEL_COLUMNS, SOFT_COLUMNS
 from battles.io import data_hash
-from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, hard_mask, label_index
+from battles.labels import hard_mask, label_index
 from ensemble.metrics import probs_from_logits, scores
+from kernel.context import StageContext
+from kernel.dist import wait_for_everyone
+from kernel.files import content_key, read_json, write_json
 from models.stage import average_logits, make_stage, predict_with_orders, stage_class
 from pipeline.config import StageSpec
-from pipeline.rundir import (LOGIT_COLUMNS, ORDERS, FoldDir, RunDir, StageDir, as_stored, read_id_table, read_logits,
-                             write_logits)
+from pipeline.rundir import (
+    LOGIT_COLUMNS,
+    ORDERS,
+    FoldDir,
+    RunDir,
+    StageDir,
+    as_stored,
+    read_id_table,
+    read_logits,
+    write_logits,
+)
 from pipeline.timings import Timings
 
 log = logging.getLogger(__name__)

@@ -49,11 +49,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from battles.errors import UserError
-from battles.files import read_json, write_text
+from battles.columns import COLUMNS, LABEL_COLUMNS, SOFT_COLUMNS, present
 from battles.formats import provenance_line, provenance_of
-from battles.io import TEXT_COLUMNS, battles_from_frame, data_hash, read_battles
-from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, hard_mask, label_matrix
+from battles.io import battles_from_frame, data_hash, read_battles
+from battles.labels import hard_mask, label_matrix
+from kernel.errors import UserError
+from kernel.files import read_json, write_text
 from pipeline.config import ConfigError, RunConfig
 from pipeline.rundir import RunDir, read_folds, read_id_table, write_folds
 from pipeline.runner import Run
@@ -121,8 +122,7 @@ def student_lines(train: pd.DataFrame, targets: np.ndarray, provenance: dict) ->
     own_soft = train[SOFT_COLUMNS].to_numpy(dtype=np.float64) if all(c in train.columns for c in SOFT_COLUMNS) \
         else np.full((len(train), 3), np.nan)
     soft = np.where(np.isnan(targets).any(axis=1)[:, None], own_soft, targets)
-    keep = [c for c in ["id", *TEXT_COLUMNS, "model_a", "model_b", *LABEL_COLUMNS, "weight", "source"]
-            if c in train.columns]
+    keep = present(train, [c for c in COLUMNS if c not in SOFT_COLUMNS])
     lines = [provenance_line(provenance)]
     for rec, s in zip(train[keep].to_dict("records"), soft):
         row = {k: _json_value(v) for k, v in rec.items()}

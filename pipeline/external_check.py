@@ -15,7 +15,7 @@ prompt, seeded by the config) in several settings:
   sources too: the first source listed keeps a shared battle).
 
 Per setting it reports the rows kept after de-duplication, the adversarial AUC of the source's
-prompts against the training prompts (:mod:`battles.shift`; 0.5 = looks like your prompts), the
+prompts against the training prompts (:mod:`flywheel.shift`; 0.5 = looks like your prompts), the
 stage's OOF log loss on the hard-labelled training rows, its change against ``none`` and a paired
 bootstrap 90% interval of that change (the same rows, the same folds: :func:`bootstrap_interval`),
 and a verdict by :data:`RULE`. ``external_check.json`` and ``external_check.txt`` go into the
@@ -26,13 +26,13 @@ from __future__ import annotations
 import logging
 import re
 
-from battles.external import ExternalConfig, convert_sources, gather_external
-from battles.files import write_json, write_text
 from battles.io import data_hash
 from battles.labels import hard_mask, label_index
-from battles.shift import shift_weights
 from ensemble.coverage import bootstrap_interval, row_log_loss
 from ensemble.metrics import probs_from_logits
+from flywheel.shift import shift_weights
+from flywheel.sources import ExternalConfig, convert_sources, gather_external
+from kernel.files import write_json, write_text
 from models.stage import stage_class
 from pipeline.config import ConfigError, RunConfig, StageSpec
 from pipeline.crossfit import crossfit_stage

@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from battles.context import StageContext
-from battles.files import read_json
-from battles.io import TEXT_COLUMNS, battles_from_frame
+from battles.columns import TEXT_COLUMNS
+from battles.io import battles_from_frame
 from ensemble.calibrators import calibrator_from_json
 from ensemble.meta import meta_features
+from kernel.context import StageContext
+from kernel.files import read_json
 from models.stage import stage_class
 from pipeline.config import RunConfig, StageSpec
 from pipeline.crossfit import planned_folds

@@ -27,10 +27,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
-from battles.files import write_bytes, write_text  # noqa: E402
 from battles.labels import CLASS_NAMES, label_index_or_missing, swap_columns  # noqa: E402
 from battles.text import plain_text  # noqa: E402
 from ensemble.metrics import probs_from_logits, scores  # noqa: E402
+from kernel.files import write_bytes, write_text  # noqa: E402
 
 FINAL = "final (nested CV)"
 CLASS_LABELS = ["A wins", "B wins", "tie"]

@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from battles.errors import UserError
-from battles.files import is_main_process, read_json, wait_for_everyone, write_atomic, write_json
-from battles.labels import LABEL_COLUMNS
+from battles.columns import LABEL_COLUMNS
+from kernel.dist import is_main_process, wait_for_everyone
+from kernel.errors import UserError
+from kernel.files import read_json, write_atomic, write_json
 
 TOOL = "arena-stack"
 LOGIT_COLUMNS = ["logit_a", "logit_b", "logit_tie"]

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from battles.errors import UserError
-from battles.files import write_json
 from battles.folds import make_folds
 from battles.io import data_hash, read_battles
 from battles.labels import hard_mask, label_index_or_missing
 from ensemble.coverage import fit_over_coverage
 from ensemble.meta import meta_features
+from kernel.errors import UserError
+from kernel.files import write_json
 from pipeline import checks
 from pipeline.config import RunConfig
 from pipeline.crossfit import StageResult, crossfit_stage, load_stage_result
@@ -91,7 +91,7 @@ class Run:
         """External sources from the config's ``external`` section: converted, de-duplicated against
         the training data and within themselves, optionally importance-weighted, then added to every
         fold's training part only (never validation, never scored). Reports go to external_report.json."""
-        from battles.external import gather_external
+        from flywheel.sources import gather_external
 
         rows, report = gather_external(self.train, self.config.external, self.config.seed,
                                        converted=self.converted_sources, progress=self.progress)

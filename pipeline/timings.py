@@ -6,7 +6,7 @@ import logging
 import resource
 import time
 
-from battles.files import write_json
+from kernel.files import write_json
 
 log = logging.getLogger(__name__)
 

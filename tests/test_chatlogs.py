@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from battles.chatlogs import NoPairsError, pair_chatlogs
 from battles.io import BattleDataError, battles_to_frame, read_battles
+from flywheel.chatlogs import NoPairsError, pair_chatlogs
 
 
 def _conv(*texts) -> list[dict]:
@@ -205,7 +205,7 @@ def test_bad_input_is_named_and_outputs_are_guarded(tmp_path):
 def test_cli_pairs_then_pseudo_labels(finished_run, slice_files, tmp_path, capsys):
     """run.py pair-chatlogs, then run.py pseudo-label on its output: the flywheel's first two steps."""
     import run as cli
-    from battles.pseudo_label import read_pseudo_labels
+    from flywheel.pseudo_label import read_pseudo_labels
 
     _write_jsonl(tmp_path / "chat.jsonl", _many_prompts(20, ("m1", "m2", "m3")))
     pairs = tmp_path / "pairs.parquet"

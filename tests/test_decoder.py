@@ -16,9 +16,9 @@ import torch
 from transformers import TrainerCallback
 
 from battles import label_matrix, make_folds, read_battles, swap_battles, swap_columns
+from kernel.local_models import load_tokenizer
 from models.decoder import DecoderParams, DecoderStage
 from models.deep import quantization
-from models.deep.checkpoints import load_tokenizer
 from models.deep.inputs import FINAL_QUESTION, ChatEncoding, encode_text, render, training_table
 from models.stage import StageContext, average_logits, make_stage, predict_with_orders
 from tests.conftest import shared_file

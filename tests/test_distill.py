@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 import run as cli
+from battles.columns import LABEL_COLUMNS, SOFT_COLUMNS
 from battles.io import read_battles
-from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, label_index
+from battles.labels import label_index
 from ensemble.coverage import row_log_loss
 from ensemble.metrics import probs_from_logits
 from pipeline.rundir import read_folds, read_id_table, read_logits

@@ -11,7 +11,6 @@ from features.registry import make_block  # noqa: E402
 from models.stage import StageContext  # noqa: E402
 
 
-
 def test_embedding_block_features_and_cache(tmp_path, minilm_dir, arena_battles):
     battles = arena_battles.iloc[:24].reset_index(drop=True)
     context = StageContext(resource_dir=tmp_path, progress=False)

@@ -12,7 +12,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from battles.labels import LABEL_COLUMNS, swap_battles, swap_columns  # noqa: E402
+from battles.columns import LABEL_COLUMNS  # noqa: E402
+from battles.labels import swap_battles, swap_columns  # noqa: E402
 from models.deep.inputs import PairEncoding, training_table  # noqa: E402
 from models.encoder import EncoderStage  # noqa: E402
 from models.stage import StageContext, make_stage, predict_with_orders  # noqa: E402
@@ -195,7 +196,7 @@ def test_deberta_v3_layout_without_tokenizer_json_trains_through_run_py(tmp_path
 
 
 def test_missing_sentencepiece_is_named(tmp_path, monkeypatch):
-    from models.deep import checkpoints
+    from kernel import local_models as checkpoints
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "spm.model").write_bytes(b"not read")

@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 import run as cli
+from battles.columns import LABEL_COLUMNS
 from battles.io import battles_to_frame, read_battles
-from battles.labels import LABEL_COLUMNS, label_index
+from battles.labels import label_index
 from ensemble.coverage import bootstrap_interval, row_log_loss
 from ensemble.metrics import probs_from_logits
 from pipeline.config import load_config

@@ -7,16 +7,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from battles.converters import (
+from battles.columns import LABEL_COLUMNS
+from battles.io import BattleDataError, read_battles
+from battles.labels import label_index
+from flywheel.converters import (
     from_arena_conversations,
     from_competition,
     from_preference_pairs,
     from_scored_answers,
 )
-from battles.dedup import DedupConfig, deduplicate, find_duplicates
-from battles.io import BattleDataError, read_battles
-from battles.labels import LABEL_COLUMNS, label_index
-from battles.messages import split_transcript
+from flywheel.dedup import DedupConfig, deduplicate, find_duplicates
+from flywheel.messages import split_transcript
 from tests.conftest import shared_file
 
 # ------------------------------------------------------------------ converters on the real files

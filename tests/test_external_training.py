@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from battles.external import external_rows
+from battles.columns import LABEL_COLUMNS
 from battles.folds import make_folds
 from battles.io import BattleDataError
-from battles.labels import LABEL_COLUMNS, expand_targets, label_matrix, row_weights
-from battles.pseudo_label import pseudo_label_file, read_pseudo_labels
-from battles.shift import ShiftConfig, importance_weights, shift_weights
+from battles.labels import expand_targets, label_matrix, row_weights
+from flywheel.pseudo_label import pseudo_label_file, read_pseudo_labels
+from flywheel.shift import ShiftConfig, importance_weights, shift_weights
+from flywheel.sources import external_rows
 
 
 def _battles(n, source="target", seed=0, prompt_words=("how", "do", "i")):
@@ -117,7 +118,7 @@ def test_pseudo_label_round_trip_trains_lightgbm(tmp_path):
 
 
 def test_crossfit_hook_external_rows_train_only(tmp_path):
-    from battles.external import external_rows
+    from flywheel.sources import external_rows
     from pipeline.config import StageSpec
     from pipeline.crossfit import crossfit_stage
     from pipeline.rundir import RunDir, read_logits

@@ -7,7 +7,7 @@ import pandas as pd
 from battles.labels import swap_battles
 from features.assemble import FeatureMatrix
 from features.registry import make_block
-from features.text_stats import reply_stats, SIDE_NAMES
+from features.text_stats import SIDE_NAMES, reply_stats
 from models.stage import StageContext
 
 

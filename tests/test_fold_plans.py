@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 
 import run as cli
-from battles.labels import LABEL_COLUMNS
 from tests.conftest import FAST_LGBM
 
 STATS = {"type": "lgbm", "params": {**FAST_LGBM, "blocks": [{"type": "text_stats"}, {"type": "similarity"}]}}
@@ -104,6 +103,7 @@ def test_a_new_test_file_is_predicted_without_refitting(plan_files, arena_frame)
 def test_tiny_decoder_one_fold_and_refit_beside_five_fold_lightgbm(plan_files, tmp_path, monkeypatch):
     """The issue's done-means on CPU: decoder folds [0] + refit_full next to 5-fold LightGBM; ensemble,
     report with coverage and intervals, submission; predict reproduces it loading one decoder model."""
+    from battles.columns import LABEL_COLUMNS
     from models.deep import quantization
     from tests.tiny_models import build_checkpoint
 

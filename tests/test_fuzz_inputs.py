@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import run as cli
+from battles.columns import LABEL_COLUMNS, SOFT_COLUMNS
 from battles.io import BattleDataError, read_battles
-from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=30)
 WORDS = st.lists(st.sampled_from(["why", "sky", "blue", "café", "write", "poem", "code", "π", "ok"]), min_size=1,

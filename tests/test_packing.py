@@ -3,10 +3,16 @@ import os
 
 import pytest
 
-from battles.text import FIELDS, labelled_text as join_turns
+from battles.text import FIELDS
+from battles.text import labelled_text as join_turns
 from models.packing import (
-    PackingPolicy, allocate_budget, dropped_marker, pack_battle, pack_field,
+    PackingPolicy,
+    allocate_budget,
+    dropped_marker,
+    pack_battle,
+    pack_field,
 )
+
 
 @pytest.fixture(scope="module")
 def battles(arena_battles):

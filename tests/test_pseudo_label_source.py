@@ -15,14 +15,15 @@ import pytest
 from sklearn.model_selection import StratifiedGroupKFold
 
 import run as cli
-from battles.converters import from_pseudo_labels
-from battles.external import ExternalSource
+from battles.columns import LABEL_COLUMNS, SOFT_COLUMNS
 from battles.folds import make_folds, prompt_groups
 from battles.io import BattleDataError, battles_to_frame, read_battles
-from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, label_index
+from battles.labels import label_index
 from ensemble.coverage import row_log_loss
 from ensemble.metrics import probs_from_logits
-from pipeline.rundir import read_folds, read_logits, read_id_table
+from flywheel.converters import from_pseudo_labels
+from flywheel.sources import ExternalSource
+from pipeline.rundir import read_folds, read_id_table, read_logits
 
 
 def _table(n: int, soft_from: int, seed: int = 0) -> pd.DataFrame:

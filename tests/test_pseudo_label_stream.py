@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from battles.io import BattleDataError, battles_to_frame, read_battles
-from battles.pseudo_label import partial_path, pseudo_label_file, read_pseudo_labels
 from battles.formats import count_rows
+from battles.io import BattleDataError, battles_to_frame, read_battles
 from battles.stream import iter_battle_chunks
+from flywheel.pseudo_label import partial_path, pseudo_label_file, read_pseudo_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ _SLOW_JOB = """
 import sys, time
 sys.path.insert(0, {root!r})
 from tests.test_pseudo_label_stream import PROVENANCE, predict
-from battles.pseudo_label import pseudo_label_file
+from flywheel.pseudo_label import pseudo_label_file
 
 def slow(battles):
     time.sleep(0.3)

@@ -256,7 +256,7 @@ def test_score_warnings_name_the_stage_and_the_prior():
 
 
 def test_test_file_unlike_training_is_flagged():
-    from battles.converters import convert
+    from flywheel.converters import convert
     from pipeline.checks import SHIFT_AUC, prompt_shift_auc
     from tests.conftest import shared_file
 

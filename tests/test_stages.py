@@ -74,8 +74,8 @@ def test_single_order_predictions_only_where_the_stage_gives_them(arena_battles)
 def test_length_stage_without_ties_in_training_still_gives_three_classes(arena_battles, tmp_path):
     """A fold whose training rows hold no tie (small data, tie-free external sets): three columns, the
     unseen class small but not impossible (found by the fuzz test of run.py)."""
-    from battles.context import StageContext
     from battles.labels import LABEL_COLUMNS
+    from kernel.context import StageContext
     from models.length_baseline import UNSEEN_CLASS_PROB
     from models.stage import make_stage
 

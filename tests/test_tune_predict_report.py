@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 import run as cli
-from battles.labels import LABEL_COLUMNS
+from battles.columns import LABEL_COLUMNS
 from models.stage import combine_orders
-from pipeline.rundir import read_logits
 from pipeline.predict import IncompleteRunError, Predictor
+from pipeline.rundir import read_logits
 
 
 def _submission(run_dir) -> pd.DataFrame:
@@ -141,7 +141,7 @@ def test_report_html_renders(finished_run):
 
 def test_pseudo_label_cli_round_trip(finished_run, slice_files, tmp_path):
     """run.py pseudo-label: soft labels equal the run's predictions, with provenance; read back and trainable."""
-    from battles.pseudo_label import read_pseudo_labels
+    from flywheel.pseudo_label import read_pseudo_labels
     from models.stage import StageContext, make_stage
 
     out = tmp_path / "pseudo.jsonl"

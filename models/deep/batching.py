@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from kernel.dist import process_group
+
 
 def length_batches(lengths, max_tokens: int, max_size: int) -> list[np.ndarray]:
     """Indices grouped into batches of similar length, longest first, each padded size <= ``max_tokens``."""
@@ -41,15 +43,6 @@ def shard_indices(lengths, n_shards: int) -> list[np.ndarray]:
     return [np.array(sorted(s), dtype=np.int64) for s in shards]
 
 
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the running process group; ``(0, 1)`` without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def battle_chars(battles: pd.DataFrame) -> np.ndarray:
     """Characters per battle: a tokenizer-free stand-in for its length, good enough to balance shards."""
     return np.array([sum(len(t) for turns in row for t in turns)
@@ -58,7 +51,7 @@ def battle_chars(battles: pd.DataFrame) -> np.ndarray:
 
 def predict_sharded(predict: Callable[[pd.DataFrame], np.ndarray], battles: pd.DataFrame) -> np.ndarray:
     """``predict(battles)``, split across the ranks of a process group and gathered in row order."""
-    rank, size = world()
+    rank, size = process_group()
     if size == 1:
         return predict(battles)
     from accelerate.utils import gather_object

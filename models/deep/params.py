@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from battles.schema import Section
+from kernel.schema import Section
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from battles.files import is_main_process
+from kernel.dist import is_main_process
+from kernel.local_models import default_device, load_tokenizer
 from models.deep.batching import predict_sharded
-from models.deep.checkpoints import load_tokenizer
-from models.deep.precision import default_device, resolve_precision
+from models.deep.precision import resolve_precision
 from models.stage import Stage, StageContext
 
 

@@ -20,7 +20,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from battles.files import is_main_process
+from kernel.dist import is_main_process, wait_for_everyone
 from models.deep.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -101,15 +101,13 @@ def checkpoint_folder(work_dir, args: TrainingArguments):
     ``work_dir`` is the fold directory (checkpoints kept there, and resumed from) or ``None`` (a
     temporary folder that every rank of a multi-process launch shares; nothing is resumed).
     """
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    args.device  # sets up the process group of a multi-process launch before our own PartialState
-    state = PartialState()
+    args.device  # sets up the process group of a multi-process launch
     if work_dir is not None:
         folder = Path(work_dir) / CHECKPOINTS
     else:
-        made = [tempfile.mkdtemp(prefix="deep-trainer-") if state.is_main_process else None]
+        made = [tempfile.mkdtemp(prefix="deep-trainer-") if is_main_process() else None]
         broadcast_object_list(made)
         folder = Path(made[0])
     resume = get_last_checkpoint(folder) if work_dir is not None and folder.is_dir() else None
@@ -117,6 +115,6 @@ def checkpoint_folder(work_dir, args: TrainingArguments):
         log.info("resuming the fold's training from %s", resume)
     args.output_dir = str(folder)
     yield resume
-    state.wait_for_everyone()
+    wait_for_everyone()
     if is_main_process():
         shutil.rmtree(folder, ignore_errors=True)

@@ -40,8 +40,8 @@ from datasketch import MinHash, MinHashLSH
 from tqdm.auto import tqdm
 
 from battles.folds import prompt_groups
-from battles.schema import Section
 from battles.text import normalised, plain_text
+from kernel.schema import Section
 
 log = logging.getLogger(__name__)
 

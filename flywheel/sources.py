@@ -2,7 +2,7 @@
 before any training (:func:`gather_external`: what a run's config ``external`` section adds).
 
 Validation rows and every reported score stay on target data. External battles carry a ``weight``
-= per-source weight (from the config) x optional importance weight (:mod:`battles.shift`) x any
+= per-source weight (from the config) x optional importance weight (:mod:`flywheel.shift`) x any
 weight the file itself carries; target rows keep their own ``weight`` (1 when absent). Stages read
 ``weight`` as sample weights (:func:`battles.labels.row_weights`).
 """
@@ -17,14 +17,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from battles.dedup import DedupConfig, deduplicate
 from battles.labels import row_weights
-from battles.schema import Section
-from battles.shift import ShiftConfig, shift_weights
+from flywheel.dedup import DedupConfig, deduplicate
+from flywheel.shift import ShiftConfig, shift_weights
+from kernel.schema import Section
 
 log = logging.getLogger(__name__)
 
-# Source kinds and their converters (battles/converters.py), imported when a source is converted.
+# Source kinds and their converters (flywheel/converters.py), imported when a source is converted.
 SOURCE_KINDS = ("competition", "preference_pairs", "scored_answers", "arena_conversations", "pseudo_labels")
 
 
@@ -39,7 +39,7 @@ class ExternalSource(Section):
 
     @model_validator(mode="after")
     def _known_options(self):
-        from battles.converters import CONVERTERS
+        from flywheel.converters import CONVERTERS
 
         accepted = [n for n in inspect.signature(CONVERTERS[self.kind]).parameters if n not in ("data", "source", "path")]
         for key in self.options:
@@ -98,7 +98,7 @@ def external_rows(external: pd.DataFrame, source_weights: dict, shift_weights=No
 
 def convert_sources(sources: list[ExternalSource]) -> list[tuple[pd.DataFrame, dict]]:
     """Each source converted to battles (its converter, options), with its conversion report."""
-    from battles.converters import convert
+    from flywheel.converters import convert
 
     out = []
     for src in sources:

@@ -43,11 +43,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from battles.files import OutputExistsError, check_output_file, write_atomic, write_text
+from battles.columns import ID, LABEL_COLUMNS, MODEL_COLUMNS, SOFT_COLUMNS, TEXT_COLUMNS, present
 from battles.formats import CHUNK_ROWS, PROVENANCE_KEY, check_readable, count_rows, file_sha256, provenance_line
-from battles.io import TEXT_COLUMNS, BattleDataError, read_battles
-from battles.labels import LABEL_COLUMNS, SOFT_COLUMNS, soft_mask
+from battles.io import BattleDataError, read_battles
+from battles.labels import soft_mask
 from battles.stream import iter_battle_chunks
+from kernel.files import OutputExistsError, check_output_file, write_atomic, write_text
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _complete(provenance: dict, probs: np.ndarray) -> dict:
 
 def _battle_lines(battles: pd.DataFrame, probs: np.ndarray, source: str, weight: float) -> str:
     """The row lines of the file (one battle each), in the order of ``battles``."""
-    keep = [c for c in ["id", *TEXT_COLUMNS, "model_a", "model_b"] if c in battles.columns]
+    keep = present(battles, [ID, *TEXT_COLUMNS, *MODEL_COLUMNS])
     lines = []
     for rec, p in zip(battles[keep].to_dict("records"), probs):
         rec = {k: (list(v) if k in TEXT_COLUMNS else v) for k, v in rec.items()}

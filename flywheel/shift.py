@@ -9,7 +9,7 @@ be told apart, 1.0 means it is a different world.
 The out-of-fold probability ``p = P(target | prompt)`` of each external prompt becomes an
 importance weight ``w = p / (1 - p) * (n_source / n_target)`` (density ratio target/source),
 normalised to mean 1 over the source's battles and clipped to ``[clip_min, clip_max]``. Train
-with these weights (times the source weight, :func:`battles.external.external_rows`) to lean on
+with these weights (times the source weight, :func:`flywheel.sources.external_rows`) to lean on
 the external battles that look like target battles.
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from battles.context import DEFAULT_SEED
 from battles.folds import prompt_groups
-from battles.schema import Section
 from battles.text import plain_text
+from kernel.context import DEFAULT_SEED
+from kernel.schema import Section
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ optionally, ``language``. Other columns (``turn``, ``openai_moderation``, ...) a
 Pairing rules (each unusable conversation or pair is dropped and counted under its reason):
 
 1. A conversation becomes user turns and replies as every converter does
-   (:func:`battles.messages.conversation_to_turns`: system messages dropped, consecutive messages
+   (:func:`flywheel.messages.conversation_to_turns`: system messages dropped, consecutive messages
    of one role joined); ``empty_conversation``, ``starts_with_assistant``, ``no_final_reply``,
    ``empty_prompt`` (blank first user turn), ``empty_final_reply`` and, with ``languages``,
    ``language_filtered`` drop it.
@@ -22,7 +22,7 @@ Pairing rules (each unusable conversation or pair is dropped and counted under i
    the rest, a seeded sample of ``max_pairs_per_prompt`` is kept, the others are ``over_pair_cap``.
    Sides come from a seeded coin per pair, the id is ``source:conversation_a:conversation_b``, so
    neither ids nor sides depend on row order, batch size or shard count.
-5. Pairs go through :func:`battles.dedup.find_duplicates` against the training file with its exact
+5. Pairs go through :func:`flywheel.dedup.find_duplicates` against the training file with its exact
    rules (``exact_battle_in_target``, ``exact_prompt_in_target`` - dropped by default, as the
    external-data path does - and ``exact_within_external``; replies equal to a training reply to the
    same first prompt are counted in ``flagged_pairs``, and kept). Near duplicates (MinHash) are
@@ -62,21 +62,22 @@ import pandas as pd
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from battles.context import DEFAULT_SEED
-from battles.converters import ConversionReport, side_coin
-from battles.messages import Unusable, conversation_turns, is_missing
-from battles.dedup import DedupConfig, find_duplicates
-from battles.files import check_output_file, write_atomic, write_json
-from battles.io import TEXT_COLUMNS, BattleDataError, battles_from_frame, read_battles
-from battles.schema import Section
+from battles.columns import ID, MODEL_COLUMNS, SOURCE, TEXT_COLUMNS
 from battles.formats import count_rows, file_type, iter_frames
+from battles.io import BattleDataError, battles_from_frame, read_battles
 from battles.stream import BattleWriter
 from battles.text import normalised
+from flywheel.converters import ConversionReport, side_coin
+from flywheel.dedup import DedupConfig, find_duplicates
+from flywheel.messages import Unusable, conversation_turns, is_missing
+from kernel.context import DEFAULT_SEED
+from kernel.files import check_output_file, write_atomic, write_json
+from kernel.schema import Section
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["conversation_id", "model", "conversation", "language"]
-OUTPUT_COLUMNS = ["id", *TEXT_COLUMNS, "model_a", "model_b", "source"]
+OUTPUT_COLUMNS = [ID, *TEXT_COLUMNS, *MODEL_COLUMNS, SOURCE]
 SHARD_BYTES = 16 << 20  # input bytes per shard when n_shards is not given
 
 

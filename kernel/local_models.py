@@ -1,6 +1,8 @@
-"""Local checkpoint directories: the one directory check, and tokenizers as the checkpoint ships them.
+"""Local checkpoint directories and the device to run them on, for every floor that loads a model
+(the frozen-encoder feature block, the deep stages): the one directory check, tokenizers as the
+checkpoint ships them, and this process's device.
 
-No model hub is used: a deep stage's ``model`` is a local Hugging Face directory. Real DeBERTa-v3
+No model hub is used: a model is a local Hugging Face directory. Real DeBERTa-v3
 checkpoints ship a SentencePiece model (``spm.model``) and no ``tokenizer.json``; loading them needs
 the ``sentencepiece`` and ``protobuf`` packages (declared dependencies), and a missing one is named
 in the error instead of surfacing as a converter traceback.
@@ -10,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+
+from kernel.dist import local_rank
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers threads + dataloader forks deadlock
 
@@ -51,3 +55,13 @@ def load_tokenizer(path, stage: str, pad_with_eos: bool = False):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def default_device():
+    """This process's ``torch.device``: its own GPU under a multi-process launch (``LOCAL_RANK``), else
+    GPU 0, else CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")

@@ -1,33 +1,19 @@
 """Writing files safely, for every layer: atomic writes, JSON, and content keys.
 
-The ground floor of the house: data, features, models, ensemble and pipeline all write through
-these helpers, so a crash never leaves half a file and a multi-process launch never has two
-writers. Nothing here knows what a run directory looks like (that is :mod:`pipeline.rundir`).
+Every floor of the house writes through these helpers, so a crash never leaves half a file and a
+multi-process launch never has two writers (:mod:`kernel.dist` says who the main process is). Nothing here knows what a run directory looks like (that is :mod:`pipeline.rundir`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from battles.errors import UserError
-
-
-def is_main_process() -> bool:
-    """False in the non-zero ranks of a multi-process launch (``accelerate launch``, ``torchrun``)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def wait_for_everyone() -> None:
-    """Under a multi-process launch, block until every rank gets here (e.g. after the main process wrote
-    files the others read next). A no-op in one process, and without torch ever imported."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()
+from kernel.dist import is_main_process
+from kernel.errors import UserError
 
 
 def write_atomic(path, write) -> None:

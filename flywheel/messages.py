@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from battles.errors import BattleDataError
+from kernel.errors import BattleDataError
 
 _ROLE = {"human": "user", "user": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
          "model": "assistant", "system": "system"}

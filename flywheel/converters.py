@@ -41,10 +41,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from battles.columns import LABEL_COLUMNS, MODEL_COLUMNS
 from battles.formats import read_frame
 from battles.io import BattleDataError, RepairReport, battles_from_frame, parse_turns, read_battles
-from battles.labels import LABEL_COLUMNS, soft_mask
-from battles.messages import Unusable, conversation_to_turns, conversation_turns, is_missing, parse_messages
+from battles.labels import soft_mask
+from flywheel.messages import Unusable, conversation_to_turns, conversation_turns, is_missing, parse_messages
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ def from_arena_conversations(data, source: str, path=None) -> tuple[pd.DataFrame
             raise BattleDataError(path, f"duplicate id {base!r}", row, id_col)
         seen.add(bid)
         out = {"id": bid, "prompt": ua, "response_a": ra, "response_b": rb, **_one_hot(ARENA_WINNERS[winner])}
-        for c in ("model_a", "model_b"):
+        for c in MODEL_COLUMNS:
             if c in rec:
                 out[c] = str(rec[c])
         rows.append(out)

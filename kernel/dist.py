@@ -1,0 +1,54 @@
+"""This process's place in a multi-process launch (``torchrun`` / ``accelerate launch``), read one way.
+
+Every launcher sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` before the program starts; torch's
+process group exists only once something sets it up (the Trainer does, for training). So:
+
+- :func:`rank` / :func:`is_main_process`: the process group's rank once it exists, else ``RANK``
+  (valid from the first line of the program: who writes files);
+- :func:`local_rank`: which of this machine's GPUs is this process's;
+- :func:`process_group`: ``(rank, size)`` of the running process group, ``(0, 1)`` without one (what
+  sharding and gathering may rely on);
+- :func:`wait_for_everyone`: a barrier, a no-op in one process (and without torch ever imported).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _group():
+    """``torch.distributed`` when a process group is running, else None (never imports torch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def rank() -> int:
+    group = _group()
+    return group.get_rank() if group is not None else int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """False in the non-zero ranks of a multi-process launch."""
+    return rank() == 0
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, world_size)`` of the running process group; ``(0, 1)`` without one."""
+    group = _group()
+    if group is None:
+        return 0, 1
+    return group.get_rank(), group.get_world_size()
+
+
+def wait_for_everyone() -> None:
+    """Under a multi-process launch, block until every rank gets here (e.g. after the main process wrote
+    files the others read next). A no-op in one process."""
+    group = _group()
+    if group is not None:
+        group.barrier()
