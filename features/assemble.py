@@ -3,7 +3,8 @@
 Blocks whose output depends only on the battle (and label-free ``prepare``) are served by a
 run-level :class:`features.cache.BlockCache`: computed once per distinct battle of the run, on disk
 under the run's resources so every stage using the same block (and a resumed run) shares the pass.
-Blocks marked ``fold_dependent`` (TF-IDF) are recomputed after every ``fit``.
+Blocks that declare ``fold_dependent`` (TF-IDF; :class:`features.base.FeatureBlock`) are recomputed
+after every ``fit``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class FeatureMatrix:
 
     def __init__(self, blocks: list[FeatureBlock]):
         self.blocks = blocks
-        self._caches = [None if getattr(b, "fold_dependent", False) else BlockCache(b) for b in blocks]
+        self._caches = [None if b.fold_dependent else BlockCache(b) for b in blocks]
 
     def warm(self, battles: pd.DataFrame, blocks: list[FeatureBlock] | None = None) -> None:
         """Compute (or read from the run's cache) the fold-independent blocks (all, or those listed)

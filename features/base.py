@@ -69,10 +69,19 @@ class SidedFeatures:
 
 class FeatureBlock:
     """Base class for a feature block. ``name`` prefixes its columns in the model matrix; ``Params``
-    declares its parameters (none by default)."""
+    declares its parameters (none by default); the capabilities below are declared with their
+    defaults and a block overrides what differs."""
 
     name = "block"
     Params: type[Section] = Section
+
+    fold_dependent: bool = False
+    """``fit`` learns from the fold's training battles (TF-IDF's vocabulary): the block is recomputed
+    after every fit, never served by the run-level feature cache (:mod:`features.assemble`)."""
+
+    trains_outside_gil: bool = False
+    """``prepare`` spends its time outside Python's GIL (gensim trains Word2Vec in its own thread): a
+    stage may prepare it in the background while the other blocks prepare (:mod:`models.lgbm`)."""
 
     def __init__(self, params=None, context: StageContext | None = None):
         self.params = validated(self.Params, params)

@@ -68,7 +68,7 @@ class TfidfParams(Section):
 
 class TfidfBlock(FeatureBlock):
     name = "tfidf"
-    fold_dependent = True
+    fold_dependent = True  # the vocabulary and SVD are fitted on each fold's training battles
     Params = TfidfParams
 
     def __init__(self, params=None, context=None):

@@ -9,9 +9,6 @@ JSON coefficients.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from scipy.special import log_softmax
@@ -22,7 +19,6 @@ from battles.labels import expand_targets, label_matrix, row_weights, swap_colum
 from features.base import SidedFeatures
 from features.cache import BlockCache
 from features.text_stats import SIDE_NAMES, TextStatsBlock
-from kernel.files import write_json
 from kernel.schema import Section
 from models.stage import Stage, StageContext
 
@@ -78,15 +74,13 @@ class LengthLogisticStage(Stage):
         return np.log(probs / probs.sum(axis=1, keepdims=True))
 
     def save(self, directory) -> None:
-        write_json(Path(directory) / "stage.json", {
-            "kind": self.kind, "params": self.params.as_dict(),
-            "scaler_mean": self.scaler.mean_, "scaler_scale": self.scaler.scale_,
-            "coef": self.model.coef_, "intercept": self.model.intercept_, "classes": self.model.classes_,
-        })
+        """Everything in ``stage.json``: params, the scaler and the coefficients (plain JSON)."""
+        self.write_stage_json(directory, scaler_mean=self.scaler.mean_, scaler_scale=self.scaler.scale_,
+                              coef=self.model.coef_, intercept=self.model.intercept_, classes=self.model.classes_)
 
     @classmethod
     def load(cls, directory, context: StageContext | None = None) -> "LengthLogisticStage":
-        meta = json.loads((Path(directory) / "stage.json").read_text())
+        meta = cls.read_stage_json(directory)
         stage = cls(meta["params"], context)
         stage.scaler.mean_, stage.scaler.scale_ = np.array(meta["scaler_mean"]), np.array(meta["scaler_scale"])
         stage.scaler.n_features_in_ = len(stage.scaler.mean_)

@@ -10,7 +10,6 @@ The booster is saved in LightGBM's text format; block state as .npy/JSON.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +26,7 @@ from battles.labels import expand_targets, label_matrix, row_weights, swap_colum
 from features.assemble import FeatureMatrix
 from features.cache import battle_keys
 from features.registry import FEATURE_BLOCKS, block_class, make_block
-from kernel.files import write_json
+from kernel.files import write_text
 from kernel.schema import Section
 from models.stage import Stage, StageContext
 
@@ -118,7 +117,7 @@ class LightGBMStage(Stage):
         the GIL (Word2Vec: one gensim worker, so its vectors stay reproducible) are started in the
         background: the other blocks prepare meanwhile, and the first fold's fold-dependent fitting
         (TF-IDF) runs before their features are needed (:meth:`_ready`)."""
-        background = [b for b in self.features.blocks if getattr(b, "trains_outside_gil", False)]
+        background = [b for b in self.features.blocks if b.trains_outside_gil]
         futures = []
         if background:
             pool = ThreadPoolExecutor(max_workers=1)
@@ -190,18 +189,19 @@ class LightGBMStage(Stage):
         return straight, swapped
 
     def save(self, directory) -> None:
+        """The booster in LightGBM's text format (``model.txt``), each block's state, ``stage.json``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.booster.save_model(str(directory / "model.txt"), num_iteration=self.booster.best_iteration or None)
+        booster = self.booster.model_to_string(num_iteration=self.booster.best_iteration or None)
+        write_text(directory / "model.txt", booster)
         for i, block in enumerate(self.features.blocks):
             block.save(directory / f"block{i}_{block.name}")
-        write_json(directory / "stage.json", {"kind": self.kind, "params": self.params.as_dict()})
+        self.write_stage_json(directory)
 
     @classmethod
     def load(cls, directory, context: StageContext | None = None) -> "LightGBMStage":
         directory = Path(directory)
-        meta = json.loads((directory / "stage.json").read_text())
-        stage = cls(meta["params"], context)
+        stage = cls(cls.read_stage_json(directory)["params"], context)
         for i, block in enumerate(stage.features.blocks):
             block.load(directory / f"block{i}_{block.name}")
         stage.booster = lgb.Booster(model_file=str(directory / "model.txt"))

@@ -15,10 +15,18 @@ Swap TTA is written once here. A stage implements ``predict_one_order`` (one A/B
 feature matrices together); the base ``predict_logits`` combines the two orders with
 :func:`combine_orders`. The single-order predictions are kept by cross-fitting (the report's
 position-bias check); :func:`predict_with_orders` is the one call that gives both.
+
+Capabilities are declared on :class:`Stage` with their defaults (``tta_from_orders``,
+``passes_per_battle``); a subclass overrides what differs. ``stage.json`` (the stage type and its
+resolved params, plus whatever plain state a stage keeps there) is written and read here for every
+stage (:meth:`Stage.write_stage_json`, :meth:`Stage.read_stage_json`); a directory without a readable
+one of the right type is one :class:`StageFileError`. :mod:`models.contract` checks a stage against
+this contract.
 """
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,6 +34,8 @@ from scipy.special import log_softmax
 
 from battles.labels import swap_battles, swap_columns
 from kernel.context import StageContext
+from kernel.errors import UserError
+from kernel.files import read_json, write_json
 from kernel.schema import Section, validated
 
 # Stage type name -> "module:Class". Imported lazily so a LightGBM-only run never imports torch.
@@ -35,6 +45,12 @@ STAGE_TYPES: dict[str, str] = {
     "length_lr": "models.length_baseline:LengthLogisticStage",
     "decoder": "models.decoder:DecoderStage",
 }
+STAGE_FILE = "stage.json"
+
+
+class StageFileError(UserError, ValueError):
+    """A directory that holds no saved stage of the expected type: ``stage.json`` missing, unreadable,
+    or written by another stage type."""
 
 
 class Stage:
@@ -72,12 +88,52 @@ class Stage:
         """The stage's answer: both A/B orders averaged (stages may override, e.g. deep stages)."""
         return combine_orders(*self.predict_both_orders(battles))
 
+    # -- declared capabilities (defaults here; a subclass overrides what differs)
+    @property
+    def tta_from_orders(self) -> bool:
+        """Whether ``predict_logits`` is exactly :func:`combine_orders` of ``predict_both_orders``, so
+        the pipeline may ask for the two orders itself and keep them for the position-bias check
+        (:func:`predict_with_orders`). True when the subclass keeps the base ``predict_logits``; a stage
+        that overrides ``predict_logits`` says so itself (the deep stages: when ``swap_tta`` is on)."""
+        return type(self).predict_logits is Stage.predict_logits
+
+    @property
+    def passes_per_battle(self) -> int:
+        """Forward passes (or feature-matrix predictions) per battle of one fitted model: 2 with swap
+        TTA (both A/B orders), 1 without. The base ``predict_logits`` always scores both orders; the
+        deep stages follow their ``swap_tta``. What the inference plan counts."""
+        return 2
+
+    # -- persistence
     def save(self, directory) -> None:
         raise NotImplementedError
 
     @classmethod
     def load(cls, directory, context: StageContext | None = None) -> "Stage":
         raise NotImplementedError
+
+    def write_stage_json(self, directory, **state) -> None:
+        """``<directory>/stage.json``: the stage type (``kind``), its resolved params and ``state``
+        (plain JSON-able values a stage keeps there, e.g. the length baseline's coefficients)."""
+        write_json(Path(directory) / STAGE_FILE, {"kind": self.kind, "params": self.params.as_dict(), **state})
+
+    @classmethod
+    def read_stage_json(cls, directory) -> dict:
+        """What :meth:`write_stage_json` wrote in ``directory`` (``kind``, ``params`` and the stage's own
+        keys), checked to be a saved stage of this type; else :class:`StageFileError`."""
+        path = Path(directory) / STAGE_FILE
+        expected = f"expected a saved {cls.kind!r} stage (written by its save())"
+        if not path.is_file():
+            raise StageFileError(f"{path}: not found; {expected}")
+        try:
+            meta = read_json(path)
+        except (OSError, ValueError) as exc:
+            raise StageFileError(f"{path}: unreadable ({exc}); {expected}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("params"), dict):
+            raise StageFileError(f"{path}: no 'params' object; {expected}")
+        if meta.get("kind") != cls.kind:
+            raise StageFileError(f"{path}: holds a saved {meta.get('kind')!r} stage; {expected}")
+        return meta
 
     @classmethod
     def load_folds(cls, directories, context: StageContext | None = None) -> "FoldModels":
@@ -98,6 +154,11 @@ class FoldModels:
     def __len__(self) -> int:
         """How many models are averaged (the inference plan counts them)."""
         return len(self.models)
+
+    @property
+    def passes_per_battle(self) -> int:
+        """Forward passes per battle of the whole set: each model's :attr:`Stage.passes_per_battle`, summed."""
+        return sum(m.passes_per_battle for m in self.models)
 
     def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
         return average_logits([m.predict_logits(battles) for m in self.models])
@@ -126,10 +187,10 @@ def combine_orders(straight: np.ndarray, swapped: np.ndarray) -> np.ndarray:
 
 def predict_with_orders(stage: Stage, battles: pd.DataFrame):
     """``(logits, straight, swapped)``: the stage's answer and, where the stage can give them without
-    extra cost, its single-order log-probabilities (else ``None, None``). A stage whose
-    ``predict_logits`` is the base TTA, or that says its answer is exactly that (``tta_from_orders``),
-    gets them from one ``predict_both_orders`` call; any other stage is asked only for its answer."""
-    if type(stage).predict_logits is Stage.predict_logits or getattr(stage, "tta_from_orders", False):
+    extra cost, its single-order log-probabilities (else ``None, None``). A stage whose answer is the
+    base TTA (:attr:`Stage.tta_from_orders`) gets them from one ``predict_both_orders`` call; any other
+    stage is asked only for its answer."""
+    if stage.tta_from_orders:
         try:
             straight, swapped = stage.predict_both_orders(battles)
         except NotImplementedError:
