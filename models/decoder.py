@@ -5,9 +5,10 @@ The base model loads 4-bit NF4 (double quantisation), 8-bit or unquantised (``qu
 whatever device runs it, CPU included (:mod:`models.deep.quantization`); precision follows the one
 rule of :mod:`models.deep.precision`. LoRA adapters go on all linear projections by default and the
 ``score`` head is trained in full in fp32, re-initialised with a small std so training starts from
-near-uniform predictions. Inputs: :class:`models.deep.inputs.ChatEncoding`. Loss and Trainer:
-:mod:`models.deep.training` (checkpoints every ``save_steps`` in the fold directory; a killed fold
-resumes from the last one).
+near-uniform predictions. Inputs: :class:`models.deep.inputs.ChatEncoding`. Training, scoring,
+saving and loading are the deep-stage template (:class:`models.deep.stage.DeepStage`; checkpoints
+every ``save_steps`` in the fold directory, a killed fold resumes from the last one); the decoder
+trains without looking at the fold's validation battles (``evaluate_valid`` scores them afterwards).
 
 One base model per process: cross-fitting calls ``fit`` once per fold on the same stage object,
 which unloads the previous fold's adapter and trains a fresh one on the base model already in
@@ -16,9 +17,9 @@ Under a multi-process launch (``accelerate launch`` / ``torchrun``) every rank t
 its shard of the battles, and the shards are gathered in row order on every rank; only the main
 process writes files.
 
-Saved stage directory: ``stage.json`` (params) plus peft's ``adapter_config.json`` and
-``adapter_model.safetensors`` (LoRA weights and the head). The base checkpoint is not copied; ``load``
-reads it from ``params.model``.
+Saved stage directory: ``stage.json`` (params), ``training_log.json`` and peft's
+``adapter_config.json`` and ``adapter_model.safetensors`` (LoRA weights and the head). The base
+checkpoint is not copied; ``load`` reads it from ``params.model``.
 """
 from __future__ import annotations
 
@@ -29,18 +30,15 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from battles.labels import has_labels, label_matrix
-from kernel.files import read_json, write_json
 from kernel.local_models import check_model_dir
 from models.deep import quantization
-from models.deep.batching import length_batches
-from models.deep.inputs import ChatEncoding, training_rows, training_table
+from models.deep.inputs import ChatEncoding
 from models.deep.params import DeepParams
-from models.deep.stage import DeepStage
+from models.deep.quantization import QUANTIZATIONS
+from models.deep.stage import DeepStage, log_loss
 from models.stage import FoldModels, StageContext
 
 log = logging.getLogger(__name__)
@@ -50,7 +48,7 @@ BASE_KEYS = ("model", "quantization", "precision", "attn_implementation", "max_l
 
 
 class DecoderParams(DeepParams):
-    quantization: Literal["4bit", "8bit", "none"] = "4bit"  # bitsandbytes, on every device it supports
+    quantization: Literal[QUANTIZATIONS] = "4bit"  # bitsandbytes, on every device it supports
     max_length: int = Field(2048, ge=64)  # tokens per battle, chat template included
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scaling (alpha / r multiplies the update)
@@ -77,80 +75,41 @@ class DecoderStage(DeepStage):
     Params = DecoderParams
     Encoding = ChatEncoding
     pad_with_eos = True  # self.model: the PeftModel (base + this fold's adapter), once fitted or loaded
+    forward_kwargs = {"use_cache": False}  # a classifier never generates: no KV cache on any scoring pass
 
     def _load_base(self):
         p = self.params
         return quantization.load_base_model(check_model_dir(p.model, "decoder"), p.quantization, self.precision,
                                             self.device, self.tokenizer.pad_token_id, p.attn_implementation)
 
-    def encode(self, battles: pd.DataFrame) -> list[list[int]]:
-        self._setup()
-        return self.encoding(battles)
-
     # -- training
-    def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "DecoderStage":
-        from transformers import DataCollatorWithPadding
-
-        from models.deep.training import PreferenceTrainer, checkpoint_folder, training_arguments
-
-        if not has_labels(train):
-            raise ValueError("decoder fit needs labelled battles (winner_model_a/winner_model_b/winner_tie)")
-        self._setup()
-        p = self.params
-        table = training_table(train, p.swap_augment)
-        rows = training_rows(table, [{"input_ids": ids} for ids in self.encoding(table, self.context.progress)])
-        if self.model is not None:  # the previous fold's adapter comes off; the base model stays in memory
+    def _build_model(self):
+        """Fresh LoRA adapters and head on the base model: the one already in memory (the previous fold's
+        adapter comes off) or, on the first fold, the base loaded from ``params.model``."""
+        if self.model is not None:
             base, self.model = self.model.unload(), None
             gc.collect()
         else:
             base = self._load_base()
-        self.model = quantization.add_lora(base, p, self.context.seed)
-        args = training_arguments(p, self.precision, self.device, quantization.optimizer_name(self.device),
-                                  self.context.seed, self.context.progress)
-        with checkpoint_folder(self.context.work_dir, args) as resume:
-            trainer = PreferenceTrainer(model=self.model, args=args, train_dataset=rows,
-                                        data_collator=DataCollatorWithPadding(self.tokenizer),
-                                        callbacks=self.training_callbacks(has_eval=False), label_smoothing=p.label_smoothing)
-            trainer.train(resume_from_checkpoint=resume)
-        self.log_history = list(trainer.state.log_history)
-        self.model.eval()
+        return quantization.add_lora(base, self.params, self.context.seed)
+
+    @property
+    def optimizer(self) -> str:
+        """bitsandbytes' 8-bit AdamW where it runs on the device (:func:`models.deep.quantization.optimizer_name`)."""
+        return quantization.optimizer_name(self.device)
+
+    def _after_training(self, trainer, valid) -> None:
         quantization.inference_layout(self.model, self.precision.dtype)
-        if valid is not None and len(valid) and p.evaluate_valid and has_labels(valid):
-            self.valid_log_loss_ = self.log_loss(valid)
+        if valid is not None and len(valid) and self.params.evaluate_valid and has_labels(valid):
+            self.valid_log_loss_ = log_loss(self.predict_logits(valid), label_matrix(valid))
             log.info("decoder valid log loss %.4f on %d battles", self.valid_log_loss_, len(valid))
-        return self
 
-    def log_loss(self, battles: pd.DataFrame) -> float:
-        logp = torch.log_softmax(torch.as_tensor(self.predict_logits(battles)), dim=-1).numpy()
-        return float(-(label_matrix(battles) * logp).sum(axis=1).mean())
-
-    # -- inference
-    def _score(self, battles: pd.DataFrame) -> np.ndarray:
-        encoded = self.encoding(battles)
-        batches = length_batches([len(x) for x in encoded], int(self.params.predict_batch_tokens),
-                                 int(self.params.predict_batch_size))
-        device = next(p for p in self.model.parameters() if p.is_floating_point()).device
-        out = np.zeros((len(battles), 3), dtype=np.float32)
-        with torch.inference_mode(), self.precision.autocast(device):
-            for idx in tqdm(batches, desc="decoder predict", disable=not self.context.progress, leave=False):
-                batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-                logits = self.model(input_ids=batch["input_ids"].to(device),
-                                    attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-                out[idx] = logits.float().cpu().numpy()
-        return out
-
-    # -- persistence
-    def save(self, directory) -> None:
-        """The adapter (LoRA weights and head, safetensors) and ``stage.json``; main process only."""
-        directory = self.save_directory(directory)
-        if directory is None:
-            return
+    # -- persistence: the adapter; the base model stays where params.model says
+    def _save_model(self, directory: Path) -> None:
         self.model.save_pretrained(directory, safe_serialization=True)
-        write_json(directory / "stage.json", {"kind": self.kind, "params": self.params.as_dict()})
 
-    @classmethod
-    def load(cls, directory, context: StageContext | None = None) -> "DecoderStage":
-        return cls._with_adapters([directory], ["default"], context)
+    def _load_model(self, directory: Path) -> None:
+        self._attach_adapters([directory], ["default"])
 
     @classmethod
     def load_folds(cls, directories, context: StageContext | None = None) -> FoldModels:
@@ -158,20 +117,7 @@ class DecoderStage(DeepStage):
         directories = [Path(d) for d in directories]
         if not directories:
             raise ValueError("load_folds needs at least one saved fold directory")
-        names = [f"fold{k}" for k in range(len(directories))]
-        stage = cls._with_adapters(directories, names, context)
-        return FoldModels([_Adapter(stage, name) for name in names])
-
-    @classmethod
-    def _with_adapters(cls, directories, names: list[str], context) -> "DecoderStage":
-        from peft import PeftModel
-
-        params = []
-        for directory in directories:
-            meta = Path(directory) / "stage.json"
-            if not meta.is_file():
-                raise FileNotFoundError(f"{meta} not found: not a saved decoder stage directory")
-            params.append(read_json(meta)["params"])
+        params = [cls._saved_params(d) for d in directories]
         for directory, other in zip(directories[1:], params[1:]):
             clash = [k for k in BASE_KEYS if other.get(k) != params[0].get(k)]
             if clash:
@@ -179,13 +125,20 @@ class DecoderStage(DeepStage):
                                  "base model must agree on them")
         stage = cls(params[0], context)
         stage._setup()
-        model = PeftModel.from_pretrained(stage._load_base(), directories[0], adapter_name=names[0])
+        names = [f"fold{k}" for k in range(len(directories))]
+        stage._attach_adapters(directories, names)
+        return FoldModels([_Adapter(stage, name) for name in names])
+
+    def _attach_adapters(self, directories: list[Path], names: list[str]) -> None:
+        """The base model with the adapter saved in each directory (under its name), ready to predict."""
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(self._load_base(), directories[0], adapter_name=names[0])
         for name, directory in zip(names[1:], directories[1:]):
             model.load_adapter(directory, adapter_name=name)
         model.eval()
-        quantization.inference_layout(model, stage.precision.dtype)
-        stage.model = model
-        return stage
+        quantization.inference_layout(model, self.precision.dtype)
+        self.model = model
 
 
 class _Adapter:
@@ -194,6 +147,10 @@ class _Adapter:
 
     def __init__(self, stage: DecoderStage, name: str):
         self.stage, self.name = stage, name
+
+    @property
+    def passes_per_battle(self) -> int:
+        return self.stage.passes_per_battle
 
     def predict_logits(self, battles: pd.DataFrame) -> np.ndarray:
         log.info("decoder: predicting %d battles with adapter %s", len(battles), self.name)

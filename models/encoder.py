@@ -5,39 +5,39 @@ Each battle is packed with the shared policy and read as one sequence ``[CLS] pr
 ``AutoModelForSequenceClassification`` with three labels in ``[a, b, tie]`` order. The model is fully
 fine-tuned (weights in fp32, mixed precision per the one rule of :mod:`models.deep.precision`).
 
-Training: the shared Trainer (:mod:`models.deep.training`): length-grouped batches, cosine schedule
-with warmup, the one soft-label loss (hard, soft and smoothed targets, row weights), optional swap
-augmentation, gradient checkpointing and accumulation, early stopping on the fold's validation log
-loss, Trainer checkpoints in the fold directory (a killed fold resumes). ``accelerate launch`` /
-``torchrun`` runs it with DDP; each rank then scores its shard of the battles and the shards are
-gathered in row order; only the main process writes files.
+Training, scoring, saving and loading are the deep-stage template (:class:`models.deep.stage.DeepStage`):
+length-grouped batches, cosine schedule with warmup, the one soft-label loss, optional swap
+augmentation, gradient checkpointing and accumulation, DDP under ``accelerate launch`` / ``torchrun``;
+length-sorted batches under autocast and swap TTA at prediction. What is the encoder's own:
 
-Prediction: length-sorted batches under autocast, both A/B orders averaged (swap TTA). ``save`` writes
-the model and tokenizer with ``save_pretrained`` (safetensors) plus ``stage.json``.
+- the model: the checkpoint with a fresh 3-class head, every weight trained;
+- early stopping, with the fold's validation battles (:meth:`EncoderStage._trainer_settings`): the
+  Trainer evaluates the validation log loss every ``eval_steps`` optimizer steps (once per epoch when
+  ``eval_steps`` is None), keeps a checkpoint at every evaluation, stops after
+  ``early_stopping_patience`` evaluations without improvement (0: never stops early) and reloads the
+  best checkpoint at the end. Checkpoints then follow the evaluation schedule *instead of*
+  ``save_steps`` (the best one must be on disk to be reloaded); the log says so when ``save_steps``
+  asked for another schedule. Without validation battles there is no evaluation, no early stopping,
+  and checkpoints follow ``save_steps``;
+- ``save`` writes the whole model and the tokenizer with ``save_pretrained`` (safetensors), so a saved
+  stage loads without the original checkpoint.
 
 DeBERTa-v3 checkpoints ship ``spm.model`` and no ``tokenizer.json``; they load through
 ``sentencepiece`` and ``protobuf`` (:mod:`kernel.local_models`).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from battles.labels import CLASS_NAMES
-from kernel.files import read_json, write_json, write_text
 from kernel.local_models import check_model_dir
-from models.deep.batching import length_batches
-from models.deep.inputs import PairEncoding, training_rows, training_table
+from models.deep.inputs import PairEncoding
 from models.deep.params import DeepParams
 from models.deep.stage import DeepStage
-from models.stage import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,9 @@ class EncoderParams(DeepParams):
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)  # share of the steps spent warming the learning rate up
     swap_augment: bool = True  # train on each battle and its A/B-swapped copy
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
-    eval_steps: int | None = Field(None, ge=1)  # evaluate (and checkpoint) every n steps; None = once per epoch
+    predict_batch_tokens: int | None = Field(None, ge=64)  # padded tokens per inference batch; None: no cap but rows
+    eval_steps: int | None = Field(None, ge=1)  # with valid: evaluate + checkpoint every n steps; None: per epoch
     early_stopping_patience: int = Field(2, ge=0)  # evaluations without improvement before stopping; 0 disables
-
-
-def _log_loss_metric(eval_pred) -> dict:
-    logits, targets = eval_pred.predictions, eval_pred.label_ids
-    logp = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=-1).numpy()
-    return {"log_loss": float(-(np.asarray(targets, dtype=np.float64) * logp).sum(axis=1).mean())}
 
 
 class EncoderStage(DeepStage):
@@ -66,21 +61,43 @@ class EncoderStage(DeepStage):
     Params = EncoderParams
     Encoding = PairEncoding
 
-    # ---- set-up (in fit / load) ----
-    def _load_pretrained(self, directory: Path, new_head: bool) -> None:
+    evaluates_during_training = True
+
+    def _pretrained(self, directory: Path, new_head: bool):
+        """The sequence classifier in ``directory`` (fp32), with a fresh 3-class head when ``new_head``."""
         from transformers import AutoModelForSequenceClassification
 
         kwargs = {}
         if new_head:
             kwargs = {"num_labels": 3, "id2label": dict(enumerate(CLASS_NAMES)),
                       "label2id": {n: i for i, n in enumerate(CLASS_NAMES)}}
-        self.model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32, **kwargs)
-        if self.model.config.num_labels != 3:
-            raise ValueError(f"{directory}: model has {self.model.config.num_labels} labels, the encoder stage needs 3")
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit and getattr(self.model.config, "position_biased_input", True) and self.params.max_length > limit:
+        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32, **kwargs)
+        if model.config.num_labels != 3:
+            raise ValueError(f"{directory}: model has {model.config.num_labels} labels, the encoder stage needs 3")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and getattr(model.config, "position_biased_input", True) and self.params.max_length > limit:
             raise ValueError(f"encoder max_length {self.params.max_length} exceeds the model's "
                              f"max_position_embeddings {limit} ({directory})")
+        return model
+
+    def _build_model(self):
+        """The checkpoint with a fresh 3-class head (the Trainer places it on the device)."""
+        return self._pretrained(check_model_dir(self.params.model, "encoder"), new_head=True)
+
+    def _trainer_settings(self, has_eval: bool) -> dict:
+        """Gradient checkpointing, and early stopping (module docstring): with validation battles the
+        checkpoint schedule is the evaluation schedule, replacing ``save_steps``."""
+        p = self.params
+        settings = {"activation_checkpointing": bool(p.gradient_checkpointing)}
+        if not has_eval:
+            return settings
+        strategy = "steps" if p.eval_steps else "epoch"
+        log.info("encoder: early stopping on the validation battles (patience %d): evaluation and checkpoint every "
+                 "%s, in place of save_steps=%d", p.early_stopping_patience,
+                 f"{p.eval_steps} steps" if p.eval_steps else "epoch", p.save_steps)
+        return {**settings, "eval_strategy": strategy, "eval_steps": p.eval_steps, "save_strategy": strategy,
+                "save_steps": p.eval_steps or 500, "load_best_model_at_end": True,
+                "metric_for_best_model": "log_loss", "greater_is_better": False}
 
     def training_callbacks(self, has_eval: bool) -> list:
         from transformers import EarlyStoppingCallback
@@ -89,84 +106,21 @@ class EncoderStage(DeepStage):
             return [EarlyStoppingCallback(early_stopping_patience=int(self.params.early_stopping_patience))]
         return []
 
-    def _rows(self, battles: pd.DataFrame) -> list[dict]:
-        return training_rows(battles, self.encoding.features(battles, progress=self.context.progress))
-
-    # ---- the stage contract ----
-    def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "EncoderStage":
-        from transformers import DataCollatorWithPadding
-
-        from models.deep.training import PreferenceTrainer, checkpoint_folder, training_arguments
-
-        p = self.params
-        self._setup()
-        self._load_pretrained(check_model_dir(p.model, "encoder"), new_head=True)
-        train_set = self._rows(training_table(train, p.swap_augment))
-        valid_set = self._rows(valid) if valid is not None and len(valid) else None
-        has_eval = valid_set is not None
-        log.info("encoder: %d training sequences (swap_augment=%s), %d validation, model %s",
-                 len(train_set), p.swap_augment, len(valid_set or []), p.model)
-        evaluation = {}
-        if has_eval:  # a checkpoint at every evaluation: the best one is reloaded at the end
-            strategy = "steps" if p.eval_steps else "epoch"
-            evaluation = dict(eval_strategy=strategy, eval_steps=p.eval_steps, save_strategy=strategy,
-                              save_steps=p.eval_steps or 500, load_best_model_at_end=True,
-                              metric_for_best_model="log_loss", greater_is_better=False)
-        args = training_arguments(p, self.precision, self.device, "adamw_torch", self.context.seed,
-                                  self.context.progress, activation_checkpointing=bool(p.gradient_checkpointing),
-                                  **evaluation)
-        with checkpoint_folder(self.context.work_dir, args) as resume:
-            trainer = PreferenceTrainer(
-                model=self.model, args=args, train_dataset=train_set, eval_dataset=valid_set,
-                processing_class=self.tokenizer, data_collator=DataCollatorWithPadding(self.tokenizer),
-                compute_metrics=_log_loss_metric if has_eval else None, callbacks=self.training_callbacks(has_eval),
-                label_smoothing=p.label_smoothing)
-            trainer.train(resume_from_checkpoint=resume)
-        self.model = trainer.model
-        self.model.eval()
-        self.log_history = list(trainer.state.log_history)
-        if has_eval and trainer.state.best_metric is not None:
+    def _after_training(self, trainer, valid) -> None:
+        if trainer.state.best_metric is not None:
             log.info("encoder: best validation log loss %.4f at step %s",
                      trainer.state.best_metric, trainer.state.best_global_step)
-        return self
 
-    def _score(self, battles: pd.DataFrame) -> np.ndarray:
-        from transformers import DataCollatorWithPadding
-
-        features = self.encoding.features(battles)
-        size = int(self.params.predict_batch_size)
-        batches = length_batches([len(f["input_ids"]) for f in features], size * self.params.max_length, size)
-        collate = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
-        self.model.to(self.device)
-        out = np.zeros((len(features), 3), dtype=np.float32)
-        with torch.inference_mode(), self.precision.autocast(self.device):
-            for idx in tqdm(batches, desc="encoder predict", disable=not self.context.progress, leave=False):
-                batch = {k: v.to(self.device) for k, v in collate([features[i] for i in idx]).items()}
-                out[idx] = self.model(**batch).logits.float().cpu().numpy()
-        return out
-
-    def save(self, directory) -> None:
-        """Model and tokenizer (safetensors), ``stage.json`` and the training log; main process only."""
-        directory = self.save_directory(directory)
-        if directory is None:
-            return
+    # ---- persistence: the whole model and its tokenizer ----
+    def _save_model(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        write_json(directory / "stage.json", {"kind": self.kind, "params": self.params.as_dict()})
-        write_text(directory / "training_log.json", json.dumps(self.log_history, indent=2, default=float))
 
     @classmethod
-    def load(cls, directory, context: StageContext | None = None) -> "EncoderStage":
-        directory = Path(directory)
-        meta_path = directory / "stage.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"no encoder stage saved in {directory} (stage.json missing)")
-        params = read_json(meta_path)["params"]
-        params["model"] = str(directory)  # the fitted weights live here; the original checkpoint may be gone
-        stage = cls(params, context)
-        stage._setup()
-        stage._load_pretrained(directory, new_head=False)
-        stage.model.to(stage.device).eval()
-        log_path = directory / "training_log.json"
-        stage.log_history = read_json(log_path) if log_path.exists() else []
-        return stage
+    def _saved_params(cls, directory: Path) -> dict:
+        """The saved params, reading the model (and tokenizer) from ``directory``: the fitted weights live
+        there, and the original checkpoint may be gone."""
+        return {**super()._saved_params(directory), "model": str(directory)}
+
+    def _load_model(self, directory: Path) -> None:
+        self.model = self._pretrained(directory, new_head=False).to(self.device).eval()

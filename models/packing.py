@@ -18,16 +18,22 @@ Rules
    field saying how many. The turn that does not fit whole keeps its head (beginning), followed by
    ``policy.cut_marker``; an older turn is only cut this way if at least ``policy.min_cut_tokens``
    of it fit, otherwise it is dropped. The most recent turn is always kept (cut if needed).
-4. **Markers exactly when cut.** ``PackedBattle.truncated[field]`` is True iff some text of that
-   field was dropped, and then (budget permitting) the field carries a marker; a field that fits
-   is returned unchanged and unpadded.
+4. **Markers exactly when cut.** ``PackedBattle.truncation.cut[field]`` is True iff some text of
+   that field was dropped, and then (budget permitting) the field carries a marker; a field that
+   fits is returned unchanged and unpadded.
 
 Counts are measured on the whole packed field string, so the budget holds in real tokens even
 where a tokenizer does not count concatenations additively.
+
+What was kept is recorded per battle (:class:`Truncation`: tokens kept, cut or not, whole turns
+dropped, per field) and summarised over many battles by :func:`summarize_truncation` (tokens per
+field, share of battles cut per field, turns dropped), so a run can report what its models read.
+The policy's two settings have no defaults here: ``max_tokens`` is the caller's budget and
+``prompt_share`` comes from the stage's params (:class:`models.deep.params.DeepParams`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from battles.text import FIELDS, TURN_SEPARATOR, labelled_text, turn_label
@@ -37,8 +43,8 @@ from battles.text import FIELDS, TURN_SEPARATOR, labelled_text, turn_label
 class PackingPolicy:
     """How to share ``max_tokens`` of content between the prompt and the two replies."""
 
-    max_tokens: int = 512  # budget for the three fields' content (special tokens excluded by the caller)
-    prompt_share: float = 0.2  # the prompt's share; each reply gets half of the rest
+    max_tokens: int  # budget for the three fields' content (special tokens excluded by the caller)
+    prompt_share: float  # the prompt's share; each reply gets half of the rest
     cut_marker: str = " [...] "  # appended to the kept head of a turn that was cut
     min_cut_tokens: int = 16  # an older turn is cut to its head only if at least this many tokens fit
 
@@ -49,14 +55,36 @@ class PackingPolicy:
             raise ValueError(f"PackingPolicy.prompt_share must be in (0, 1), got {self.prompt_share}")
 
 
-@dataclass
+@dataclass(frozen=True)
+class PackedField:
+    """One field packed: its text (turns joined, markers inserted), the tokens it takes, whether any of
+    its text was dropped, and how many whole turns were."""
+
+    text: str
+    tokens: int
+    cut: bool
+    turns_dropped: int
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """What packing kept of one battle, per field (keys: ``prompt``, ``response_a``, ``response_b``):
+    tokens kept (as the stage's tokenizer counts the packed field), whether the field was cut, and how
+    many of its whole turns were dropped."""
+
+    tokens: dict[str, int]
+    cut: dict[str, bool]
+    turns_dropped: dict[str, int]
+
+
+@dataclass(frozen=True)
 class PackedBattle:
-    """Packed texts of one battle (turns joined, markers inserted) and which fields were cut."""
+    """Packed texts of one battle and what was kept of it."""
 
     prompt: str
     response_a: str
     response_b: str
-    truncated: dict = field(default_factory=dict)  # field name -> bool
+    truncation: Truncation
 
 
 def dropped_marker(n_dropped: int) -> str:
@@ -97,17 +125,21 @@ def _longest_head(text: str, build: Callable[[str], str], budget: int, count_tok
 
 
 def pack_field(turns: Sequence[str], budget: int, count_tokens: Callable[[str], int],
-               policy: PackingPolicy) -> tuple[str, bool]:
-    """Pack one field's turns into ``budget`` tokens (rules 2-4). Returns ``(text, truncated)``."""
+               policy: PackingPolicy) -> PackedField:
+    """Pack one field's turns into ``budget`` tokens (rules 2-4)."""
     turns = list(turns)
     full = labelled_text(turns)
-    if count_tokens(full) <= budget:
-        return full, False
+    need = count_tokens(full)
+    if need <= budget:
+        return PackedField(full, need, False, 0)
     multi = len(turns) > 1
     label = (lambda k: turn_label(k + 1, turns[k])) if multi else (lambda k: turns[k])
 
     def compose(n_dropped: int, parts: list[str]) -> str:
         return TURN_SEPARATOR.join(([dropped_marker(n_dropped)] if n_dropped else []) + parts)
+
+    def cut(text: str, n_dropped: int) -> PackedField:
+        return PackedField(text, count_tokens(text), True, n_dropped)
 
     kept: list[str] = []
     for k in range(len(turns) - 1, -1, -1):
@@ -118,25 +150,39 @@ def pack_field(turns: Sequence[str], budget: int, count_tokens: Callable[[str], 
         # Turn k does not fit whole: keep its head if it is the most recent turn or enough of it fits.
         head = _longest_head(whole, lambda h: compose(k, [h + policy.cut_marker] + kept), budget, count_tokens)
         if head is not None and (not kept or count_tokens(head) >= policy.min_cut_tokens):
-            return compose(k, [head + policy.cut_marker] + kept), True
+            return cut(compose(k, [head + policy.cut_marker] + kept), k)
         if kept:
-            return compose(k + 1, kept), True
+            return cut(compose(k + 1, kept), k + 1)
         # Not even the marker fits beside the last turn's head: degrade gracefully, still within budget.
-        return _longest_head(whole, lambda h: h, budget, count_tokens) or "", True
+        return cut(_longest_head(whole, lambda h: h, budget, count_tokens) or "", k)
     raise AssertionError("unreachable: the whole field was checked to overflow")
 
 
 def pack_battle(prompt_turns: Sequence[str], a_turns: Sequence[str], b_turns: Sequence[str],
-                count_tokens: Callable[[str], int], policy: PackingPolicy | None = None) -> PackedBattle:
+                count_tokens: Callable[[str], int], policy: PackingPolicy) -> PackedBattle:
     """Pack one battle's three fields into ``policy.max_tokens`` tokens as counted by ``count_tokens``."""
-    policy = policy or PackingPolicy()
     fields = [list(prompt_turns), list(a_turns), list(b_turns)]
     needs = [count_tokens(labelled_text(f)) for f in fields]
     reply_share = (1.0 - policy.prompt_share) / 2
     budgets = allocate_budget(needs, [policy.prompt_share, reply_share, reply_share], policy.max_tokens)
-    texts, truncated = [], {}
-    for name, turns, budget in zip(FIELDS, fields, budgets):
-        text, cut = pack_field(turns, budget, count_tokens, policy)
-        texts.append(text)
-        truncated[name] = cut
-    return PackedBattle(*texts, truncated=truncated)
+    packed = dict(zip(FIELDS, (pack_field(turns, budget, count_tokens, policy)
+                               for turns, budget in zip(fields, budgets))))
+    truncation = Truncation({f: p.tokens for f, p in packed.items()}, {f: p.cut for f, p in packed.items()},
+                            {f: p.turns_dropped for f, p in packed.items()})
+    return PackedBattle(*(packed[f].text for f in FIELDS), truncation=truncation)
+
+
+def summarize_truncation(records: Sequence[Truncation]) -> dict:
+    """What packing did to many battles, per field: mean and largest tokens kept, the share of battles
+    cut, the whole turns dropped (in all) and the share of battles that lost at least one turn."""
+    n = len(records)
+    summary: dict = {"battles": n}
+    for name in FIELDS:
+        tokens = [r.tokens[name] for r in records]
+        dropped = [r.turns_dropped[name] for r in records]
+        summary[name] = {
+            "mean_tokens": sum(tokens) / n if n else 0.0, "max_tokens": max(tokens, default=0),
+            "share_cut": sum(r.cut[name] for r in records) / n if n else 0.0,
+            "turns_dropped": sum(dropped), "share_turns_dropped": sum(d > 0 for d in dropped) / n if n else 0.0,
+        }
+    return summary

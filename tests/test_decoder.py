@@ -110,15 +110,42 @@ def test_bos_added_once_when_template_lacks_it_and_none_without_bos(tmp_path):
 
 def test_final_instruction_survives_a_huge_battle(tmp_path):
     tokenizer = build_tokenizer(tmp_path)
-    encoder = ChatEncoding(tokenizer, max_length=400)
+    encoder = ChatEncoding(tokenizer, max_length=400, prompt_share=0.2)
     huge = ["The capital of France is Paris. " * 400] * 3
-    encoded = encoder.encode(["question one " * 300, "question two " * 300, "last question?"], huge, huge)
-    assert len(encoded.input_ids) <= 400 and all(encoded.truncated.values())
-    text = tokenizer.decode(encoded.input_ids)
+    ids, types, truncation = encoder.encode_battle(["question one " * 300, "question two " * 300, "last question?"],
+                                                   huge, huge)
+    assert len(ids) <= 400 and types is None and all(truncation.cut.values())
+    text = tokenizer.decode(ids)
     assert text.rstrip().endswith(FINAL_QUESTION + "<end_of_turn>\n<start_of_turn>model")
     assert "last question?" in text  # the most recent prompt turn is kept
+    # the record: the fields' tokens fill what the frame leaves; older turns were dropped
+    assert sum(truncation.tokens.values()) <= 400 - encoder.frame_tokens
+    assert truncation.turns_dropped["prompt"] >= 1 and truncation.turns_dropped["response_a"] == 2
     with pytest.raises(ValueError, match="max_length=20"):
-        ChatEncoding(tokenizer, max_length=20)
+        ChatEncoding(tokenizer, max_length=20, prompt_share=0.2)
+
+
+def test_one_encoding_interface_and_its_truncation_record(gemma_dir, minilm_dir):
+    """Both stages encode through ``encode(battles)``: ids per row (token types for the encoder) and a
+    truncation record per row that sums up per field."""
+    from models.encoder import EncoderStage
+
+    battles = read_battles(shared_file("arena/train_sample.csv"))[0].iloc[:40]
+    for stage in (make(gemma_dir, max_length=256), EncoderStage({"model": minilm_dir, "max_length": 128}, QUIET)):
+        encoded = stage.encode(battles)
+        assert len(encoded) == len(battles) == len(encoded.truncation)
+        assert max(encoded.lengths) <= stage.params.max_length
+        assert (encoded.token_type_ids is not None) == (stage.kind == "encoder")
+        summary = encoded.truncation_summary()
+        assert summary["battles"] == 40
+        for field in ("prompt", "response_a", "response_b"):
+            cut = [r.cut[field] for r in encoded.truncation]
+            assert summary[field]["share_cut"] == pytest.approx(sum(cut) / 40)
+            assert summary[field]["max_tokens"] <= stage.params.max_length
+            # a field that was not cut lost no turn
+            assert all(r.turns_dropped[field] == 0 for r in encoded.truncation if not r.cut[field])
+        assert 0 < summary["response_a"]["share_cut"] < 1  # long and short replies in the sample
+        assert encoded.truncation_summary(10)["battles"] == 10
 
 
 # ----------------------------------------------------------------------------- quantisation selection
@@ -290,7 +317,7 @@ def test_lora_layers_to_transform_and_small_head_init(gemma_dir):
 def test_qwen2_without_bos_trains_and_predicts(qwen_dir):
     stage = make(qwen_dir, max_steps=2, quantization="4bit")
     battles = toy_battles(4)
-    bos = stage.encode(battles)
+    bos = stage.encode(battles).input_ids
     assert stage.tokenizer.bos_token_id is None
     assert all(stage.tokenizer.convert_tokens_to_ids("<bos>") not in ids for ids in bos)
     stage.fit(battles)

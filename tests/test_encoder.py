@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from battles.columns import LABEL_COLUMNS  # noqa: E402
 from battles.labels import swap_battles, swap_columns  # noqa: E402
-from models.deep.inputs import PairEncoding, training_table  # noqa: E402
+from models.deep.inputs import PairEncoding, training_rows, training_table  # noqa: E402
 from models.encoder import EncoderStage  # noqa: E402
 from models.stage import StageContext, make_stage, predict_with_orders  # noqa: E402
 from tests.tiny_models import WORDS, build_deberta  # noqa: E402
@@ -72,7 +71,7 @@ def test_sequence_layout_real_tokens(minilm_dir, arena_battles):
     battles = arena_battles
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    features = PairEncoding(tok, max_length=256, prompt_share=0.2).features(battles.iloc[:200])
+    features = PairEncoding(tok, max_length=256, prompt_share=0.2).encode(battles.iloc[:200]).features()
     lengths = [len(f["input_ids"]) for f in features]
     assert max(lengths) == 256 and min(lengths) < 256  # long battles fill the budget exactly; short ones are not padded
     for f in features:
@@ -109,8 +108,8 @@ def test_soft_labels_and_weights_reach_the_loss(tiny_model):
     train = synthetic_battles(16, seed=3)
     train["soft_a"], train["soft_b"], train["soft_tie"] = 0.6, 0.3, 0.1
     stage = EncoderStage({"model": str(tiny_model), **TINY_PARAMS, "max_steps": 2, "eval_steps": None}, QUIET)
-    stage._setup()
-    features = stage._rows(training_table(train, swap_augment=True))
+    table = training_table(train, swap_augment=True)
+    features = training_rows(table, stage.encode(table))
     assert len(features) == 32
     assert features[0]["labels"] == pytest.approx([0.6, 0.3, 0.1])
     assert features[16]["labels"] == pytest.approx([0.3, 0.6, 0.1])  # the swapped copy

@@ -1,8 +1,15 @@
 """Battles -> model inputs for both deep stages, and the rows they train on.
 
+One interface for both stages: an :class:`Encoding` is made for one tokenizer, ``max_length`` and
+``prompt_share``; ``encode(battles, progress=False)`` returns :class:`EncodedBattles`: per row the
+token ids (plus token type ids where the model uses them) and the :class:`models.packing.Truncation`
+record of what the shared packing policy (:func:`models.packing.pack_battle`) kept of that battle
+(tokens per field, fields cut, turns dropped; :meth:`EncodedBattles.truncation_summary` sums it up).
+A subclass lays out one battle (:meth:`Encoding.encode_battle`).
+
 Encoder (:class:`PairEncoding`): ``[CLS] prompt [SEP] response A [SEP] response B [SEP]`` with token
-type 0 for the first segment and 1 for the rest, each field packed by the shared truncation policy
-(:func:`models.packing.pack_battle`) into ``max_length`` minus the four special tokens.
+type 0 for the first segment and 1 for the rest, each field packed into ``max_length`` minus the four
+special tokens.
 
 Decoder (:class:`ChatEncoding`): the whole battle goes into a single user message of the model's own
 chat template::
@@ -20,9 +27,9 @@ Gemma-2 and Llama-3.x already write the BOS token and their tokenizers add anoth
 special tokens, so the rendered text is tokenized without special tokens, any leading BOS dropped and
 exactly one put back (when the tokenizer has one; Qwen2 has none).
 
-Training rows (:func:`training_rows`): token ids plus ``labels`` (the ``[a, b, tie]`` target: one-hot,
-or the soft label where a row has one) and ``weight``; :func:`training_table` adds the A/B-swapped
-copy of every battle when swap augmentation is on.
+Training rows (:func:`training_rows`): the model inputs plus ``labels`` (the ``[a, b, tie]`` target:
+one-hot, or the soft label where a row has one) and ``weight``; :func:`training_table` adds the
+A/B-swapped copy of every battle when swap augmentation is on.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from battles.labels import label_matrix, row_weights, swap_battles
-from models.packing import PackingPolicy, pack_battle
+from models.packing import PackedBattle, PackingPolicy, Truncation, pack_battle, summarize_truncation
 
 INSTRUCTION = (
     "Two AI assistants answered the same user prompt. Decide which response the user preferred."
@@ -44,9 +51,33 @@ MIN_TEXT_TOKENS = 24
 
 
 @dataclass
-class EncodedBattle:
-    input_ids: list[int]
-    truncated: dict
+class EncodedBattles:
+    """Model inputs of a battle table, row by row, and what packing kept of each battle."""
+
+    input_ids: list[list[int]]
+    truncation: list[Truncation]
+    token_type_ids: list[list[int]] | None = None  # segment ids, for encoder checkpoints that use them
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per row (what inference batches are budgeted by)."""
+        return [len(ids) for ids in self.input_ids]
+
+    def features(self) -> list[dict]:
+        """One dict of model inputs per row: ``input_ids``, ``attention_mask`` (ones; padding adds the
+        zeros) and, where the model uses them, ``token_type_ids``."""
+        rows = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in self.input_ids]
+        if self.token_type_ids is not None:
+            for row, types in zip(rows, self.token_type_ids):
+                row["token_type_ids"] = types
+        return rows
+
+    def truncation_summary(self, rows: int | None = None) -> dict:
+        """:func:`models.packing.summarize_truncation` of the first ``rows`` rows (all by default)."""
+        return summarize_truncation(self.truncation[:rows])
 
 
 def user_message(prompt: str, response_a: str, response_b: str) -> str:
@@ -78,13 +109,46 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return [bos] + ids[start:]
 
 
-class ChatEncoding:
-    """Encodes battles for one decoder tokenizer and ``max_length`` with the shared packing policy."""
+class Encoding:
+    """Battles -> model inputs for one tokenizer and ``max_length``, each battle packed by the shared
+    policy with the stage's ``prompt_share``. Subclasses implement :meth:`encode_battle`."""
 
-    def __init__(self, tokenizer, max_length: int, prompt_share: float = 0.2):
+    uses_token_types = False  # whether rows carry token type ids
+
+    def __init__(self, tokenizer, max_length: int, prompt_share: float):
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.prompt_share = prompt_share
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def pack(self, prompt_turns, a_turns, b_turns, max_tokens: int) -> PackedBattle:
+        """The battle's three fields packed into ``max_tokens`` tokens of this tokenizer."""
+        policy = PackingPolicy(max_tokens=max_tokens, prompt_share=self.prompt_share)
+        return pack_battle(prompt_turns, a_turns, b_turns, self.count_tokens, policy)
+
+    def encode_battle(self, prompt_turns, a_turns, b_turns) -> tuple[list[int], list[int] | None, Truncation]:
+        """One battle: ``(input_ids, token_type_ids or None, truncation record)``."""
+        raise NotImplementedError
+
+    def encode(self, battles: pd.DataFrame, progress: bool = False) -> EncodedBattles:
+        """Every battle of the table, in row order."""
+        ids, types, records = [], [], []
+        rows = zip(battles["prompt"], battles["response_a"], battles["response_b"])
+        for p, a, b in tqdm(rows, total=len(battles), desc="encoding battles", disable=not progress, leave=False):
+            row_ids, row_types, record = self.encode_battle(p, a, b)
+            ids.append(row_ids)
+            types.append(row_types)
+            records.append(record)
+        return EncodedBattles(ids, records, types if self.uses_token_types else None)
+
+
+class ChatEncoding(Encoding):
+    """The decoder layout: the battle in one user message of the tokenizer's chat template."""
+
+    def __init__(self, tokenizer, max_length: int, prompt_share: float):
+        super().__init__(tokenizer, max_length, prompt_share)
         self.frame_tokens = len(encode_text(tokenizer, render(tokenizer, "", "", "")))
         if self.max_length - self.frame_tokens < MIN_TEXT_TOKENS:
             raise ValueError(
@@ -93,60 +157,37 @@ class ChatEncoding:
                 f"{self.frame_tokens + MIN_TEXT_TOKENS}"
             )
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def encode(self, prompt_turns, a_turns, b_turns) -> EncodedBattle:
+    def encode_battle(self, prompt_turns, a_turns, b_turns) -> tuple[list[int], None, Truncation]:
         """Pack the texts into the budget left by the frame; shrink and retry if token merges overshoot."""
         budget = self.max_length - self.frame_tokens
         for _ in range(4):
-            policy = PackingPolicy(max_tokens=budget, prompt_share=self.prompt_share)
-            packed = pack_battle(list(prompt_turns), list(a_turns), list(b_turns), self.count_tokens, policy)
+            packed = self.pack(prompt_turns, a_turns, b_turns, budget)
             text = render(self.tokenizer, packed.prompt, packed.response_a, packed.response_b)
             ids = encode_text(self.tokenizer, text)
             overflow = len(ids) - self.max_length
             if overflow <= 0:
-                return EncodedBattle(ids, packed.truncated)
+                return ids, None, packed.truncation
             budget -= overflow
         raise ValueError(f"could not fit a battle into max_length={self.max_length} (still {overflow} tokens over)")
 
-    def __call__(self, battles: pd.DataFrame, progress: bool = False) -> list[list[int]]:
-        """Token ids of every battle."""
-        rows = zip(battles["prompt"], battles["response_a"], battles["response_b"])
-        return [self.encode(p, a, b).input_ids
-                for p, a, b in tqdm(rows, total=len(battles), desc="encoding battles", disable=not progress, leave=False)]
 
+class PairEncoding(Encoding):
+    """The encoder layout ``[CLS] prompt [SEP] A [SEP] B [SEP]`` (encoder checkpoints)."""
 
-class PairEncoding:
-    """Packs and tokenizes battles into ``[CLS] prompt [SEP] A [SEP] B [SEP]`` (encoder checkpoints)."""
-
-    def __init__(self, tokenizer, max_length: int, prompt_share: float = 0.2):
+    def __init__(self, tokenizer, max_length: int, prompt_share: float):
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise ValueError(f"tokenizer {type(tokenizer).__name__} has no CLS/SEP tokens: not an encoder tokenizer")
-        self.tokenizer = tokenizer
-        self.max_length = int(max_length)
-        self.policy = PackingPolicy(max_tokens=self.max_length - 4, prompt_share=prompt_share)
-        self.with_types = "token_type_ids" in tokenizer.model_input_names
+        super().__init__(tokenizer, max_length, prompt_share)
+        self.uses_token_types = "token_type_ids" in tokenizer.model_input_names
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-    def features(self, battles: pd.DataFrame, progress: bool = False) -> list[dict]:
-        """One dict per battle: ``input_ids``, ``attention_mask`` and (when the model uses them) ``token_type_ids``."""
-        cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-        rows = zip(battles["prompt"], battles["response_a"], battles["response_b"])
-        features = []
-        for p, a, b in tqdm(rows, total=len(battles), desc="packing battles", disable=not progress, leave=False):
-            packed = pack_battle(p, a, b, self.count_tokens, self.policy)
-            ids = self.tokenizer([packed.prompt, packed.response_a, packed.response_b],
-                                 add_special_tokens=False)["input_ids"]
-            first = [cls, *ids[0], sep]
-            rest = [*ids[1], sep, *ids[2], sep]
-            feature = {"input_ids": first + rest, "attention_mask": [1] * (len(first) + len(rest))}
-            if self.with_types:
-                feature["token_type_ids"] = [0] * len(first) + [1] * len(rest)
-            features.append(feature)
-        return features
+    def encode_battle(self, prompt_turns, a_turns, b_turns) -> tuple[list[int], list[int] | None, Truncation]:
+        packed = self.pack(prompt_turns, a_turns, b_turns, self.max_length - 4)
+        texts = [packed.prompt, packed.response_a, packed.response_b]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        first = [self.tokenizer.cls_token_id, *ids[0], self.tokenizer.sep_token_id]
+        rest = [*ids[1], self.tokenizer.sep_token_id, *ids[2], self.tokenizer.sep_token_id]
+        types = [0] * len(first) + [1] * len(rest) if self.uses_token_types else None
+        return first + rest, types, packed.truncation
 
 
 def training_table(battles: pd.DataFrame, swap_augment: bool) -> pd.DataFrame:
@@ -156,8 +197,9 @@ def training_table(battles: pd.DataFrame, swap_augment: bool) -> pd.DataFrame:
     return battles
 
 
-def training_rows(battles: pd.DataFrame, features: list[dict]) -> list[dict]:
-    """``features`` (one dict of model inputs per battle) with the ``labels`` target and ``weight`` added."""
+def training_rows(battles: pd.DataFrame, encoded: EncodedBattles) -> list[dict]:
+    """The model inputs of every battle (``encoded``, in row order) with the ``labels`` target and
+    ``weight`` added."""
     targets = label_matrix(battles).astype(np.float32)
     weights = row_weights(battles).astype(np.float32)
-    return [{**f, "labels": t.tolist(), "weight": float(w)} for f, t, w in zip(features, targets, weights)]
+    return [{**f, "labels": t.tolist(), "weight": float(w)} for f, t, w in zip(encoded.features(), targets, weights)]

@@ -1,8 +1,11 @@
 """Parameters both deep stages share (each stage's ``Params`` extends :class:`DeepParams`).
 
 Fields whose default differs between the encoder and the decoder (``max_length``, ``learning_rate``,
-batch sizes, ...) are declared on the stage's own ``Params`` with that stage's default; every default
-lives in exactly one class.
+batch sizes, ``predict_batch_tokens``, ...) are declared on the stage's own ``Params`` with that
+stage's default; every default lives in exactly one class, and the code below the stages (the
+packing policy, the input encodings) takes these values as required arguments. The choices of
+``precision`` are those of :mod:`models.deep.precision` (and the decoder's ``quantization`` those of
+:mod:`models.deep.quantization`).
 """
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from typing import Literal
 from pydantic import Field
 
 from kernel.schema import Section
+from models.deep.precision import DTYPES
 
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Precision = Literal[("auto", *DTYPES)]
 
 
 class DeepParams(Section):
