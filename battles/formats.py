@@ -326,21 +326,20 @@ def _parquet_file(path: Path):
 
 
 def _parquet_frames(path: Path, rows: int, start: int, columns) -> Iterator[tuple[int, pd.DataFrame]]:
-    import pyarrow as pa
-
     pf = _parquet_file(path)
     if columns:
         columns = [c for c in columns if c in pf.schema_arrow.names]
     position = 0
     try:
         for batch in pf.iter_batches(batch_size=rows, columns=columns or None):
+            batch.validate(full=True)  # text that is not UTF-8 would fail later, deep in pandas
             end = position + batch.num_rows
             if end > start:
                 if position < start:
                     batch = batch.slice(start - position)
                 yield max(position, start), batch.to_pandas()
             position = end
-    except (pa.ArrowException, OSError) as exc:  # damaged pages, types pandas cannot hold
+    except Exception as exc:  # damaged pages or metadata: pyarrow and its pandas conversion raise many types
         raise BattleDataError(path, f"cannot be read as parquet after {position:,} rows: {exc}") from None
 
 

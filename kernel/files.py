@@ -10,6 +10,7 @@ a rerun after freeing space resumes from the files that were finished.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -63,7 +64,21 @@ def _write_error(path: Path, exc: Exception) -> FileWriteError | None:
     else:
         return None
     return DiskFullError(f"{path}: {reason}; free some space and run the same command again (finished work is "
-                         "reused, nothing half-written was kept)")
+                         "reused)")
+
+
+@contextlib.contextmanager
+def refused_writes(path):
+    """Inside the block, a write of ``path`` that the system refuses (a full disk, a quota, a read-only
+    folder) raises :class:`FileWriteError` naming ``path``; any other error passes unchanged. For files
+    that are appended to on purpose (a resumable job's ``.partial``); :func:`write_atomic` uses it."""
+    try:
+        yield
+    except Exception as exc:
+        error = _write_error(Path(path), exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def write_atomic(path, write) -> None:
@@ -78,14 +93,10 @@ def write_atomic(path, write) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except Exception as exc:
-        error = _write_error(path, exc)  # before the temporary file goes: it holds the space that ran out
-        if error is None:
-            raise
-        raise error from exc
+        with refused_writes(path):  # judged before the temporary file goes: it holds the space that ran out
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -33,7 +33,15 @@ from battles.formats import count_rows, file_sha256, iter_frames
 from battles.io import read_battles
 from battles.stream import iter_battle_chunks
 from kernel.errors import BattleDataError
-from kernel.files import DiskFullError, FileWriteError, write_atomic, write_json, write_npy, write_npz
+from kernel.files import (
+    DiskFullError,
+    FileWriteError,
+    refused_writes,
+    write_atomic,
+    write_json,
+    write_npy,
+    write_npz,
+)
 from tests.conftest import FAST_LGBM
 
 
@@ -462,6 +470,18 @@ def test_a_full_disk_stops_in_one_line_and_the_rerun_after_freeing_space_ends_th
         assert (out / table).read_bytes() == (clean / table).read_bytes(), table
     for state in clean.rglob("*.npy"):
         assert (out / state.relative_to(clean)).read_bytes() == state.read_bytes(), state
+
+
+def test_an_appended_file_reports_a_full_disk_the_same_way(tmp_path):
+    """A resumable job's ``.partial`` is appended to on purpose; ``refused_writes`` gives it the same line."""
+    path = tmp_path / "out.jsonl.partial"
+    with pytest.raises(DiskFullError, match=f"^{path}: the disk is full"):
+        with refused_writes(path), open(path, "a") as f:
+            f.write("{}\n")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(KeyError):
+        with refused_writes(path):
+            raise KeyError("not the system's")
 
 
 def test_written_json_is_whole_after_a_failed_rewrite(tmp_path):
