@@ -138,8 +138,8 @@ def _wide_encoding(head: bytes) -> tuple[str, str, bool] | None:
     quads = [head[i:i + 4] for i in range(0, len(head) - 3, 4)]
     pairs = [head[i:i + 2] for i in range(0, len(head) - 1, 2)]
     for units, name, little, big in (
-            (quads, "UTF-32", lambda u: u[0] and not any(u[1:]), lambda u: u[3] and not any(u[:3])),
-            (pairs, "UTF-16", lambda u: u[0] and not u[1], lambda u: u[1] and not u[0])):
+            (quads, "UTF-32", lambda u: u[0] != 0 and not any(u[1:]), lambda u: u[3] != 0 and not any(u[:3])),
+            (pairs, "UTF-16", lambda u: u[0] != 0 and u[1] == 0, lambda u: u[1] != 0 and u[0] == 0)):
         if units:
             n_little, n_big = sum(map(little, units)), sum(map(big, units))
             if max(n_little, n_big) > len(units) / 4:
@@ -147,7 +147,7 @@ def _wide_encoding(head: bytes) -> tuple[str, str, bool] | None:
     return None
 
 
-def reencode_hint(path: Path, source: str) -> str:
+def _reencode_hint(path: Path, source: str) -> str:
     """The shell line that re-encodes ``path`` from ``source`` to UTF-8 (through gzip for a ``.gz``)."""
     fixed = f"fixed{''.join(path.suffixes[-2:] if _is_gz(path) else path.suffixes[-1:])}"
     if _is_gz(path):
@@ -175,7 +175,7 @@ def _check_text_start(path: Path, kind: str) -> None:
         name, order, bom = wide
         source = name if bom else f"{name}{'LE' if order == 'little-endian' else 'BE'}"
         raise BattleDataError(path, f"is {name} text ({order}{', with a byte-order mark' if bom else ''}), not UTF-8; "
-                                    f"re-encode it: {reencode_hint(path, source)} (or re-save it as UTF-8)")
+                                    f"re-encode it: {_reencode_hint(path, source)} (or re-save it as UTF-8)")
     if b"\x00" in head:
         raise BattleDataError(path, f"holds NUL bytes: binary data, not {kind} text")
 
@@ -234,7 +234,7 @@ def _reading(path: Path):
 
 def not_utf8(path: Path, what: str, **where) -> BattleDataError:
     return BattleDataError(path, f"{what} is not UTF-8 text; re-encode the file as UTF-8 (e.g. "
-                                 f"{reencode_hint(path, 'latin1')}, or re-save it as 'CSV UTF-8' / UTF-8)", **where)
+                                 f"{_reencode_hint(path, 'latin1')}, or re-save it as 'CSV UTF-8' / UTF-8)", **where)
 
 
 def _locate_bad_bytes(path: Path) -> BattleDataError:
