@@ -151,8 +151,8 @@ def _reencode_hint(path: Path, source: str) -> str:
     """The shell line that re-encodes ``path`` from ``source`` to UTF-8 (through gzip for a ``.gz``)."""
     fixed = f"fixed{''.join(path.suffixes[-2:] if _is_gz(path) else path.suffixes[-1:])}"
     if _is_gz(path):
-        return f"`gzip -dc '{path.name}' | iconv -f {source} -t UTF-8 | gzip > {fixed}`"
-    return f"`iconv -f {source} -t UTF-8 '{path.name}' > {fixed}`"
+        return f"`gzip -dc '{path.name}' | iconv -f {source} -t utf-8 | gzip > {fixed}`"
+    return f"`iconv -f {source} -t utf-8 '{path.name}' > {fixed}`"
 
 
 def _check_text_start(path: Path, kind: str) -> None:

@@ -140,7 +140,7 @@ def _id_text(value, path, row: int) -> str:
     else:
         raise BattleDataError(path, f"id must be text or an integer, got {value!r}", row, "id")
     if not text.strip():
-        raise BattleDataError(path, "empty id" if not text else f"blank id {text!r}", row, "id")
+        raise BattleDataError(path, "empty id" if not text else f"empty id (only white space: {text!r})", row, "id")
     return text
 
 

@@ -140,12 +140,12 @@ def test_utf16_and_utf32_get_their_own_reencoding_hint(sample_csv, sample_jsonl,
         path = tmp_path / name
         path.write_bytes(data.decode("utf-8").encode(encoding))
         err = _refused(path, described)
-        assert f"`iconv -f {iconv} -t UTF-8 '{name}' > fixed{path.suffix}`" in str(err)
+        assert f"`iconv -f {iconv} -t utf-8 '{name}' > fixed{path.suffix}`" in str(err)
         assert "latin1" not in str(err)
     packed = tmp_path / "wide.csv.gz"
     packed.write_bytes(gzip.compress(sample_csv.decode("utf-8").encode(encoding)))
     err = _refused(packed, described)
-    assert f"`gzip -dc 'wide.csv.gz' | iconv -f {iconv} -t UTF-8 | gzip > fixed.csv.gz`" in str(err)
+    assert f"`gzip -dc 'wide.csv.gz' | iconv -f {iconv} -t utf-8 | gzip > fixed.csv.gz`" in str(err)
 
 
 def test_the_wide_hint_really_fixes_the_file(sample_csv, tmp_path):
@@ -167,7 +167,7 @@ def test_latin1_keeps_the_latin1_hint_and_a_bom_is_read_past(arena_frame, sample
     path = tmp_path / "latin.csv.gz"
     path.write_bytes(gzip.compress(latin.to_csv(index=False).encode("latin-1")))
     err = _refused(path, "row 4, column 'response_a': the cell is not UTF-8 text")
-    assert "`gzip -dc 'latin.csv.gz' | iconv -f latin1 -t UTF-8 | gzip > fixed.csv.gz`" in str(err)
+    assert "`gzip -dc 'latin.csv.gz' | iconv -f latin1 -t utf-8 | gzip > fixed.csv.gz`" in str(err)
     for name, data in (("bom.csv", sample_csv), ("bom.jsonl", sample_jsonl)):
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + data)
         battles, _ = read_battles(tmp_path / name)
@@ -255,7 +255,7 @@ def test_a_blank_id_is_refused(arena_frame, tmp_path):
     frame = arena_frame.head(4).copy()
     frame.loc[2, "id"] = "   "
     frame.to_csv(tmp_path / "blank.csv", index=False)
-    with pytest.raises(BattleDataError, match=r"row 3, column 'id': blank id '   '"):
+    with pytest.raises(BattleDataError, match=r"row 3, column 'id': empty id \(only white space: '   '\)"):
         read_battles(tmp_path / "blank.csv")
 
 
