@@ -5,9 +5,10 @@ lists of strings (one per turn), optional ``model_a``/``model_b``, the label col
 ``winner_model_a/winner_model_b/winner_tie`` when labelled, and ``source``.
 
 Bad input raises :class:`BattleDataError` naming the file, the row (or, for JSONL and encoding
-problems, the line) and the column. Ids are text everywhere: a CSV cell ``NaN``, ``null`` or ``NA``
-is the id ``"NaN"``, not a missing value; integer ids in parquet/JSONL become their decimal text;
-a missing, empty or non-integral number id is an error. Targets are hard labels (``winner_*``, one 1
+problems, the line) and the column. Ids are text everywhere and kept verbatim: a CSV cell ``NaN``,
+``null`` or ``NA`` is the id ``"NaN"``, not a missing value, and ``" 7"`` keeps its space; integer ids
+in parquet/JSONL become their decimal text; a missing, empty or all-blank id, or a non-integral
+number, is an error. Targets are hard labels (``winner_*``, one 1
 per row) or soft labels (``soft_a/soft_b/soft_tie``: finite, >= 0, summing to 1 within 1e-3), per
 row; a row may carry both (the soft label is the target). Known quirks of real files are repaired
 and counted in a :class:`RepairReport`:
@@ -124,9 +125,10 @@ def check_provenance(provenance: dict, path, n_rows: int | None = None) -> None:
 
 
 def _id_text(value, path, row: int) -> str:
-    """An id cell as text: strings as they are (stripped), integers in decimal; anything else is an error."""
+    """An id cell as text: strings verbatim (spaces included: ``" 7"`` stays ``" 7"``), integers in
+    decimal; an empty or all-blank id or any other type is an error."""
     if isinstance(value, str):
-        text = value.strip()
+        text = value
     elif isinstance(value, (bool, np.bool_)):
         raise BattleDataError(path, f"id must be text or an integer, got {value!r}", row, "id")
     elif isinstance(value, numbers.Integral):
@@ -137,8 +139,8 @@ def _id_text(value, path, row: int) -> str:
         text = ""
     else:
         raise BattleDataError(path, f"id must be text or an integer, got {value!r}", row, "id")
-    if not text:
-        raise BattleDataError(path, "empty id", row, "id")
+    if not text.strip():
+        raise BattleDataError(path, "empty id" if not text else f"empty id (only white space: {text!r})", row, "id")
     return text
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from features.base import FeatureBlock, SidedFeatures
-from kernel.files import content_key, write_atomic, write_json
+from kernel.files import content_key, write_json, write_npy
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,6 @@ def texts_digest(keys: list[BattleKey]) -> str:
                 h.update(len(data).to_bytes(8, "little"))
                 h.update(data)
     return h.hexdigest()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-
-    write_atomic(path, write)
 
 
 class BlockCache:
@@ -109,8 +101,8 @@ class BlockCache:
         else:
             sided = self._transform(battles, keys, fresh)
             if directory is not None:
-                for part in ("a", "b", "shared"):
-                    _save_npy(directory / f"{part}.npy", getattr(sided, part))
+                for part in ("a", "b", "shared"):  # each file atomic; meta.json last marks the directory finished
+                    write_npy(directory / f"{part}.npy", getattr(sided, part))
                 write_json(directory / "meta.json", {"block": self.block.name, "n_battles": len(fresh),
                                                      "names": sided.names, "shared_names": sided.shared_names,
                                                      "combine": list(sided.combine)})

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from battles.text import labelled_text
 from features.base import FeatureBlock, SidedFeatures, row_cosine
-from kernel.files import write_atomic
+from kernel.files import write_npz
 from kernel.local_models import check_model_dir, default_device
 from kernel.schema import Section
 
@@ -74,12 +74,7 @@ class EmbeddingBlock(FeatureBlock):
         if cache is None or not keys:
             return
         name = f"chunk-{_text_hash(''.join(keys))[:16]}.npz"
-
-        def write(tmp):
-            with open(tmp, "wb") as fh:
-                np.savez(fh, keys=np.array(keys, dtype="U40"), vectors=vectors.astype(np.float32))
-
-        write_atomic(cache / name, write)
+        write_npz(cache / name, keys=np.array(keys, dtype="U40"), vectors=vectors.astype(np.float32))
 
     def state_key(self):
         return hashlib.sha1(self._checkpoint_config).hexdigest()  # the checkpoint

@@ -26,6 +26,7 @@ from sklearn.preprocessing import normalize
 from battles.text import FIELDS, plain_text
 from features.base import FeatureBlock, SidedFeatures, row_cosine
 from features.parallel import map_battles, map_chunks
+from kernel.files import write_npy
 from kernel.schema import Section
 
 
@@ -158,10 +159,8 @@ class TfidfBlock(FeatureBlock):
         return SidedFeatures(names, a, b, ["ab_cos"], shared, combine=("diff", "a", "b"))
 
     def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "idf.npy", self.idf_)
-        np.save(directory / "svd_components.npy", self.components_)
+        write_npy(Path(directory) / "idf.npy", self.idf_)
+        write_npy(Path(directory) / "svd_components.npy", self.components_)
 
     def load(self, directory: Path) -> None:
         self.idf_ = np.load(Path(directory) / "idf.npy")

@@ -23,6 +23,7 @@ class BattleDataError(UserError, ValueError):
             where += f", row {row}"
         if column is not None:
             where += f", column '{column}'"
+        message = " ".join(part.strip() for part in message.splitlines() if part.strip())  # one line, always
         super().__init__(f"{where}: {message}")
         self.path, self.row, self.column, self.line = str(path), row, column, line
         self.message = message
