@@ -189,6 +189,9 @@ def fit_over_coverage(names: list[str], oof: dict, covered: dict, train: pd.Data
                      "the default by the rule", e["stage"], e["rows"], e["calibrated_log_loss"], e["prior_log_loss"],
                      *e["minus_prior_interval"])
     beat_prior = [e["stage"] for e in against_prior if e["beats_prior"]]
+    if not beat_prior:
+        log.warning("ensemble: no stage beats the class prior by the paired 90%% interval on its rows; the default "
+                    "set holds every full-coverage stage")
 
     sets = []
     for members, rows in stage_sets(names, covered, scored, beat_prior):
