@@ -1,4 +1,4 @@
-"""Scores every report uses: 3-class log loss and accuracy, overall and per true class."""
+"""Scores every report uses: 3-class log loss and accuracy, overall and per true class, and the class prior."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,10 +31,15 @@ def scores(y: np.ndarray, probs: np.ndarray) -> dict:
     return out
 
 
-def prior_log_loss(y: np.ndarray, folds: np.ndarray) -> float:
-    """Log loss of predicting each fold's training class frequencies: the floor any model must beat."""
+def prior_probs(y: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Each row's fold-wise class prior: the class frequencies (plus one) of the other folds."""
     probs = np.zeros((len(y), 3))
     for k in np.unique(folds):
         counts = np.bincount(y[folds != k], minlength=3) + 1.0
         probs[folds == k] = counts / counts.sum()
-    return float(log_loss(y, probs, labels=[0, 1, 2]))
+    return probs
+
+
+def prior_log_loss(y: np.ndarray, folds: np.ndarray) -> float:
+    """Log loss of predicting each fold's training class frequencies: the floor any model must beat."""
+    return float(log_loss(y, prior_probs(y, folds), labels=[0, 1, 2]))

@@ -31,6 +31,7 @@ from threadpoolctl import threadpool_limits
 from ensemble.calibrators import LogisticStacker, TemperatureCalibrator, WeightedAverage
 from ensemble.metrics import clip_probs, scores
 from kernel.schema import Section
+from kernel.threads import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +141,23 @@ def pick(candidates, losses: dict, tolerance: float = 0.0):
     return next(c for c in candidates if losses[c] <= best + tolerance)
 
 
+def cross_fit_probs(candidate: Candidate, logits, y, folds, meta=None) -> np.ndarray:
+    """Each fold's rows predicted by ``candidate`` fitted on the other folds (the outer predictions of
+    :func:`cross_fit_grid`, without its inner CV)."""
+    probs = np.zeros((len(y), 3))
+    with threadpool_limits(limits=1):
+        for k in np.unique(folds):
+            probs[folds == k] = _fit_predict(candidate, logits, meta, y, folds != k, folds == k)
+    return probs
+
+
 def _cross_fit_candidate(candidate: Candidate, logits, y, folds, meta) -> tuple[np.ndarray, dict]:
     """One candidate's outer-fold predictions and, per outer fold, its inner-CV loss on the other folds."""
     fold_ids = np.unique(folds)
-    outer, inner = np.zeros((len(y), 3)), {}
+    outer, inner = cross_fit_probs(candidate, logits, y, folds, meta), {}
     with threadpool_limits(limits=1):  # also in a worker process
         for k in fold_ids:
             rest = folds != k
-            outer[folds == k] = _fit_predict(candidate, logits, meta, y, rest, folds == k)
             inner_probs = np.zeros((len(y), 3))
             for j in fold_ids[fold_ids != k]:
                 inner_probs[folds == j] = _fit_predict(candidate, logits, meta, y, rest & (folds != j), folds == j)
@@ -156,9 +166,9 @@ def _cross_fit_candidate(candidate: Candidate, logits, y, folds, meta) -> tuple[
 
 
 def cross_fit_grid(candidates, logits, y, folds, meta=None) -> CVGrid:
-    """Every candidate cross-fitted (candidates are independent: one worker process per core on
-    large inputs, with the same numbers as in one process)."""
-    jobs = min(joblib.cpu_count(), len(candidates)) if len(y) >= PARALLEL_MIN_ROWS else 1
+    """Every candidate cross-fitted (candidates are independent: one worker process per usable core
+    (:func:`kernel.threads.usable_cores`) on large inputs, with the same numbers as in one process)."""
+    jobs = min(usable_cores(), len(candidates)) if len(y) >= PARALLEL_MIN_ROWS else 1
     task = joblib.delayed(_cross_fit_candidate)
     results = joblib.Parallel(n_jobs=jobs)(task(c, logits, y, folds, meta) for c in candidates)
     outer = {c: r[0] for c, r in zip(candidates, results)}

@@ -5,12 +5,11 @@ splitting the texts into chunks and handing them to worker processes changes no 
 chunks' results are concatenated in input order. Workers are forked (they inherit the imported
 modules and a ``context`` object such as a vocabulary or a count matrix, so only the chunks and
 their results are pickled) and live for one call. Small inputs, and machines with one usable core,
-run in the calling process.
+run in the calling process. How many cores that is: :func:`kernel.threads.usable_cores`.
 """
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from typing import Callable, Sequence
@@ -20,17 +19,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from battles.text import FIELDS
+from kernel.threads import usable_cores
 
 MIN_PARALLEL_ITEMS = 4000  # below this, forking costs more than it saves
 CHUNK = 2000  # items per task unless the caller says otherwise
 _INHERITED: dict[int, object] = {}  # contexts handed to forked workers by inheritance, not pickling
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _inherited_call(func, token: int, chunk: list):

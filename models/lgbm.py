@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import lightgbm as lgb
+from kernel.threads import usable_cores  # first: importing it makes OpenMP wait passively, read when lightgbm loads
+
+import lightgbm as lgb  # noqa: I001 (after kernel.threads, on purpose)
 import numpy as np
 import pandas as pd
 from pydantic import Field, create_model, field_validator
@@ -32,11 +34,14 @@ from models.stage import Stage, StageContext
 
 log = logging.getLogger(__name__)
 
-# LightGBM's parameters over which a stage's ``lgb`` dict is laid (its keys replace these).
+# LightGBM's parameters over which a stage's ``lgb`` dict is laid (its keys replace these). ``num_threads``
+# is not among them: unless the ``lgb`` dict sets it, a stage uses every core the process may use
+# (kernel.threads.usable_cores). The model does not depend on it (tests/test_threads.py), so it stays
+# out of the saved config and the resume keys: a run resumed on another machine keeps its fits.
 DEFAULT_LGB = {
     "objective": "multiclass", "num_class": 3, "learning_rate": 0.05, "num_leaves": 15,
     "min_data_in_leaf": 40, "feature_fraction": 0.5, "bagging_fraction": 0.8, "bagging_freq": 1,
-    "lambda_l2": 5.0, "max_bin": 63, "verbosity": -1, "num_threads": 2,
+    "lambda_l2": 5.0, "max_bin": 63, "verbosity": -1,
 }
 
 
@@ -77,7 +82,8 @@ class LightGBMParams(Section):
     @classmethod
     def _lightgbm_names(cls, value):
         """Keys must be LightGBM parameter names or aliases (stored under the main name) and are
-        laid over :data:`DEFAULT_LGB`, so the saved config holds every value LightGBM gets."""
+        laid over :data:`DEFAULT_LGB`, so the saved config holds every value LightGBM gets but the thread
+        count (which does not change the model: see :data:`DEFAULT_LGB`)."""
         if not isinstance(value, dict):
             return value
         known = lightgbm_parameter_names()
@@ -93,13 +99,41 @@ class LightGBMParams(Section):
         return out
 
 
+class RoundsBar:
+    """A LightGBM callback: a progress bar over boosting rounds. With early stopping (``patience`` rounds)
+    its total is where training stops unless the validation score improves again, the best round so far
+    plus the patience (capped by ``rounds``), moved as the best round moves; not the round cap, which
+    an early-stopping fit seldom reaches."""
+
+    def __init__(self, rounds: int, patience: int | None, progress: bool):
+        self.rounds, self.patience = rounds, patience
+        self.best_round, self.best_score = 0, None
+        self.bar = tqdm(total=self.horizon(), desc="lightgbm rounds", unit="round", leave=False, disable=not progress)
+
+    def horizon(self) -> int:
+        return self.rounds if self.patience is None else min(self.rounds, max(self.best_round, 1) + self.patience)
+
+    def __call__(self, env) -> None:
+        if self.patience is not None and env.evaluation_result_list:
+            _, _, score, higher_better = env.evaluation_result_list[0][:4]
+            if self.best_score is None or (score > self.best_score if higher_better else score < self.best_score):
+                self.best_round, self.best_score = env.iteration - env.begin_iteration + 1, score
+                if self.bar.total != self.horizon():
+                    self.bar.total = self.horizon()
+                    self.bar.refresh()
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class LightGBMStage(Stage):
     kind = "lgbm"
     Params = LightGBMParams
 
     def __init__(self, params=None, context=None):
         super().__init__(params, context)
-        self.lgb_params = {**self.params.lgb, "seed": self.context.seed}
+        self.lgb_params = {"num_threads": usable_cores(), **self.params.lgb, "seed": self.context.seed}
         self.features = FeatureMatrix([make_block(b.type, b.params, self.context) for b in self.params.blocks])
         self.booster: lgb.Booster | None = None
         self.feature_names: list[str] = []
@@ -161,19 +195,20 @@ class LightGBMStage(Stage):
         self._ready()
         self._valid_matrices = None
         dtrain = self._dataset(train)
-        bar = tqdm(total=self.params.num_boost_round, desc="lightgbm rounds", unit="round", leave=False,
-                   disable=not self.context.progress)
-        callbacks = [lgb.log_evaluation(period=0), lambda env: bar.update(1)]
-        if valid is not None and len(valid):
+        early = valid is not None and len(valid) > 0
+        rounds = self.params.num_boost_round if early else self.params.rounds_without_valid
+        bar = RoundsBar(rounds, self.params.early_stopping_rounds if early else None, self.context.progress)
+        callbacks = [lgb.log_evaluation(period=0), bar]
+        if early:
             self._valid_matrices = (battle_keys(valid), self.features.build(valid))
             dvalid = self._dataset(valid, reference=dtrain)
             callbacks.append(lgb.early_stopping(self.params.early_stopping_rounds, verbose=False))
-            self.booster = lgb.train(self.lgb_params, dtrain, self.params.num_boost_round,
+            self.booster = lgb.train(self.lgb_params, dtrain, rounds,
                                      valid_sets=[dvalid], valid_names=["valid"], callbacks=callbacks)
             log.info("lgbm: best iteration %d, valid multi_logloss %.4f", self.booster.best_iteration,
                      self.booster.best_score["valid"]["multi_logloss"])
         else:
-            self.booster = lgb.train(self.lgb_params, dtrain, self.params.rounds_without_valid, callbacks=callbacks)
+            self.booster = lgb.train(self.lgb_params, dtrain, rounds, callbacks=callbacks)
         bar.close()
         return self
 

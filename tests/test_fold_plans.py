@@ -60,6 +60,9 @@ def test_one_fold_stage_beside_a_full_stage(plan_files):
         assert lo < t["nested_log_loss"] < hi and t["common_rows"] == len(fold0)
     chosen = [t for t in summary["stage_sets"] if t["chosen"]]
     assert len(chosen) == 1 and summary["rows"] == chosen[0]["rows"]
+    # issue 22: the full-coverage stage is the default; the wider set replaces it only on evidence
+    assert alone["role"] == "default" and both["compared_with"] == ["stats"]
+    assert both["chosen"] == both["replaced_it"] == (both["minus_compared_interval"][1] < 0)
     scored = _ids(out / "ensemble/oof_probs.csv")
     assert len(scored) == len(set(scored)) == summary["rows"]  # no row scored twice
     if chosen[0] is both:

@@ -82,7 +82,7 @@ def test_candidates_cross_fitted_in_worker_processes_give_the_same_grid(monkeypa
     candidates = stacking.default_candidates(3, StackerConfig(C_grid=[0.1]), meta=True)
     one = stacking.cross_fit_grid(candidates, logits, y, folds, meta)
     monkeypatch.setattr(stacking, "PARALLEL_MIN_ROWS", 0)
-    monkeypatch.setattr(stacking.joblib, "cpu_count", lambda: 2)
+    monkeypatch.setattr(stacking, "usable_cores", lambda: 2)
     parallel = stacking.cross_fit_grid(candidates, logits, y, folds, meta)
     for c in candidates:
         np.testing.assert_array_equal(parallel.outer[c], one.outer[c])
