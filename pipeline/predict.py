@@ -13,8 +13,9 @@ validation (:func:`battles.io.battles_from_frame`).
 Each stage predicts with the models its fold plan made (every fold's model, or the one refitted on
 all rows), loaded together by the stage type (:meth:`models.stage.Stage.load_folds`: the decoder
 loads its base model once for all adapters) and averaged as cross-fitting averages test logits; the
-ensemble chosen by ``run.py tune`` (``ensemble/ensemble.json``) maps them to probabilities. So
-predicting a run's own test file reproduces its ``submission.csv``. Before it starts, the predictor
+ensemble chosen by ``run.py tune`` (``ensemble/ensemble.json``) maps them to probabilities. Each
+stage's logits are held as the run stores them (:func:`pipeline.rundir.as_stored`), so predicting a
+run's own test file reproduces its ``submission.csv`` byte for byte. Before it starts, the predictor
 logs its plan (models and forward passes per battle per stage) and, after a timed first chunk, an
 estimate of the whole job; one progress bar with an ETA covers every stage and chunk.
 """
@@ -36,7 +37,7 @@ from kernel.files import read_json
 from models.stage import stage_class
 from pipeline.config import RunConfig, StageSpec
 from pipeline.crossfit import planned_folds
-from pipeline.rundir import FoldDir, RunDir, RunDirError, probs_frame, read_folds
+from pipeline.rundir import FoldDir, RunDir, RunDirError, as_stored, probs_frame, read_folds
 
 log = logging.getLogger(__name__)
 CHUNK = 2048  # battles per prediction chunk (bounds memory; the progress bar moves per chunk)
@@ -123,7 +124,7 @@ class Predictor:
         for start in range(0, len(battles), CHUNK):
             chunk = battles.iloc[start:start + CHUNK]
             for i, name in enumerate(self.stage_names):
-                out[i][start:start + len(chunk)] = self.stage_models[name].predict_logits(chunk)
+                out[i][start:start + len(chunk)] = as_stored(self.stage_models[name].predict_logits(chunk))
             bar.update(len(chunk))
             if start == 0 and len(battles) > CHUNK:
                 per_battle = (time.time() - started) / len(chunk)
