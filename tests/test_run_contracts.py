@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -76,9 +75,17 @@ def test_stage_set_rows_are_typed_and_closed():
         StageSetRow.model_validate({**row, "undeclared_figure": 1.0})
 
 
-def test_a_run_directory_with_an_old_ensemble_json_predicts_its_submission(finished_run, slice_files, tmp_path):
+def test_a_run_directory_with_an_old_ensemble_json_predicts_its_submission(slice_files, tmp_path):
+    """A run whose ensemble.json has the layout of before the version field: it loads, and predicting the
+    run's own test file reproduces its submission byte for byte (a run that fitted its test logits in one
+    command: stage logits are held as the run stores them)."""
+    import run as cli
+
     old = tmp_path / "old"
-    shutil.copytree(finished_run, old)
+    (tmp_path / "cfg.json").write_text(json.dumps({"n_folds": 3, "stages": {"len": {"type": "length_lr"}},
+                                                   "stacker": {"C_grid": [0.1]}}))
+    assert cli.main(["--train", str(slice_files / "train.csv"), "--test", str(slice_files / "test.csv"),
+                     "--out", str(old), "--config", str(tmp_path / "cfg.json"), "--quiet"]) == 0
     saved = json.loads((old / "ensemble/ensemble.json").read_text())
     del saved["format_version"]  # the layout before the field
     (old / "ensemble/ensemble.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
