@@ -19,10 +19,17 @@ report.html. A mistake in a file, a config or the command line ends in one line 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the commands import what they use when they run (a fast --help)
+    from ensemble.record import EnsembleRecord
+    from pipeline.config import RunConfig
+    from pipeline.runner import Run
 
 COMMANDS = ("all", "train", "tune", "predict", "pseudo-label", "pair-chatlogs", "convert", "distill",
             "external-check")
@@ -115,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="train a student run on a finished teacher run's out-of-fold probabilities "
                                        "mixed with the hard labels, on the teacher's folds")
     d.add_argument("--teacher", required=True, help="a finished run directory (trained on --train)")
-    d.add_argument("--soft-weight", type=float, default=None,
-                   help="target = W x teacher OOF probability + (1 - W) x label (default 0.5)")
+    d.add_argument("--soft-weight", type=float, default=0.5,
+                   help="target = W x teacher OOF probability + (1 - W) x label (default %(default)s)")
     training(d, train_required=True)
     ec = sub.add_parser("external-check", help="per external source of the config: rows kept, adversarial AUC, change "
                                                "in OOF log loss of a cheap stage, and a keep/drop/down-weight verdict")
@@ -128,12 +135,6 @@ def _parser() -> argparse.ArgumentParser:
     ec.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     loudness(ec)
     return p
-
-
-class _Session:
-    """What the running command has done, for the message after Ctrl-C."""
-
-    run = None
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -148,38 +149,60 @@ def _config(args):
     saved = read_json(run.config) if args.config is None and run.is_ours() and run.config.exists() else None
     if saved is not None:
         log.info("using the run's saved config %s", run.config)
-    edit = (lambda data: _add_trained_stage(data, args)) if args.command == "train" else None
+    edit = (lambda data: _add_trained_stage(data, args.stage, args.model)) if args.command == "train" else None
     return load_config(args.config, args.set, saved=saved, edit=edit)
 
 
-def _add_trained_stage(data: dict, args) -> None:
+def _add_trained_stage(data: dict, name: str, model) -> None:
     """``train NAME``: a stage of the config, or a stage type (its stages; with --model, a stage of that
     type named after it, reading the checkpoint from --model)."""
     from models.stage import STAGE_TYPES
     from pipeline.config import ConfigError
 
-    name, stages = args.stage, data["stages"]
+    stages = data["stages"]
     if name not in stages:
         if name not in STAGE_TYPES:
             raise ConfigError(f"train {name}: not a stage of the config {sorted(stages)} nor a stage type "
                               f"{sorted(STAGE_TYPES)}")
-        same_type = [n for n, s in stages.items() if s["type"] == name]
-        if same_type and not args.model:
-            args.stage_names = same_type
-            return
+        if any(s["type"] == name for s in stages.values()) and not model:
+            return  # the config's stages of that type
         stages[name] = {"type": name, "params": {}}
-    if args.model:
-        stages[name].setdefault("params", {})["model"] = str(Path(args.model).resolve())
-    args.stage_names = [name]
+    if model:
+        stages[name].setdefault("params", {})["model"] = str(Path(model).resolve())
+
+
+def _trained_stages(config: RunConfig, name: str) -> list[str]:
+    """The stages ``train NAME`` fits: the stage ``NAME`` (of the config, or added by
+    :func:`_add_trained_stage`), else the config's stages of type ``NAME``."""
+    if name in config.stages:
+        return [name]
+    return [n for n, s in config.stages.items() if s.type == name]
+
+
+@contextlib.contextmanager
+def _interruptible(run: Run):
+    """Ctrl-C inside ends as :class:`_Interrupted`, which says what ``run`` finished."""
+    try:
+        yield run
+    except KeyboardInterrupt:
+        raise _Interrupted(_interrupt_note(run)) from None
+
+
+class _Interrupted(KeyboardInterrupt):
+    def __init__(self, note: str):
+        super().__init__(note)
+        self.note = note
 
 
 # ----------------------------------------------------------------------------------------------- commands
 def _cmd_train(args) -> int:
     from pipeline.runner import Run, run_all
 
-    run = _Session.run = Run(args.out, _config(args), args.train, args.test, progress=not args.quiet)
-    summary = run_all(run, args.stage_names if args.command == "train" else None)
-    _print_summary(summary, args.out)
+    config = _config(args)
+    stages = _trained_stages(config, args.stage) if args.command == "train" else None
+    with _interruptible(Run(args.out, config, args.train, args.test, progress=not args.quiet)) as run:
+        record = run_all(run, stages)
+    _print_summary(record, args.out)
     return 0
 
 
@@ -192,10 +215,10 @@ def _cmd_tune(args) -> int:
     rundir = RunDir.open(args.out)
     config = load_config(None, args.set, saved=read_json(rundir.config),
                          overrides={"stacker": _stacker_section(args.config)} if args.config else None)
-    run = _Session.run = Run(args.out, config, progress=not args.quiet)
-    summary = run_all(run, stages=[])  # the ensemble over the finished stages only
-    _print_summary(summary, args.out)
-    _print_tune_table(summary, args.out)
+    with _interruptible(Run(args.out, config, progress=not args.quiet)) as run:
+        record = run_all(run, stages=[])  # the ensemble over the finished stages only
+    _print_summary(record, args.out)
+    _print_tune_table(record, args.out)
     return 0
 
 
@@ -215,7 +238,7 @@ def _cmd_predict(args) -> int:
     battles, _ = read_battles(args.test, require_labels=False)
     predictor = Predictor.load(args.run, progress=not args.quiet)
     write_probs(out, battles["id"], predictor.predict_proba(battles))
-    print(f"wrote {len(battles)} predictions to {out} (ensemble: {predictor.ensemble['chosen']})")
+    print(f"wrote {len(battles)} predictions to {out} (ensemble: {predictor.ensemble.chosen})")
     return 0
 
 
@@ -226,8 +249,8 @@ def _cmd_pseudo_label(args) -> int:
 
     check_output_file(args.out, args.overwrite)  # before loading the run's models
     predictor = Predictor.load(args.run, progress=False)
-    provenance = {"run": str(Path(args.run).resolve()), "stages": predictor.ensemble["stages"],
-                  "ensemble": predictor.ensemble["chosen"], "ensemble_key": content_key(predictor.ensemble),
+    provenance = {"run": str(Path(args.run).resolve()), "stages": predictor.ensemble.stages,
+                  "ensemble": predictor.ensemble.chosen, "ensemble_key": predictor.ensemble.key(),
                   "run_config_hash": content_key(read_json(predictor.run.config))}
     n = pseudo_label_file(args.data, predictor.predict_proba, args.out, provenance, source=args.source,
                           weight=args.weight, temperature=args.temperature, chunk_rows=args.chunk_rows,
@@ -276,13 +299,13 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_distill(args) -> int:
-    from pipeline.distill import DEFAULT_SOFT_WEIGHT, prepare_student
+    from pipeline.distill import prepare_student
     from pipeline.runner import run_all
 
-    weight = DEFAULT_SOFT_WEIGHT if args.soft_weight is None else args.soft_weight
-    run = _Session.run = prepare_student(args.teacher, args.train, args.out, _config(args), weight, args.test,
-                                         progress=not args.quiet)
-    _print_summary(run_all(run), args.out)
+    student = prepare_student(args.teacher, args.train, args.out, _config(args), args.soft_weight)
+    with _interruptible(student.run(args.test, progress=not args.quiet)) as run:
+        record = run_all(run)
+    _print_summary(record, args.out)
     return 0
 
 
@@ -290,8 +313,9 @@ def _cmd_external_check(args) -> int:
     from pipeline.external_check import external_check, format_table
     from pipeline.runner import Run
 
-    run = _Session.run = Run(args.out, _config(args), args.train, progress=not args.quiet)
-    print(format_table(external_check(run, stage=args.stage)))
+    with _interruptible(Run(args.out, _config(args), args.train, progress=not args.quiet)) as run:
+        summary = external_check(run, stage=args.stage)
+    print(format_table(summary))
     return 0
 
 
@@ -307,13 +331,15 @@ def main(argv=None) -> int:
         argv = ["all", *argv]
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
-    _Session.run = None
     from kernel.errors import UserError
 
     try:
         return HANDLERS[args.command](args)
+    except _Interrupted as exc:
+        log.error("interrupted. %s", exc.note)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        log.error("interrupted. %s", _interrupt_note())
+        log.error("interrupted. Nothing was written.")
         return EXIT_INTERRUPTED
     except UserError as exc:
         return _fail(str(exc), args)
@@ -331,16 +357,16 @@ def _fail(message: str, args) -> int:
     return EXIT_USER_ERROR
 
 
-def _interrupt_note() -> str:
-    run = _Session.run
-    if run is None or not run.dir.path.exists():
+def _interrupt_note(run: Run) -> str:
+    """What ``run`` finished, and how to resume."""
+    if not run.dir.path.exists():
         return "Nothing was written."
     finished = run.finished_stages()
     partial = []
     for name in run.config.stages:
         if name in finished:
             continue
-        folds = sorted(p.parent.name for p in run.dir.stage(name).path.glob("fold*/done.json"))
+        folds = run.dir.stage(name).finished_folds()
         if folds:
             partial.append(f"{name} ({', '.join(folds)} done)")
     parts = [f"finished stages: {', '.join(finished) or 'none'}"]
@@ -350,39 +376,41 @@ def _interrupt_note() -> str:
 
 
 # ----------------------------------------------------------------------------------------------- output
-def _print_tune_table(summary: dict, out) -> None:
-    names = summary["stages"]
-    width = max(len(m["method"]) for m in summary["methods"]) + 2
-    print(f"\nensemble tuning on {summary['rows']} rows (every row scored by nested CV; weights: share per stage)")
+def _print_tune_table(record: EnsembleRecord, out) -> None:
+    from pipeline.rundir import RunDir
+
+    names = record.stages
+    width = max(len(m.method) for m in record.methods) + 2
+    print(f"\nensemble tuning on {record.rows} rows (every row scored by nested CV; weights: share per stage)")
     print(f"{'method':<{width}}{'nested LL':>10}{'accuracy':>10}  {'best candidate':<24}" + "".join(f"{n[:14]:>15}" for n in names))
-    for m in summary["methods"]:
-        mark = " *" if m["chosen"] and not m["method"].startswith("selected") else ""
-        print(f"{m['method'] + mark:<{width}}{m['nested_log_loss']:>10.4f}{m['nested_accuracy']:>10.3f}  "
-              f"{m['best_candidate']:<24}" + "".join(f"{m['weights'][n]:>15.3f}" for n in names))
-    lo, hi = summary["nested_interval"]
-    print(f"chosen: {summary['chosen']} (* above); selected nested log loss 90% interval {lo:.4f}-{hi:.4f} "
-          f"on {summary['rows']} rows; saved to {Path(out) / 'ensemble' / 'ensemble.json'}")
-    print(f"stages carrying weight (share >= 5%): {', '.join(summary['carrying_weight']) or 'none'}")
-    if len(summary["stage_sets"]) > 1:
+    for m in record.methods:
+        mark = " *" if m.chosen and not m.method.startswith("selected") else ""
+        print(f"{m.method + mark:<{width}}{m.nested_log_loss:>10.4f}{m.nested_accuracy:>10.3f}  "
+              f"{m.best_candidate:<24}" + "".join(f"{m.weights[n]:>15.3f}" for n in names))
+    lo, hi = record.nested_interval
+    print(f"chosen: {record.chosen} (* above); selected nested log loss 90% interval {lo:.4f}-{hi:.4f} "
+          f"on {record.rows} rows; saved to {RunDir(out).ensemble}")
+    print(f"stages carrying weight (share >= 5%): {', '.join(record.carrying_weight) or 'none'}")
+    if len(record.stage_sets) > 1:
         print("\nstage sets (each on the rows all its stages cover; compared on the common rows):")
-        for t in summary["stage_sets"]:
-            print(f"  {' + '.join(t['stages']):<40}{t['rows']:>7} rows  nested {t['nested_log_loss']:.4f} "
-                  f"[{t['interval'][0]:.4f}, {t['interval'][1]:.4f}]  minus chosen on {t['common_rows']} common rows "
-                  f"{t['minus_chosen_on_common_rows']:+.4f} [{t['minus_chosen_interval'][0]:+.4f}, "
-                  f"{t['minus_chosen_interval'][1]:+.4f}]{'  (chosen)' if t['chosen'] else ''}")
+        for t in record.stage_sets:
+            print(f"  {' + '.join(t.stages):<40}{t.rows:>7} rows  nested {t.nested_log_loss:.4f} "
+                  f"[{t.interval[0]:.4f}, {t.interval[1]:.4f}]  minus chosen on {t.common_rows} common rows "
+                  f"{t.minus_chosen_on_common_rows:+.4f} [{t.minus_chosen_interval[0]:+.4f}, "
+                  f"{t.minus_chosen_interval[1]:+.4f}]{'  (chosen)' if t.chosen else ''}")
 
 
-def _print_summary(summary: dict, out) -> None:
+def _print_summary(record: EnsembleRecord, out) -> None:
     print(f"\nrun directory: {out}")
     print(f"{'output':<28}{'rows':>7}{'OOF log loss':>14}{'calibrated':>12}{'accuracy':>10}")
-    print(f"{'class prior':<28}{summary['rows']:>7}{summary['prior_log_loss']:>14.4f}")
-    for name, s in summary["stages_raw"].items():
-        cal = summary["stages_calibrated"].get(name, float("nan"))
-        print(f"{name:<28}{s['n']:>7}{s['log_loss']:>14.4f}{cal:>12.4f}{s['accuracy']:>10.3f}")
-    f, (lo, hi) = summary["nested_scores"], summary["nested_interval"]
-    print(f"{'final: ' + summary['chosen']:<28}{summary['rows']:>7}{f['log_loss']:>14.4f}{'(nested)':>12}"
-          f"{f['accuracy']:>10.3f}   90% interval {lo:.4f}-{hi:.4f}")
-    for w in summary.get("warnings", []):
+    print(f"{'class prior':<28}{record.rows:>7}{record.prior_log_loss:>14.4f}")
+    for name, s in record.stages_raw.items():
+        cal = record.stages_calibrated.get(name, float("nan"))
+        print(f"{name:<28}{s.n:>7}{s.log_loss:>14.4f}{cal:>12.4f}{s.accuracy:>10.3f}")
+    f, (lo, hi) = record.nested_scores, record.nested_interval
+    print(f"{'final: ' + record.chosen:<28}{record.rows:>7}{f.log_loss:>14.4f}{'(nested)':>12}"
+          f"{f.accuracy:>10.3f}   90% interval {lo:.4f}-{hi:.4f}")
+    for w in record.warnings:
         print(f"WARNING: {w}")
 
 

@@ -32,7 +32,7 @@ def prompt_groups(battles: pd.DataFrame) -> np.ndarray:
     )
 
 
-def make_folds(battles: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> np.ndarray:
+def make_folds(battles: pd.DataFrame, n_folds: int, seed: int) -> np.ndarray:
     """Fold index (0..n_folds-1) per battle, grouped by prompt and, when the battles carry targets,
     stratified by each row's most probable class (see the module docstring)."""
     groups = prompt_groups(battles)

@@ -63,8 +63,8 @@ def main(argv=None) -> dict:
     run_all(Run(runs["teacher"], load_config(), dev_path, holdout_path, progress=False))
     for w in args.soft_weights:
         runs[f"student W={w:g}"] = out / f"student_w{w:g}"
-        run_all(prepare_student(runs["teacher"], dev_path, runs[f"student W={w:g}"], load_config(), w, holdout_path,
-                                progress=False))
+        student = prepare_student(runs["teacher"], dev_path, runs[f"student W={w:g}"], load_config(), w)
+        run_all(student.run(holdout_path, progress=False))
 
     oof = {name: row_losses(path, dev_ids, dev_y, "ensemble/oof_probs.csv") for name, path in runs.items()}
     held = {name: row_losses(path, ho_ids, ho_y, "submission.csv") for name, path in runs.items()}

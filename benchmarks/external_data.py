@@ -68,8 +68,7 @@ def main(argv=None) -> dict:
     results = {}
     for i, (name, external) in enumerate(settings.items()):
         out = Path(args.out_dir) / f"setting{i}"
-        summary = run_all(Run(out, load_config(None, overrides={"external": external}), target))
-        results[name] = summary
+        results[name] = run_all(Run(out, load_config(None, overrides={"external": external}), target))
         report_path = out / "external_report.json"
         if report_path.exists() and i == len(settings) - 1:
             report = json.loads(report_path.read_text())
@@ -87,12 +86,12 @@ def main(argv=None) -> dict:
                 print(f"  {source:12s} AUC {r['auc']:.3f}  ({r['n_source_prompts']} prompts; importance weights "
                       f"median {r['weight_median']:.2f}, max {r['weight_max']:.2f})")
             print(f"\nrows added to every fold's training part: {report['rows_added']}")
-    stages = list(next(iter(results.values()))["stages_raw"])
+    stages = list(next(iter(results.values())).stages_raw)
     print(f"\ntarget OOF log loss, grouped 5-fold ({time.time() - t0:.0f} s in all)")
     print(f"{'setting':<30}" + "".join(f"{s:>14}" for s in stages) + f"{'final (nested)':>16}")
-    for name, summary in results.items():
-        print(f"{name:<30}" + "".join(f"{summary['stages_raw'][s]['log_loss']:>14.4f}" for s in stages)
-              + f"{summary['nested_scores']['log_loss']:>16.4f}")
+    for name, record in results.items():
+        print(f"{name:<30}" + "".join(f"{record.stages_raw[s].log_loss:>14.4f}" for s in stages)
+              + f"{record.nested_scores.log_loss:>16.4f}")
     return results
 
 

@@ -34,17 +34,17 @@ def main() -> None:
         sys.exit(f"{args.out} exists; remove it or drop --fresh")
     cfg = load_config(args.config, overrides={"n_folds": 5})
     started = time.time()
-    summary = run_all(Run(args.out, cfg, args.data, progress=True))
-    print(f"\ngrouped 5-fold OOF log loss on {args.data}, {summary['rows']} rows ({time.time() - started:.0f} s wall)")
+    record = run_all(Run(args.out, cfg, args.data, progress=True))
+    print(f"\ngrouped 5-fold OOF log loss on {args.data}, {record.rows} rows ({time.time() - started:.0f} s wall)")
     print(f"{'model':<32}{'raw':>8}{'calibrated':>12}{'accuracy':>10}")
-    print(f"{'class prior':<32}{summary['prior_log_loss']:>8.4f}")
-    for name, s in summary["stages_raw"].items():
+    print(f"{'class prior':<32}{record.prior_log_loss:>8.4f}")
+    for name, s in record.stages_raw.items():
         label = name + (" (length-only baseline)" if name == "length_lr" else "")
-        print(f"{label:<32}{s['log_loss']:>8.4f}{summary['stages_calibrated'].get(name, float('nan')):>12.4f}"
-              f"{s['accuracy']:>10.3f}")
-    f = summary["nested_scores"]
-    lo, hi = summary["nested_interval"]
-    print(f"{'final ' + summary['chosen'] + ' (nested)':<32}{f['log_loss']:>8.4f}{'':>12}{f['accuracy']:>10.3f}"
+        print(f"{label:<32}{s.log_loss:>8.4f}{record.stages_calibrated.get(name, float('nan')):>12.4f}"
+              f"{s.accuracy:>10.3f}")
+    f = record.nested_scores
+    lo, hi = record.nested_interval
+    print(f"{'final ' + record.chosen + ' (nested)':<32}{f.log_loss:>8.4f}{'':>12}{f.accuracy:>10.3f}"
           f"   90% interval {lo:.4f}-{hi:.4f}")
 
 

@@ -20,7 +20,10 @@ import logging
 import numpy as np
 
 from battles.text import plain_text
+from ensemble.record import EnsembleRecord
 from flywheel.shift import adversarial_auc
+from pipeline.rundata import RunData
+from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,9 @@ def _warn(message: str) -> str:
     return message
 
 
-def data_warnings(run) -> list[str]:
+def data_warnings(data: RunData, seed: int) -> list[str]:
     out = []
-    sizes = np.bincount(run.folds)
+    sizes = np.bincount(data.folds)
     if sizes.min() > 0 and sizes.max() / sizes.min() > LOPSIDED_RATIO:
         out.append(_warn(f"lopsided folds: sizes {sizes.tolist()} (largest/smallest {sizes.max() / sizes.min():.1f}x); "
                          "a few prompt groups dominate, so fold scores are not comparable. Check for repeated or "
@@ -46,18 +49,18 @@ def data_warnings(run) -> list[str]:
     if sizes.min() < MIN_FOLD_ROWS:
         out.append(_warn(f"few rows per fold: the smallest fold has {sizes.min()} battles (< {MIN_FOLD_ROWS}); "
                          "scores on folds this small move by chance by several hundredths of log loss."))
-    read = run.repairs["train"]  # the reader counted the empty prompts
-    empty = read["empty_prompts"] / max(read["rows"], 1)
+    read = data.repairs["train"]  # the reader counted the empty prompts
+    empty = read.empty_prompts / max(read.rows, 1)
     if empty > EMPTY_PROMPT_SHARE:
         out.append(_warn(f"{empty:.0%} of training battles have an empty prompt: they share one prompt group, "
                          "hence one fold; check the file's prompt column."))
-    teacher = (run.repairs.get("train", {}).get("provenance") or {}).get("distilled_from")
+    teacher = (read.provenance or {}).get("distilled_from")
     if teacher:
         out.append(_warn(f"distilled student of the run {teacher}: its targets come from teacher models that saw the "
                          "other folds' labels, so the OOF scores of this run are optimistic; compare student and "
                          "teacher on labelled battles neither saw."))
-    if run.test is not None:
-        auc = prompt_shift_auc(run.train, run.test, run.config.seed)
+    if data.test is not None:
+        auc = prompt_shift_auc(data.train, data.test, seed)
         if auc is not None and auc > SHIFT_AUC:
             out.append(_warn(f"test unlike training: a classifier tells the test prompts from the training prompts "
                              f"with AUC {auc:.2f} (> {SHIFT_AUC}; 0.5 = alike); the cross-validated score may not "
@@ -83,16 +86,16 @@ def prompt_shift_auc(train, test, seed: int) -> float | None:
     return auc
 
 
-def score_warnings(summary: dict) -> list[str]:
+def score_warnings(record: EnsembleRecord) -> list[str]:
     out = []
-    prior = summary["prior_log_loss"]
-    final = summary["nested_scores"]["log_loss"]
+    prior = record.prior_log_loss
+    final = record.nested_scores.log_loss
     if final > prior:
-        out.append(_warn(f"the final ensemble ({final:.4f}, nested CV on {summary['rows']} rows) scores worse than "
+        out.append(_warn(f"the final ensemble ({final:.4f}, nested CV on {record.rows} rows) scores worse than "
                          f"predicting the class prior ({prior:.4f}): the stages found no signal these rows support."))
-    for name, s in summary["stages_raw"].items():
-        if s["log_loss"] > prior:
-            out.append(_warn(f"stage {name} ({s['log_loss']:.4f} OOF log loss on {s['n']} rows) scores worse than the "
+    for name, s in record.stages_raw.items():
+        if s.log_loss > prior:
+            out.append(_warn(f"stage {name} ({s.log_loss:.4f} OOF log loss on {s.n} rows) scores worse than the "
                              f"class prior ({prior:.4f})."))
     return out
 
@@ -100,8 +103,6 @@ def score_warnings(summary: dict) -> list[str]:
 def pseudo_label_warnings(external_report: dict, train_hash: str) -> list[str]:
     """Pseudo-labels made by a run on this very training data were predicted by models that saw every
     training row, each fold's validation rows included: the OOF scores are optimistic."""
-    from pipeline.rundir import RunDir
-
     out = []
     for conversion in external_report.get("conversion", []):
         made_by = (conversion.get("provenance") or {}).get("run")

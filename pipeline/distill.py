@@ -1,16 +1,16 @@
 """Distillation: a student run trained on a finished teacher run's out-of-fold probabilities.
 
     python run.py distill --teacher runs/teacher --train train.csv --out runs/student \\
-        [--config cfg.json] [--set ...] [--soft-weight 0.5] [--test test.csv]
+        [--config cfg.json] [--set ...] [--soft-weight W] [--test test.csv]
 
 The student is an ordinary run (its own config, stages, ensemble, report) with two differences:
 
 * its folds are the teacher's (``folds.csv`` copied; ``n_folds`` comes from the teacher);
 * each training row's target is ``W * q + (1 - W) * t``: ``q`` the teacher's nested-CV ensemble
   probability for the row (``ensemble/oof_probs.csv``), ``t`` the row's own target (its hard label;
-  its soft label where the training file gives one), ``W`` the soft weight. Rows the teacher has no
-  out-of-fold probability for (its ensemble covers only some rows: ``ensemble/coverage.py``) keep
-  ``t``. Every score (stage OOF metrics, stacker, report) stays on the hard labels.
+  its soft label where the training file gives one), ``W`` the soft weight (``--soft-weight``). Rows
+  the teacher has no out-of-fold probability for (its ensemble covers only some rows:
+  ``ensemble/coverage.py``) keep ``t``. Every score (stage OOF metrics, stacker, report) stays on the hard labels.
 
 The training file must be the teacher's training data (same content hash). The student's targets
 are written, with a provenance line, to ``<student>/distill_train.jsonl``, which the student run
@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,22 +54,21 @@ from battles.columns import COLUMNS, LABEL_COLUMNS, SOFT_COLUMNS, present
 from battles.formats import provenance_line, provenance_of
 from battles.io import battles_from_frame, data_hash, read_battles
 from battles.labels import hard_mask, label_matrix
+from ensemble.record import EnsembleRecord
 from kernel.errors import UserError
-from kernel.files import read_json, write_text
+from kernel.files import write_text
 from pipeline.config import ConfigError, RunConfig
 from pipeline.rundir import RunDir, read_folds, read_id_table, write_folds
 from pipeline.runner import Run
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOFT_WEIGHT = 0.5
-
 
 class DistillError(UserError, ValueError):
     """A teacher and training file that cannot make a student; the message says which and why."""
 
 
-def teacher_outputs(teacher: RunDir, train: pd.DataFrame, train_path) -> tuple[np.ndarray, np.ndarray, dict]:
+def teacher_outputs(teacher: RunDir, train: pd.DataFrame, train_path) -> tuple[np.ndarray, np.ndarray, EnsembleRecord]:
     """The teacher's folds for ``train`` (checked to be its training data), its OOF ensemble
     probabilities ``(n, 3)`` (NaN rows where it has none) and its ensemble summary."""
     record = teacher.record()
@@ -91,7 +91,7 @@ def teacher_outputs(teacher: RunDir, train: pd.DataFrame, train_path) -> tuple[n
         raise DistillError(f"{teacher.oof_probs}: ids not in {train_path} (e.g. {unknown[:3]})")
     probs = np.full((len(ids), 3), np.nan)
     probs[position.loc[probs_table["id"]].to_numpy()] = probs_table[LABEL_COLUMNS].to_numpy(dtype=np.float64)
-    return saved["fold"].to_numpy(dtype=np.int64), probs, read_json(teacher.ensemble)
+    return saved["fold"].to_numpy(dtype=np.int64), probs, EnsembleRecord.read(teacher.ensemble)
 
 
 def student_targets(train: pd.DataFrame, teacher_probs: np.ndarray, soft_weight: float) -> np.ndarray:
@@ -154,10 +154,22 @@ def _check_same_settings(student: RunDir, provenance: dict) -> None:
                            "use a new --out directory")
 
 
-def prepare_student(teacher_path, train_path, out, config: RunConfig, soft_weight: float = DEFAULT_SOFT_WEIGHT,
-                    test_path=None, progress: bool = True) -> Run:
+@dataclass(frozen=True)
+class Student:
+    """A prepared student: its directory, its training file (the teacher's targets) and its config."""
+
+    out: Path
+    train_path: Path
+    config: RunConfig
+
+    def run(self, test_path=None, progress: bool = True) -> Run:
+        """The student's :class:`~pipeline.runner.Run` (not yet run)."""
+        return Run(self.out, self.config, self.train_path, test_path, progress=progress)
+
+
+def prepare_student(teacher_path, train_path, out, config: RunConfig, soft_weight: float) -> Student:
     """Check teacher and training file, claim ``out``, write the student's training file and the
-    teacher's folds into it; return the student :class:`~pipeline.runner.Run` (not yet run)."""
+    teacher's folds into it; return the prepared :class:`Student`."""
     teacher = RunDir.open(teacher_path)
     train, _ = read_battles(train_path, require_labels=True)
     folds, probs, ensemble = teacher_outputs(teacher, train, train_path)
@@ -166,8 +178,8 @@ def prepare_student(teacher_path, train_path, out, config: RunConfig, soft_weigh
     n_folds = len(np.unique(folds))
     provenance = {"distilled_from": str(teacher.path.resolve()), "train": str(Path(train_path).resolve()),
                   "teacher_train_hash": teacher.record().get("train_hash"), "soft_weight": soft_weight,
-                  "teacher_stages": ensemble.get("stages"), "teacher_ensemble": ensemble.get("chosen"),
-                  "teacher_outer_folds": ensemble.get("outer_folds"), "n_folds": n_folds,
+                  "teacher_stages": ensemble.stages, "teacher_ensemble": ensemble.chosen,
+                  "teacher_outer_folds": ensemble.outer_folds, "n_folds": n_folds,
                   "rows": len(train), "rows_with_teacher_targets": int(with_teacher.sum()),
                   "rows_with_hard_labels": int(hard_mask(train).sum()), "n_battles": len(train)}
     lines = student_lines(train, targets, provenance)
@@ -187,5 +199,4 @@ def prepare_student(teacher_path, train_path, out, config: RunConfig, soft_weigh
     log.info("distill: %d of %d rows get the teacher's OOF probabilities (soft weight %.2f); %d keep their own "
              "target; folds from %s", int(with_teacher.sum()), len(train), soft_weight,
              int((~with_teacher).sum()), teacher.folds)
-    return Run(student.path, _student_config(config, n_folds), student.distill_train, test_path,
-               progress=progress)
+    return Student(student.path, student.distill_train, _student_config(config, n_folds))

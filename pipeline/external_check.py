@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 
-from battles.io import data_hash
 from battles.labels import hard_mask, label_index
 from ensemble.coverage import bootstrap_interval, row_log_loss
 from ensemble.metrics import probs_from_logits
@@ -35,7 +35,7 @@ from flywheel.sources import ExternalConfig, convert_sources, gather_external
 from kernel.files import write_json, write_text
 from models.stage import stage_class
 from pipeline.config import ConfigError, RunConfig, StageSpec
-from pipeline.crossfit import crossfit_stage
+from pipeline.crossfit import StageFit
 from pipeline.runner import Run
 
 log = logging.getLogger(__name__)
@@ -84,22 +84,22 @@ def _auc(train, rows, source: str, spec: ExternalConfig, seed: int) -> float | N
 def external_check(run: Run, stage: str | None = None) -> dict:
     """Run the check (see the module docstring) in ``run``'s directory, on its training data and
     config; write and return its result."""
-    config, progress = run.config, run.progress
+    config = run.config
     spec = config.external
     if not spec.sources:
         raise ConfigError("external-check: the config's external section lists no sources "
                           "(external.sources: [{kind, path, source, ...}])")
     name, stage_spec = check_stage(config, stage)
-    converted = run.converted_sources = convert_sources(spec.sources)  # once, for every setting
-    run.load_data()  # claims the directory, fixes the folds, gathers the 'all' setting's rows
-    train, seed = run.train, config.seed
+    converted = convert_sources(spec.sources)  # once, for every setting
+    data = run.load_data(converted)  # claims the directory, fixes the folds, gathers the 'all' setting's rows
+    train, seed = data.train, config.seed
     settings = [("none", None, None, None)]
     for src, conv in zip(spec.sources, converted):
         rows, _ = gather_external(train, spec.model_copy(update={"sources": [src]}), seed, converted=[conv],
-                                  progress=progress)
+                                  progress=run.context.progress)
         settings.append((f"+{src.source}", src, conv[1], rows))
     if len(spec.sources) > 1:
-        settings.append(("all", None, None, run.extra_train))
+        settings.append(("all", None, None, data.extra))
 
     scored = hard_mask(train)
     results, losses = [], {}
@@ -107,11 +107,9 @@ def external_check(run: Run, stage: str | None = None) -> dict:
         log.info("external-check: setting %d of %d: %s (%d external rows)", i + 1, len(settings), setting,
                  0 if rows is None else len(rows))
         with run.timings.step(f"external-check: {setting}"):
-            hashes = {"train": run.hashes["train"], "test": None,
-                      "extra": None if rows is None else run.hashes["extra"] if rows is run.extra_train
-                      else data_hash(rows)}
-            result = crossfit_stage(run.dir, _dir_name(setting), stage_spec, train, run.folds, None, rows, seed=seed,
-                                    progress=progress, timings=run.timings, hashes=hashes)
+            context = replace(run.context, feature_memo={})  # each setting's features are its own
+            result = StageFit(run.dir, _dir_name(setting), stage_spec, data.training_only(rows), context,
+                              run.timings).result()
         use = scored & result.covered
         losses[setting] = row_log_loss(label_index(train[use]), probs_from_logits(result.oof_logits[use]))
         row = {"setting": setting, "rows_kept": None if setting == "none" else 0 if rows is None else len(rows),
@@ -130,7 +128,7 @@ def external_check(run: Run, stage: str | None = None) -> dict:
         row["delta"] = float((mine - base).mean())
         row["interval"] = bootstrap_interval(mine, seed, paired_with=base)
         row["verdict"] = verdict(row["interval"], row["rows_kept"])
-    summary = {"train": str(run.train_path), "rows": int(scored.sum()), "n_folds": config.n_folds, "seed": seed,
+    summary = {"train": str(data.train_path), "rows": int(scored.sum()), "n_folds": config.n_folds, "seed": seed,
                "stage": {"name": name, **stage_spec.as_dict()}, "rule": RULE, "settings": results}
     write_json(run.dir.external_check, summary)
     write_text(run.dir.external_check_table, format_table(summary) + "\n")

@@ -13,8 +13,11 @@ validation (:func:`battles.io.battles_from_frame`).
 Each stage predicts with the models its fold plan made (every fold's model, or the one refitted on
 all rows), loaded together by the stage type (:meth:`models.stage.Stage.load_folds`: the decoder
 loads its base model once for all adapters) and averaged as cross-fitting averages test logits; the
-ensemble chosen by ``run.py tune`` (``ensemble/ensemble.json``) maps them to probabilities. So
-predicting a run's own test file reproduces its ``submission.csv``. Before it starts, the predictor
+ensemble chosen by ``run.py tune`` (``ensemble/ensemble.json``) maps them to probabilities. Each
+stage's logits are held as the run stores them (:func:`pipeline.rundir.as_stored`), so predicting a
+run's own test file reproduces its ``submission.csv``: byte for byte when the run predicted its test
+file in one command (a fold reused from an earlier command brings its stored, rounded test logits into
+the run's average, a difference in the last digit). Before it starts, the predictor
 logs its plan (models and forward passes per battle per stage) and, after a timed first chunk, an
 estimate of the whole job; one progress bar with an ETA covers every stage and chunk.
 """
@@ -29,14 +32,14 @@ from tqdm.auto import tqdm
 
 from battles.columns import TEXT_COLUMNS
 from battles.io import battles_from_frame
-from ensemble.calibrators import calibrator_from_json
 from ensemble.meta import meta_features
+from ensemble.record import EnsembleRecord
 from kernel.context import StageContext
 from kernel.files import read_json
 from models.stage import stage_class
 from pipeline.config import RunConfig, StageSpec
 from pipeline.crossfit import planned_folds
-from pipeline.rundir import RunDir, RunDirError, probs_frame, read_folds
+from pipeline.rundir import FoldDir, RunDir, RunDirError, as_stored, probs_frame, read_folds
 
 log = logging.getLogger(__name__)
 CHUNK = 2048  # battles per prediction chunk (bounds memory; the progress bar moves per chunk)
@@ -68,25 +71,24 @@ def as_battles(data) -> pd.DataFrame:
     return battles
 
 
-def stage_model_dirs(run: RunDir, name: str, spec: StageSpec, folds: np.ndarray) -> list:
+def stage_models(run: RunDir, name: str, spec: StageSpec, folds: np.ndarray) -> list[FoldDir]:
     """The saved models a stage predicts with: the refitted one, else one per planned fold."""
     stage = run.stage(name)
     if spec.refit_full:
-        return [stage.full.model]
-    return [stage.fold(k).model for k in planned_folds(spec, folds)]
+        return [stage.full]
+    return [stage.fold(k) for k in planned_folds(spec, folds)]
 
 
 class Predictor:
     """The saved models of a run's stages and its saved ensemble, ready to predict."""
 
-    def __init__(self, run: RunDir, specs: dict, stage_models: dict, ensemble: dict, progress: bool = True):
+    def __init__(self, run: RunDir, specs: dict, stage_models: dict, ensemble: EnsembleRecord, progress: bool = True):
         self.run = run
         self.specs = specs  # stage name -> StageSpec
-        self.stage_names = list(ensemble["stages"])
+        self.stage_names = list(ensemble.stages)
         self.stage_models = stage_models  # stage name -> FoldModels (the stage's saved models, together)
         self.ensemble = ensemble
-        self.model = calibrator_from_json(ensemble["model"])
-        self.uses_meta = bool(ensemble.get("meta_features"))
+        self.model = ensemble.calibrator()
         self.progress = progress
 
     @classmethod
@@ -94,10 +96,10 @@ class Predictor:
         run = RunDir.open(run_dir)
         ensemble, config, folds = check_complete(run)
         context = StageContext(resource_dir=run.resources, seed=config.seed, progress=False)
-        specs = {n: config.stages[n] for n in ensemble["stages"]}
-        models = {n: stage_class(s.type).load_folds(stage_model_dirs(run, n, s, folds), context)
+        specs = {n: config.stages[n] for n in ensemble.stages}
+        models = {n: stage_class(s.type).load_folds([m.model for m in stage_models(run, n, s, folds)], context)
                   for n, s in specs.items()}
-        log.info("predictor: %s, ensemble %s over %s", run, ensemble["chosen"], ensemble["stages"])
+        log.info("predictor: %s, ensemble %s over %s", run, ensemble.chosen, ensemble.stages)
         return cls(run, specs, models, ensemble, progress)
 
     def plan(self) -> list[dict]:
@@ -105,7 +107,8 @@ class Predictor:
         rows = []
         for name in self.stage_names:
             n_models = len(self.stage_models[name])
-            orders = 2 if self.specs[name].params.get("swap_tta", True) else 1
+            # both A/B orders unless the stage's resolved params turn swap TTA off (only deep stages have the option)
+            orders = 1 if self.specs[name].params.get("swap_tta") is False else 2
             rows.append({"stage": name, "type": self.specs[name].type, "models": n_models,
                          "passes_per_battle": n_models * orders})
         return rows
@@ -123,7 +126,7 @@ class Predictor:
         for start in range(0, len(battles), CHUNK):
             chunk = battles.iloc[start:start + CHUNK]
             for i, name in enumerate(self.stage_names):
-                out[i][start:start + len(chunk)] = self.stage_models[name].predict_logits(chunk)
+                out[i][start:start + len(chunk)] = as_stored(self.stage_models[name].predict_logits(chunk))
             bar.update(len(chunk))
             if start == 0 and len(battles) > CHUNK:
                 per_battle = (time.time() - started) / len(chunk)
@@ -140,31 +143,31 @@ class Predictor:
         return probs_frame(battles["id"], self._proba(battles))
 
     def _proba(self, battles: pd.DataFrame) -> np.ndarray:
-        meta = meta_features(battles) if self.uses_meta else None
+        meta = meta_features(battles) if self.ensemble.meta_features else None
         return self.model.predict_proba(self.stage_logits(battles), meta=meta)
 
 
-def check_complete(run: RunDir) -> tuple[dict, RunConfig, np.ndarray]:
+def check_complete(run: RunDir) -> tuple[EnsembleRecord, RunConfig, np.ndarray]:
     """Raise :class:`IncompleteRunError` naming the first stage (and what it lacks) that cannot predict;
     return what was read to check it: the saved ensemble, the run's config and its folds."""
     if not run.folds.exists():
         raise IncompleteRunError(f"{run}: no folds.csv; the run did not get past reading its data")
     if not run.ensemble.exists():
         raise IncompleteRunError(f"{run}: no saved ensemble ({run.ensemble}); run `run.py tune --run {run}` first")
-    ensemble = read_json(run.ensemble)
+    ensemble = EnsembleRecord.read(run.ensemble)
     config = RunConfig.model_validate(read_json(run.config))
     folds = read_folds(run.folds)["fold"].to_numpy()
-    for name in ensemble["stages"]:
+    for name in ensemble.stages:
         stage_dir = run.stage(name)
         if name not in config.stages or not stage_dir.done.exists():
             raise IncompleteRunError(f"{run}: stage {name!r} is incomplete: {stage_dir.done} is missing "
                                      f"(the stage did not finish); rerun it, then `run.py tune`")
-        missing = [str(d.parent.name) for d in stage_model_dirs(run, name, config.stages[name], folds)
-                   if not (d.parent / "done.json").exists() or not d.is_dir()]  # d: <fold dir>/model
+        missing = [m.path.name for m in stage_models(run, name, config.stages[name], folds)
+                   if not m.done.exists() or not m.model.is_dir()]
         if missing:
             raise IncompleteRunError(f"{run}: stage {name!r} is incomplete: model(s) {missing} missing under "
                                      f"{stage_dir.path}; rerun the stage")
-        key = ensemble.get("stage_keys", {}).get(name)
+        key = ensemble.stage_keys.get(name)
         if key is not None and read_json(stage_dir.done).get("key") != key:
             raise IncompleteRunError(f"{run}: stage {name!r} was refitted after the ensemble was tuned; "
                                      f"run `run.py tune --run {run}` again")

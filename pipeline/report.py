@@ -6,7 +6,8 @@ the final ensemble (out-of-fold, each with the rows it stands on; the final row 
 methods compared by ``tune``, per-class reliability, the confusion matrix of the final
 output, the position-bias check per stage (how often a stage changes its verdict when A and B are
 swapped, before swap TTA, read from the single-order OOF logits that cross-fitting keeps), scores by
-prompt length, by turn count and tie vs non-tie, and the repairs the data layer counted.
+prompt length, by turn count and tie vs non-tie, and the repairs the data layer counted (every
+counter of :class:`battles.io.RepairReport`, so a new counter reaches the page by itself).
 
 PNGs (``calibration.png``, ``confusion.png``, ``stage_scores.png``, ``position_bias.png``,
 ``subgroups.png``) are written beside the page and embedded in it as base64, so the page can be
@@ -15,9 +16,11 @@ mailed on its own.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
+import typing
 
 import matplotlib
 
@@ -27,10 +30,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
-from battles.labels import CLASS_NAMES, label_index_or_missing, swap_columns  # noqa: E402
+from battles.io import RepairReport  # noqa: E402
+from battles.labels import label_index_or_missing, swap_columns  # noqa: E402
 from battles.text import plain_text  # noqa: E402
 from ensemble.metrics import probs_from_logits, scores  # noqa: E402
+from ensemble.record import EnsembleRecord, Scores, StageSetRow  # noqa: E402
 from kernel.files import write_bytes, write_text  # noqa: E402
+from pipeline.config import RunConfig  # noqa: E402
+from pipeline.results import EnsembleFit, StageResult  # noqa: E402
+from pipeline.rundata import RunData  # noqa: E402
+from pipeline.rundir import RunDir  # noqa: E402
 
 FINAL = "final (nested CV)"
 CLASS_LABELS = ["A wins", "B wins", "tie"]
@@ -83,19 +92,19 @@ def plot_confusion(y: np.ndarray, probs: np.ndarray, path) -> tuple[bytes, np.nd
     return _save_fig(fig, path), counts
 
 
-def plot_stage_scores(summary: dict, path) -> bytes:
-    names = list(summary["stages_raw"])
-    raw = [summary["stages_raw"][n]["log_loss"] for n in names]
-    cal = [summary["stages_calibrated"].get(n, np.nan) for n in names]
+def plot_stage_scores(record: EnsembleRecord, path) -> bytes:
+    names = list(record.stages_raw)
+    raw = [record.stages_raw[n].log_loss for n in names]
+    cal = [record.stages_calibrated.get(n, np.nan) for n in names]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) + 2), 4))
     x = np.arange(len(names))
     ax.bar(x - 0.2, raw, 0.4, label="raw")
     ax.bar(x + 0.2, cal, 0.4, label="calibrated (CV)")
-    ax.axhline(summary["prior_log_loss"], color="grey", ls="--", label="class prior")
-    ax.axhline(summary["nested_scores"]["log_loss"], color="green", ls="-", label="final (nested CV)")
+    ax.axhline(record.prior_log_loss, color="grey", ls="--", label="class prior")
+    ax.axhline(record.nested_scores.log_loss, color="green", ls="-", label="final (nested CV)")
     ax.set_xticks(x, names, rotation=20)
-    lo = min([v for v in raw + cal if np.isfinite(v)] + [summary["nested_scores"]["log_loss"]])
-    hi = max([v for v in raw if np.isfinite(v)] + [summary["prior_log_loss"]])
+    lo = min([v for v in raw + cal if np.isfinite(v)] + [record.nested_scores.log_loss])
+    hi = max([v for v in raw if np.isfinite(v)] + [record.prior_log_loss])
     ax.set_ylim(lo - 0.03, hi + 0.03)
     ax.set_ylabel("OOF log loss (lower is better)")
     ax.set_title("Log loss per stage and of the final ensemble")
@@ -146,12 +155,12 @@ def plot_subgroups(table: pd.DataFrame, path) -> bytes:
 
 
 # -- tables -------------------------------------------------------------------------------------
-def position_bias(run, names: list[str], y: np.ndarray) -> list[dict]:
+def position_bias(results: dict[str, StageResult], names: list[str], y: np.ndarray) -> list[dict]:
     """Per stage with single-order OOF logits: verdict flip rate under swap and the log loss of each order
     (on the rows the stage covers)."""
     rows = []
     for name in names:
-        result = run.results[name]
+        result = results[name]
         if result.orders is None:
             continue
         covered = result.covered & (y >= 0)
@@ -216,73 +225,88 @@ figcaption{color:#666;font-size:.85em}.note{color:#555;font-size:.92em}
 .warnings{border:2px solid #c60;background:#fff4e5;padding:.5em 1em;margin:1em 0}"""
 
 
-def write_report(run, summary: dict) -> None:
+def _score_row(output: str, rows: int, raw: float, calibrated: float, scores: Scores) -> dict:
+    return {"output": output, "rows": rows, "log loss (raw)": raw, "log loss (calibrated, CV)": calibrated,
+            "accuracy": scores.accuracy, **{f"ll {c}": v for c, v in scores.per_class("log_loss").items()},
+            **{f"recall {c}": v for c, v in scores.per_class("accuracy").items()}}
+
+
+def _stage_set_row(t: StageSetRow) -> dict:
+    row = {"stages": " + ".join(t.stages), "rows": t.rows, "outer folds": t.outer_folds,
+           "nested log loss": t.nested_log_loss, "90% interval": "{:.4f} - {:.4f}".format(*t.interval),
+           "prior": t.prior_log_loss, "chosen": t.chosen}
+    if t.minus_chosen_interval is not None:
+        row.update({"minus chosen, common rows": t.minus_chosen_on_common_rows,
+                    "90% interval (paired)": "{:.4f} - {:.4f}".format(*t.minus_chosen_interval)})
+    return row
+
+
+def repair_rows(repairs: dict[str, RepairReport]) -> list[dict]:
+    """One row per input file: every counter of its :class:`battles.io.RepairReport` (the integer fields)."""
+    rows = []
+    for part, rep in repairs.items():
+        hints = typing.get_type_hints(type(rep))
+        counters = [f.name for f in dataclasses.fields(rep) if hints[f.name] is int]
+        rows.append({"file": f"{part}: {rep.file}", **{k: getattr(rep, k) for k in counters}})
+    return rows
+
+
+def write_report(run: RunDir, config: RunConfig, data: RunData, results: dict[str, StageResult],
+                 fit: EnsembleFit) -> None:
     """Write ``report.html`` (and its PNGs) for a run whose ensemble has just been fitted (from memory:
-    the stages' results and the ensemble's nested probabilities)."""
-    y = label_index_or_missing(run.train)
+    the run's data, the stages' results and the ensemble's nested probabilities)."""
+    record = fit.record
+    y = label_index_or_missing(data.train)
     scored = y >= 0
-    rows = run.ensemble_rows
-    yr, final = y[rows], run.ensemble_probs
-    names = list(summary["stages_raw"])
+    rows = fit.rows
+    yr, final = y[rows], fit.oof_probs
+    names = list(record.stages_raw)
     # stages shown beside the final output in the plots: those with logits on every ensemble row
-    shown = [n for n in names if run.results[n].covered[rows].all()]
-    outputs = {**{n: probs_from_logits(run.results[n].oof_logits[rows]) for n in shown}, FINAL: final}
+    shown = [n for n in names if results[n].covered[rows].all()]
+    outputs = {**{n: probs_from_logits(results[n].oof_logits[rows]) for n in shown}, FINAL: final}
 
-    score_rows = []
-    for name in names:
-        st = summary["stages_raw"][name]
-        score_rows.append({"output": name, "rows": st["n"], "log loss (raw)": st["log_loss"],
-                           "log loss (calibrated, CV)": summary["stages_calibrated"].get(name, float("nan")),
-                           "accuracy": st["accuracy"],
-                           **{f"ll {c}": st.get(f"log_loss_{c}", float("nan")) for c in CLASS_NAMES},
-                           **{f"recall {c}": st.get(f"accuracy_{c}", float("nan")) for c in CLASS_NAMES}})
-    f = summary["nested_scores"]
-    lo, hi = summary["nested_interval"]
-    score_rows.append({"output": f"final: {summary['chosen']}", "rows": summary["rows"], "log loss (raw)": float("nan"),
-                       "log loss (calibrated, CV)": f["log_loss"], "accuracy": f["accuracy"],
-                       **{f"ll {c}": f.get(f"log_loss_{c}", float("nan")) for c in CLASS_NAMES},
-                       **{f"recall {c}": f.get(f"accuracy_{c}", float("nan")) for c in CLASS_NAMES}})
-    methods = [{"method": m["method"], "nested log loss": m["nested_log_loss"], "accuracy": m["nested_accuracy"],
-                "best candidate": m["best_candidate"], **{f"w {n}": m["weights"][n] for n in summary["stages"]}}
-               for m in summary["methods"]]
-    sets = [{"stages": " + ".join(t["stages"]), "rows": t["rows"], "outer folds": t["outer_folds"],
-             "nested log loss": t["nested_log_loss"], "90% interval": "{:.4f} - {:.4f}".format(*t["interval"]),
-             "prior": t["prior_log_loss"], "chosen": t["chosen"],
-             **({"minus chosen, common rows": t["minus_chosen_on_common_rows"],
-                 "90% interval (paired)": "{:.4f} - {:.4f}".format(*t["minus_chosen_interval"])}
-                if "minus_chosen_interval" in t else {})} for t in summary["stage_sets"]]
+    score_rows = [_score_row(name, st.n, st.log_loss, record.stages_calibrated.get(name, float("nan")), st)
+                  for name, st in record.stages_raw.items()]
+    f = record.nested_scores
+    lo, hi = record.nested_interval
+    score_rows.append(_score_row(f"final: {record.chosen}", record.rows, float("nan"), f.log_loss, f))
+    methods = [{"method": m.method, "nested log loss": m.nested_log_loss, "accuracy": m.nested_accuracy,
+                "best candidate": m.best_candidate, **{f"w {n}": m.weights[n] for n in record.stages}}
+               for m in record.methods]
+    sets = [_stage_set_row(t) for t in record.stage_sets]
 
-    pngs = {"stage_scores": plot_stage_scores(summary, run.dir.figure("stage_scores")),
-            "calibration": plot_calibration(yr, outputs, run.dir.figure("calibration"))}
-    pngs["confusion"], counts = plot_confusion(yr, final, run.dir.figure("confusion"))
-    bias = position_bias(run, names, y)
+    pngs = {"stage_scores": plot_stage_scores(record, run.figure("stage_scores")),
+            "calibration": plot_calibration(yr, outputs, run.figure("calibration"))}
+    pngs["confusion"], counts = plot_confusion(yr, final, run.figure("confusion"))
+    bias = position_bias(results, names, y)
     if bias:
-        pngs["position_bias"] = plot_position_bias(bias, run.dir.figure("position_bias"))
+        pngs["position_bias"] = plot_position_bias(bias, run.figure("position_bias"))
     no_bias = [n for n in names if n not in {b["stage"] for b in bias}]
-    groups = subgroup_scores(run.train[rows], yr, outputs)
-    pngs["subgroups"] = plot_subgroups(groups, run.dir.figure("subgroups"))
+    groups = subgroup_scores(data.train[rows], yr, outputs)
+    pngs["subgroups"] = plot_subgroups(groups, run.figure("subgroups"))
     confusion_rows = [{"true / predicted": CLASS_LABELS[i], **{CLASS_LABELS[j]: int(counts[i, j]) for j in range(3)}}
                       for i in range(3)]
-    repairs = [{"file": f"{part}: {rep['file']}", **{k: rep.get(k, 0) for k in (
-        "rows", "null_turns", "lone_surrogates", "empty_replies", "empty_prompts", "multi_turn_battles",
-        "soft_labelled")}} for part, rep in run.repairs.items()]
-    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in summary.get("warnings", []))
+    repairs = repair_rows(data.repairs)
+    data_report = json.dumps({part: rep.as_dict() for part, rep in data.repairs.items()}, indent=1)
+    candidates = _table([c.as_dict() for c in record.candidates],
+                        ["candidate", "method", "cv_log_loss", "chosen_in_outer_folds", "chosen"])
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in record.warnings)
     warning_box = f'<div class="warnings"><b>Warnings</b><ul>{warnings}</ul></div>' if warnings else ""
     coverage_note = ""
-    if len(summary["stage_sets"]) > 1 or summary["rows"] < int(scored.sum()):
-        coverage_note = (f"<p class=\"note\">The chosen ensemble stands on <b>{summary['rows']}</b> of "
+    if len(record.stage_sets) > 1 or record.rows < int(scored.sum()):
+        coverage_note = (f"<p class=\"note\">The chosen ensemble stands on <b>{record.rows}</b> of "
                          f"{int(scored.sum())} labelled rows (the rows all its stages have out-of-fold logits for); "
                          "the plots and subgroup scores below use those rows.</p>")
 
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Run report: {html.escape(str(run.dir))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>Run report: {html.escape(str(run))}</title>
 <style>{STYLE}</style></head><body>
-<h1>Run report: <code>{html.escape(str(run.dir))}</code></h1>
+<h1>Run report: <code>{html.escape(str(run))}</code></h1>
 {warning_box}
-<p>Training battles: {len(run.train)} ({run.config.n_folds} folds grouped by prompt, seed {run.config.seed}).
-Test battles: {0 if run.test is None else len(run.test)}. Class prior log loss (fold-wise, on the ensemble's
-{summary['rows']} rows): {summary['prior_log_loss']:.4f}. Final: <b>{f['log_loss']:.4f}</b> nested-CV log loss on
-{summary['rows']} rows (90% bootstrap interval {lo:.4f} - {hi:.4f}).</p>
+<p>Training battles: {len(data.train)} ({config.n_folds} folds grouped by prompt, seed {config.seed}).
+Test battles: {0 if data.test is None else len(data.test)}. Class prior log loss (fold-wise, on the ensemble's
+{record.rows} rows): {record.prior_log_loss:.4f}. Final: <b>{f.log_loss:.4f}</b> nested-CV log loss on
+{record.rows} rows (90% bootstrap interval {lo:.4f} - {hi:.4f}).</p>
 {coverage_note}
 
 <h2 id="scores">Scores (out-of-fold)</h2>
@@ -301,13 +325,13 @@ those same rows, so it is not nested).</p>
 {_table(sets, cls="sets")}
 
 <h2 id="ensemble">Ensemble methods (nested CV)</h2>
-<p>Chosen: <b>{html.escape(summary['chosen'])}</b> (method {html.escape(summary['method'])}).
-Stages carrying weight (share &ge; 5%): {html.escape(', '.join(summary['carrying_weight']) or 'none')}.
+<p>Chosen: <b>{html.escape(record.chosen)}</b> (method {html.escape(record.method)}).
+Stages carrying weight (share &ge; 5%): {html.escape(', '.join(record.carrying_weight) or 'none')}.
 Weights are each method's model refitted on all rows: stage shares of the average, the fitted simplex weights, or
 for logistic stacking each stage's share of the absolute coefficients.</p>
 {_table(methods, cls="methods")}
 <details><summary>All candidates (CV log loss; how many outer folds chose each)</summary>
-{_table(summary['candidates'], ['candidate', 'method', 'cv_log_loss', 'chosen_in_outer_folds', 'chosen'])}</details>
+{candidates}</details>
 
 <h2 id="calibration">Reliability per class</h2>
 {_img(pngs['calibration'], 'reliability per class', 'calibration.png')}
@@ -331,7 +355,7 @@ of its probabilities, and the raw log loss of each order alone and of swap TTA (
 
 <h2 id="repairs">Data repairs</h2>
 {_table(repairs, cls="repairs")}
-<details><summary>data_report.json</summary><pre>{html.escape(json.dumps(run.repairs, indent=1))}</pre></details>
+<details><summary>data_report.json</summary><pre>{html.escape(data_report)}</pre></details>
 </body></html>
 """
-    write_text(run.dir.report, page)
+    write_text(run.report, page)

@@ -105,6 +105,10 @@ class StageDir(_Layout):
     def oof_order(self, order: str) -> Path:
         return self.path / f"oof_logits_{order}.csv"
 
+    def finished_folds(self) -> list[str]:
+        """Names of the fold directories whose model finished (``fold<k>`` with a ``done.json``)."""
+        return sorted(p.parent.name for p in self.path.glob(f"fold*/{FoldDir.FILES['done']}"))
+
 
 class RunDir(_Layout):
     """Paths of one run directory (see the module docstring), and the ownership rules."""

@@ -119,15 +119,19 @@ def test_pseudo_label_round_trip_trains_lightgbm(tmp_path):
 
 def test_crossfit_hook_external_rows_train_only(tmp_path):
     from flywheel.sources import external_rows
+    from kernel.context import StageContext
     from pipeline.config import StageSpec
-    from pipeline.crossfit import crossfit_stage
+    from pipeline.crossfit import StageFit
+    from pipeline.rundata import DataKeys, RunData
     from pipeline.rundir import RunDir, read_logits
+    from pipeline.timings import Timings
 
     target = _battles(60)
     ext = external_rows(_battles(30, "pandalm", 1), {"pandalm": 0.5})
     folds = make_folds(target, n_folds=3, seed=0)
-    result = crossfit_stage(RunDir(tmp_path), "len", StageSpec(type="length_lr"), target, folds,
-                            extra_train=ext, progress=False)
+    data = RunData(target, folds, DataKeys.of(target, extra=ext), extra=ext)
+    result = StageFit(RunDir(tmp_path), "len", StageSpec(type="length_lr"), data, StageContext(progress=False),
+                      Timings()).result()
     assert result.oof_logits.shape == (60, 3)
     oof_ids = pd.read_csv(tmp_path / "stages" / "len" / "oof_logits.csv", dtype={"id": str})["id"]
     assert sorted(oof_ids) == sorted(target["id"])  # OOF rows = target rows only
@@ -154,12 +158,12 @@ def test_config_external_section_adds_training_only_rows(tmp_path):
                                                        "source": "other", "weight": 0.5}],
                                           "shift_weighting": True}})
     run = Run(tmp_path / "run", cfg, tmp_path / "train.csv", progress=False)
-    run.load_data()
+    data = run.load_data()
     report = json.loads((tmp_path / "run" / "external_report.json").read_text())
     assert report["rows_added"] == {"other": 40}
     assert "other" in report["shift"] and 0.0 <= report["shift"]["other"]["auc"] <= 1.0
-    assert not set(run.extra_train["id"]) & set(target["id"])
-    assert (run.extra_train["weight"] > 0).all()
+    assert not set(data.extra["id"]) & set(target["id"])
+    assert (data.extra["weight"] > 0).all()
     run.fit_stage("len")
     oof_ids = pd.read_csv(tmp_path / "run" / "stages" / "len" / "oof_logits.csv", dtype={"id": str})["id"]
     assert sorted(oof_ids) == sorted(target["id"])

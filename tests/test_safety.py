@@ -246,11 +246,16 @@ def test_empty_prompts_give_lopsided_folds_and_loud_warnings(arena_frame, tmp_pa
 
 
 def test_score_warnings_name_the_stage_and_the_prior():
+    from ensemble.record import EnsembleRecord
     from pipeline.checks import score_warnings
+    from tests.conftest import ROOT
 
-    summary = {"prior_log_loss": 1.09, "rows": 300, "nested_scores": {"log_loss": 1.12},
-               "stages_raw": {"good": {"log_loss": 1.03, "n": 300}, "bad": {"log_loss": 1.15, "n": 100}}}
-    warnings = score_warnings(summary)
+    saved = EnsembleRecord.read(ROOT / "tests/fixtures/ensemble_before_format_version.json").as_dict()
+    record = EnsembleRecord.model_validate({
+        **saved, "prior_log_loss": 1.09, "rows": 300, "nested_scores": {"log_loss": 1.12, "accuracy": 0.4, "n": 300},
+        "stages_raw": {"good": {"log_loss": 1.03, "accuracy": 0.5, "n": 300},
+                       "bad": {"log_loss": 1.15, "accuracy": 0.3, "n": 100}}})
+    warnings = score_warnings(record)
     assert len(warnings) == 2
     assert "final ensemble (1.1200" in warnings[0] and "stage bad (1.1500" in warnings[1]
 

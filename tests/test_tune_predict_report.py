@@ -49,7 +49,7 @@ def test_predict_cli_matches_the_run_submission(finished_run, slice_files, tmp_p
                      "--out", str(out), "--quiet"]) == 0
     pred, sub = pd.read_csv(out, dtype={"id": str}), _submission(finished_run)
     assert list(pred.columns) == ["id", *LABEL_COLUMNS] and pred["id"].tolist() == sub["id"].tolist()
-    np.testing.assert_allclose(pred[LABEL_COLUMNS].to_numpy(), sub[LABEL_COLUMNS].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(pred[LABEL_COLUMNS].to_numpy(), sub[LABEL_COLUMNS].to_numpy(), atol=1e-8)
 
 
 def test_predict_refuses_to_overwrite(finished_run, slice_files, tmp_path, caplog):
