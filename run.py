@@ -398,6 +398,8 @@ def _print_tune_table(record: EnsembleRecord, out) -> None:
                   f"[{t.interval[0]:.4f}, {t.interval[1]:.4f}]  minus chosen on {t.common_rows} common rows "
                   f"{t.minus_chosen_on_common_rows:+.4f} [{t.minus_chosen_interval[0]:+.4f}, "
                   f"{t.minus_chosen_interval[1]:+.4f}]{'  (chosen)' if t.chosen else ''}")
+    if record.selection is not None:
+        print(f"stage set: {record.selection.decided_by}")
 
 
 def _print_summary(record: EnsembleRecord, out) -> None:

@@ -8,7 +8,8 @@ line naming the file.
 
 Its parts are typed rows: :class:`CandidateRow` (a stacker candidate), :class:`MethodRow` (a row of
 the tune table), :class:`StageSetRow` (a candidate stage set of :mod:`ensemble.coverage`; a new
-figure of the stage-set comparison is a new field there), :class:`Scores` (:func:`ensemble.metrics.scores`).
+figure of the stage-set comparison is a new field there), :class:`Selection` (the rule that chose the
+stage set and each stage's test against the class prior), :class:`Scores` (:func:`ensemble.metrics.scores`).
 The calibrator (``model``) keeps its own JSON form (:func:`ensemble.calibrators.calibrator_from_json`).
 
 Versions: ``format_version`` says which layout a file has; a file written before the field existed
@@ -91,10 +92,37 @@ class StageSetRow(Section):
     nested_log_loss: float
     interval: tuple[float, float]  # 90% bootstrap interval of the nested log loss
     prior_log_loss: float
+    role: str | None = None  # "default", or what the set adds to the default (ensemble.coverage)
     common_rows: int | None = None
     log_loss_on_common_rows: float | None = None
     minus_chosen_on_common_rows: float | None = None
     minus_chosen_interval: tuple[float, float] | None = None  # paired bootstrap, 90%
+    # the selection rule's test of a wider set against the set chosen before it (ensemble.coverage.RULE)
+    compared_with: list[str] | None = None
+    compared_on_rows: int | None = None
+    minus_compared: float | None = None
+    minus_compared_interval: tuple[float, float] | None = None  # paired bootstrap over prompt groups, 90%
+    replaced_it: bool | None = None
+
+
+class PriorTest(Section):
+    """One stage alone, calibrated by cross-fitting on its own rows, against the class prior on those rows."""
+
+    stage: str
+    rows: int
+    calibrated_log_loss: float
+    prior_log_loss: float
+    minus_prior: float
+    minus_prior_interval: tuple[float, float]  # paired bootstrap over prompt groups, 90%
+    beats_prior: bool
+
+
+class Selection(Section):
+    """How the stage set was chosen: the rule, the one line that says what decided, each stage's test."""
+
+    rule: str
+    decided_by: str
+    stages_against_prior: list[PriorTest]
 
 
 class EnsembleRecord(Section):
@@ -123,7 +151,8 @@ class EnsembleRecord(Section):
     stage_sets: list[StageSetRow]
     coverage: dict[str, int]  # stage -> rows with out-of-fold logits
     stages_raw: dict[str, Scores]  # stage -> its raw out-of-fold scores
-    stages_calibrated: dict[str, float]  # stage -> CV log loss of the stage alone, calibrated
+    stages_calibrated: dict[str, float]  # stage -> log loss of the stage alone, calibrated (its own rows)
+    selection: Selection | None = None  # how the stage set was chosen (None: a record written before the rule)
     warnings: list[str]  # what the data cannot support (pipeline/checks.py)
 
     def as_dict(self) -> dict:

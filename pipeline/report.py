@@ -234,7 +234,11 @@ def _score_row(output: str, rows: int, raw: float, calibrated: float, scores: Sc
 def _stage_set_row(t: StageSetRow) -> dict:
     row = {"stages": " + ".join(t.stages), "rows": t.rows, "outer folds": t.outer_folds,
            "nested log loss": t.nested_log_loss, "90% interval": "{:.4f} - {:.4f}".format(*t.interval),
-           "prior": t.prior_log_loss, "chosen": t.chosen}
+           "prior": t.prior_log_loss, "role": t.role or "", "chosen": t.chosen}
+    if t.minus_compared_interval is not None:
+        row.update({f"minus {' + '.join(t.compared_with)}": t.minus_compared, "on rows": t.compared_on_rows,
+                    "paired 90% interval": "{:+.4f} - {:+.4f}".format(*t.minus_compared_interval),
+                    "replaced it": t.replaced_it})
     if t.minus_chosen_interval is not None:
         row.update({"minus chosen, common rows": t.minus_chosen_on_common_rows,
                     "90% interval (paired)": "{:.4f} - {:.4f}".format(*t.minus_chosen_interval)})
@@ -274,6 +278,15 @@ def write_report(run: RunDir, config: RunConfig, data: RunData, results: dict[st
                 "best candidate": m.best_candidate, **{f"w {n}": m.weights[n] for n in record.stages}}
                for m in record.methods]
     sets = [_stage_set_row(t) for t in record.stage_sets]
+    selection = prior_tests = ""
+    if record.selection is not None:
+        selection = (f"<p><b>What decided:</b> {html.escape(record.selection.decided_by)}.<br>"
+                     f"<span class=\"note\">Rule: {html.escape(record.selection.rule)}.</span></p>")
+        prior_tests = "<p>Each stage alone (calibrated by cross-fitting on its own rows) against the class prior:</p>" + \
+            _table([{"stage": t.stage, "rows": t.rows, "calibrated": t.calibrated_log_loss, "prior": t.prior_log_loss,
+                     "minus prior": t.minus_prior,
+                     "paired 90% interval": "{:+.4f} - {:+.4f}".format(*t.minus_prior_interval),
+                     "beats the prior": t.beats_prior} for t in record.selection.stages_against_prior])
 
     pngs = {"stage_scores": plot_stage_scores(record, run.figure("stage_scores")),
             "calibration": plot_calibration(yr, outputs, run.figure("calibration"))}
@@ -310,7 +323,7 @@ Test battles: {0 if data.test is None else len(data.test)}. Class prior log loss
 {coverage_note}
 
 <h2 id="scores">Scores (out-of-fold)</h2>
-<p class="note">"Raw" is softmax of the stage's logits; "calibrated" is the stage with temperature scaling, scored by
+<p class="note">"Raw" is softmax of the stage's logits; "calibrated" is the stage with temperature scaling cross-fitted on its own rows (the same rows as raw), scored by
 CV; the final row is the chosen ensemble scored by <b>nested</b> CV (its choice made without the scored fold).
 "ll x" / "recall x" are log loss and recall on battles whose true label is x; "rows" is how many battles each
 figure stands on.</p>
@@ -322,7 +335,9 @@ figure stands on.</p>
 coverage, each candidate set is scored by nested CV on its own rows (interval: 90% bootstrap), and the sets are
 compared on the rows they share (paired bootstrap interval of the difference; the choice between sets is made on
 those same rows, so it is not nested).</p>
+{selection}
 {_table(sets, cls="sets")}
+{prior_tests}
 
 <h2 id="ensemble">Ensemble methods (nested CV)</h2>
 <p>Chosen: <b>{html.escape(record.chosen)}</b> (method {html.escape(record.method)}).

@@ -192,8 +192,8 @@ def _record(chosen: StageSet, sets: list[dict], results: dict[str, StageResult])
         "nested_interval": next(t["interval"] for t in sets if t["chosen"]), "stage_sets": sets,
         "coverage": {n: int(r.covered.sum()) for n, r in results.items()},
         "stages_raw": {n: r.metrics["oof"] for n, r in results.items() if "oof" in r.metrics},
-        "stages_calibrated": {row["single_stage"]: row["cv_log_loss"] for row in chosen.stacked.table
-                              if row["single_stage"]},
+        "stages_calibrated": {t["stage"]: t["calibrated_log_loss"] for t in chosen.selection["stages_against_prior"]},
+        "selection": chosen.selection,
         "stage_keys": {n: results[n].key for n in names}, "warnings": [],
     })
 

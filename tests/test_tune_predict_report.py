@@ -24,12 +24,18 @@ def test_tune_prints_table_saves_json_and_refreshes_submission(finished_run, cap
     (finished_run / "submission.csv").unlink()
     assert cli.main(["tune", "--run", str(finished_run), "--quiet"]) == 0
     out = capsys.readouterr().out
-    for method in ("single: length_lr", "single: lgbm", "average", "weighted", "logistic", "logistic+meta",
-                   "selected (nested over all)", "stages carrying weight"):
+    for method in ("single: lgbm", "logistic+meta", "selected (nested over all)", "stages carrying weight",
+                   "stage set: lgbm on 300 rows (the default stands)"):
         assert method in out, method
     saved = json.loads((finished_run / "ensemble/ensemble.json").read_text())
-    assert saved["stages"] == ["length_lr", "lgbm"] and saved["model"]["kind"] in ("temperature", "weighted", "logistic")
-    assert set(saved["stage_weights"]) == {"length_lr", "lgbm"}
+    # On these 300 rows length_lr is no better than the class prior (its raw OOF loss is above the prior's), so
+    # the default stage set leaves it out and the set that adds it does not beat the default by the rule.
+    prior_tests = {t["stage"]: t for t in saved["selection"]["stages_against_prior"]}
+    assert not prior_tests["length_lr"]["beats_prior"] and prior_tests["lgbm"]["beats_prior"]
+    assert [s["stages"] for s in saved["stage_sets"]] == [["lgbm"], ["length_lr", "lgbm"]]
+    assert saved["stage_sets"][1]["replaced_it"] is False
+    assert saved["stages"] == ["lgbm"] and saved["model"]["kind"] in ("temperature", "weighted", "logistic")
+    assert set(saved["stage_weights"]) == {"lgbm"}
     assert abs(sum(saved["stage_weights"].values()) - 1) < 1e-9
     assert (finished_run / "submission.csv").exists(), "tune refreshes the submission from the saved test logits"
     # The choice is the argmin of CV loss over candidates that include every single stage, so its CV loss
@@ -68,14 +74,15 @@ def test_predict_refuses_an_incomplete_run(finished_run, slice_files, tmp_path, 
     shutil.rmtree(broken / "stages/lgbm/fold1")
     with pytest.raises(IncompleteRunError, match=r"stage 'lgbm' is incomplete: model\(s\) \['fold1'\] missing"):
         Predictor.load(broken)
-    stale = json.loads((broken / "stages/length_lr/done.json").read_text())
-    (broken / "stages/length_lr/done.json").write_text(json.dumps({**stale, "key": "refitted"}))
-    with pytest.raises(IncompleteRunError, match="stage 'length_lr' was refitted after the ensemble was tuned"):
+    shutil.copytree(finished_run / "stages/lgbm/fold1", broken / "stages/lgbm/fold1")
+    stale = json.loads((broken / "stages/lgbm/done.json").read_text())
+    (broken / "stages/lgbm/done.json").write_text(json.dumps({**stale, "key": "refitted"}))
+    with pytest.raises(IncompleteRunError, match="stage 'lgbm' was refitted after the ensemble was tuned"):
         Predictor.load(broken)
-    (broken / "stages/length_lr/done.json").unlink()
+    (broken / "stages/lgbm/done.json").unlink()
     assert cli.main(["predict", "--run", str(broken), "--test", str(slice_files / "test.csv"),
                      "--out", str(tmp_path / "p.csv"), "--quiet"]) == 2
-    assert "stage 'length_lr' is incomplete" in caplog.text and not (tmp_path / "p.csv").exists()
+    assert "stage 'lgbm' is incomplete" in caplog.text and not (tmp_path / "p.csv").exists()
 
 
 def test_api_accepts_frames_and_lists_of_dicts(finished_run, slice_files, arena_battles):
@@ -149,7 +156,7 @@ def test_pseudo_label_cli_round_trip(finished_run, slice_files, tmp_path):
     assert cli.main(args) == 0
     assert cli.main(args) == 2  # refuses to overwrite without --overwrite
     battles, provenance = read_pseudo_labels(out)
-    assert provenance["run"] == str(finished_run.resolve()) and provenance["stages"] == ["length_lr", "lgbm"]
+    assert provenance["run"] == str(finished_run.resolve()) and provenance["stages"] == ["lgbm"]
     sub = pd.read_csv(finished_run / "submission.csv", dtype={"id": str}).set_index("id").loc[battles["id"]]
     np.testing.assert_allclose(battles[["soft_a", "soft_b", "soft_tie"]].to_numpy(), sub[LABEL_COLUMNS].to_numpy(),
                                atol=1e-6)
