@@ -16,6 +16,7 @@ process group exists only once something sets it up (the Trainer does, for train
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 
@@ -77,4 +78,6 @@ def join_launch() -> tuple[int, int]:
 
         state = PartialState(cpu=not torch.cuda.is_available())
         atexit.register(state.destroy_process_group)
+        logging.getLogger(__name__).info("joined the launch's process group: rank %d of %d (%s)",
+                                         state.process_index, state.num_processes, state.backend)
     return process_group()
