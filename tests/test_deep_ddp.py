@@ -34,8 +34,9 @@ PARAMS = {"quantization": "4bit", "max_length": 160, "max_steps": 1, "grad_accum
 
 
 def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 \
-        else [sys.executable]
+    # "--": torchrun would take run.py's --run for an abbreviation of its own --run-path
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--"] \
+        if processes > 1 else [sys.executable]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run(launcher + ["run.py", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=480)
 
