@@ -81,3 +81,26 @@ def test_gemma2_9b_arithmetic_and_peaks():
     assert 8.0e9 < matmul_params(config) < 8.6e9  # Gemma-2-9B: ~9.2B weights, 0.92B of them the embedding
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("Tesla T4") == 65.0
     assert peak_tflops("Unknown GPU") is None and peak_tflops("Unknown GPU", 100.0) == 100.0
+
+
+def test_real_weights_benchmark_smoke(tmp_path, smollm2_dir, arena_sample_path, capsys):
+    """benchmarks/real_weights.py on a slice: the real SmolLM2 trains one step on 4 battles of fold 0 and
+    scores 6; the figures hold the learning curve and the log losses of the decoder, the prior and the
+    CPU stages on the same rows."""
+    from benchmarks import real_weights
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    try:
+        code = real_weights.main(["--data", str(arena_sample_path), "--train-rows", "120", "--valid-rows", "6",
+                                  "--max-steps", "1", "--batch", "4", "--max-length", "192", "--precision", "fp32",
+                                  "--out", str(tmp_path / "figures.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["optimizer_steps"] == 1 and figures["valid_battles"] == 6 and figures["train_battles"] == 120
+    assert list(figures["learning_curve"]) == ["1"] and figures["seconds_per_step"] > 0
+    assert set(figures["log_loss"]) == {"decoder_smollm2", "class_prior", "length_lr", "lgbm_stats", "lgbm_full"}
+    assert all(0 < v < 5 for v in figures["log_loss"].values())
+    assert "decoder_smollm2" in capsys.readouterr().out
