@@ -7,7 +7,7 @@ battles with swap TTA. Printed: seconds per optimizer step, the learning curve (
 step), and the fold's log loss beside the class prior and the CPU stages (``length_lr``,
 ``lgbm_stats``, ``lgbm_full``, the default config's) fitted and scored on the same rows.
 
-    python benchmarks/real_weights.py                       # ~30 minutes on 2 cores (the default schedule)
+    python benchmarks/real_weights.py                       # ~30-35 minutes on 2 cores (estimated), the default schedule
     python benchmarks/real_weights.py --train-rows 16 --valid-rows 8 --max-steps 2 --max-length 256   # a smoke run
 
 Precision: bf16 where the CPU computes it natively (AVX512-BF16 or AMX), else fp32 (``--precision``
