@@ -1,6 +1,7 @@
-"""Shared parts of the GPU benchmarks of the deep stages: synthetic battles, device peaks, model FLOPs.
+"""Shared parts of the GPU benchmarks of the deep stages (``gpu_check.py`` for the decoder,
+``encoder_gpu.py``): synthetic battles, the Gemma-2-9B shape, device peaks, model FLOPs, timing.
 
-Both benchmarks time the STAGE itself (``fit``, ``predict_logits`` with swap TTA) on a random-weight
+They time the STAGE itself (``fit``, ``predict_logits`` with swap TTA) on a random-weight
 checkpoint of the real shape built in the same command, and report tokens/s, model FLOPs utilisation
 (MFU), battles/s, peak GPU memory and the projected time to score 25k battles.
 
@@ -22,6 +23,9 @@ import pandas as pd
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
                "T4": 65.0, "V100": 125.0}
 BATTLES_TO_PROJECT = 25_000
+GEMMA2_9B = dict(hidden_size=3584, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+                 head_dim=256, intermediate_size=14336, vocab_size=256000, sliding_window=4096,
+                 max_position_embeddings=8192)
 WORDS = ("the capital of france is paris python is a programming language hello world how are you today "
          "sure here is a short poem about the sea and the sky i cannot help with that request").split()
 
@@ -61,6 +65,51 @@ def synthetic_battles(n: int, words_per_field: int, seed: int = 0) -> pd.DataFra
                          "winner_tie": (labels == 2).astype(int)})
 
 
+def gemma2_config(layers: int, **shape):
+    """A Gemma-2 config of the 9B shape (``shape`` overrides it, e.g. a tiny width) with 3 labels."""
+    from transformers import Gemma2Config
+
+    return Gemma2Config(**{**GEMMA2_9B, "num_hidden_layers": layers, **shape}, num_labels=3)
+
+
+def build_decoder_checkpoint(path: Path, config) -> None:
+    """Random bf16 weights of ``config`` with the tiny test tokenizer (ids < 400 of the real vocabulary),
+    made on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.tiny_models import build_tokenizer
+
+    tokenizer = build_tokenizer(path)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (timings); a no-op without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    """Peak GPU memory allocated by torch since :func:`reset_peak` (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 def refuse_without_cuda(name: str) -> bool:
     """True (and one line on stderr) when no CUDA GPU is visible."""
     import torch
@@ -75,7 +124,6 @@ def step_times():
     """A TrainerCallback recording the wall time at the end of every optimizer step."""
     import time
 
-    import torch
     from transformers import TrainerCallback
 
     class StepTimes(TrainerCallback):
@@ -83,7 +131,7 @@ def step_times():
             self.times = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
+            sync()
             self.times.append(time.perf_counter())
 
     return StepTimes()
@@ -99,7 +147,8 @@ def cached_checkpoint(cache_dir: Path, layers: int, build) -> Path:
         return path
     path.mkdir(parents=True, exist_ok=True)
     build(path)
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return path
 
 
@@ -108,20 +157,19 @@ def time_prediction(stage, battles, max_length: int, forward_flops: float, peak:
     tokens/s, MFU, peak GPU memory, and the projected time for BATTLES_TO_PROJECT battles."""
     import time
 
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     start = time.perf_counter()
-    stage.predict_logits(battles)
-    torch.cuda.synchronize()
+    logits = stage.predict_logits(battles)
+    sync()
     seconds = time.perf_counter() - start
+    if not np.isfinite(logits).all():
+        raise FloatingPointError(f"{int((~np.isfinite(logits)).any(axis=1).sum())} of {len(battles)} rows of "
+                                 "logits are not finite")
     per_s = len(battles) / seconds
     tokens_per_s = 2 * len(battles) * max_length / seconds
     return {"battles_per_s_with_swap_tta": per_s, "tokens_per_s": tokens_per_s,
             "mfu": forward_flops * tokens_per_s / (peak * 1e12) if peak else None,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "projected_minutes_for_25k_battles": BATTLES_TO_PROJECT / per_s / 60}
+            "peak_memory_gib": peak_gib(), "projected_minutes_for_25k_battles": BATTLES_TO_PROJECT / per_s / 60}
 
 
 def main_of(name: str, parse_args, build_checkpoint, measure, argv=None) -> int:

@@ -8,10 +8,15 @@ process group exists only once something sets it up (the Trainer does, for train
 - :func:`local_rank`: which of this machine's GPUs is this process's;
 - :func:`process_group`: ``(rank, size)`` of the running process group, ``(0, 1)`` without one (what
   sharding and gathering may rely on);
-- :func:`wait_for_everyone`: a barrier, a no-op in one process (and without torch ever imported).
+- :func:`wait_for_everyone`: a barrier, a no-op in one process (and without torch ever imported);
+- :func:`join_launch`: set up the process group from the launcher's environment where nothing has yet
+  (training gets it from the Trainer; ``run.py predict`` calls this before loading models, so its
+  prediction is sharded across the ranks too).
 """
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import sys
 
@@ -52,3 +57,27 @@ def wait_for_everyone() -> None:
     group = _group()
     if group is not None:
         group.barrier()
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join_launch() -> tuple[int, int]:
+    """Under a multi-process launch, the running process group, set up here if nothing has yet;
+    ``(rank, world_size)`` as :func:`process_group` gives it, ``(0, 1)`` in one process.
+
+    The group is accelerate's (``PartialState``, as the Trainer's): NCCL with each rank on its own GPU
+    (``LOCAL_RANK``), gloo on CPU. A group set up here is taken down when the process exits. Every rank
+    must call this at the same point of the program (setting up a group waits for all of them).
+    """
+    if launched_processes() > 1 and _group() is None:
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        atexit.register(state.destroy_process_group)
+        logging.getLogger(__name__).info("joined the launch's process group: rank %d of %d (%s)",
+                                         state.process_index, state.num_processes, state.backend)
+    return process_group()

@@ -59,9 +59,16 @@ def load_tokenizer(path, stage: str, pad_with_eos: bool = False):
 
 def default_device():
     """This process's ``torch.device``: its own GPU under a multi-process launch (``LOCAL_RANK``), else
-    GPU 0, else CPU."""
+    GPU 0, else CPU.
+
+    On a GPU it is also made the current CUDA device, before anything touches CUDA: otherwise every
+    rank of a launch opens a context on GPU 0 (the bf16 probe, bitsandbytes' quantisation on
+    ``.to("cuda")``, FSDP's loading without a ``device_map``) and, under FSDP, loads its weights there.
+    """
     import torch
 
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank())
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")

