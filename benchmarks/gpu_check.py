@@ -176,7 +176,7 @@ class Check:
 
         stage, base = self.stage, self.stage.model.get_base_model()
         device = next(p for p in base.parameters() if p.is_floating_point()).device
-        ids = stage.encode(self.battles.iloc[: self.size.train_batch])
+        ids = stage.encode(self.battles.iloc[: self.size.train_batch]).input_ids
         batch = stage.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
                   "use_cache": False}

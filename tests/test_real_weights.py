@@ -78,7 +78,7 @@ def test_real_tokenizer_specials_and_one_bos(smol):
     tok = smol.tokenizer
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     battles = canary_battles(6, seed=3)
-    for ids in smol.encode(battles):
+    for ids in smol.encode(battles).input_ids:
         text = tok.decode(ids)
         assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
         assert ids.count(tok.bos_token_id) == text.count("<|im_start|>") == 3  # system, user, assistant turns
@@ -93,7 +93,7 @@ def test_head_reads_the_last_token_under_padding(smol, side):
     battles get distinct logits (a head reading a position inside the shared template frame would give
     every battle the same answer)."""
     battles = canary_battles(5, seed=4)
-    lengths = [len(ids) for ids in smol.encode(battles)]
+    lengths = smol.encode(battles).lengths
     assert len(set(lengths)) > 1  # the batch really is padded
     before = smol.tokenizer.padding_side
     smol.tokenizer.padding_side = side
