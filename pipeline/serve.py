@@ -44,7 +44,7 @@ textarea{width:100%;box-sizing:border-box;font:inherit;font-size:.92em}label{fon
 .bar .track{flex:1;background:#eee;height:1.3em;border-radius:3px}.bar .fill{height:100%;border-radius:3px}
 .fill.a{background:#3a7bd5}.fill.b{background:#e0843a}.fill.tie{background:#888}.bar .value{width:4.5em;text-align:right}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th{background:#f3f3f3}td:first-child{text-align:left}.note{color:#555;font-size:.9em}
+th{background:#f3f3f3;text-align:center}td:first-child,td.kept{text-align:left}.note{color:#555;font-size:.9em}
 .share{display:inline-block;background:#5a9;height:.8em;vertical-align:middle}
 </style></head><body>
 <h1>Which reply would a person prefer?</h1>
@@ -52,10 +52,10 @@ th{background:#f3f3f3}td:first-child{text-align:left}.note{color:#555;font-size:
 {% if error %}<p class="error" id="error">{{ error }}</p>{% endif %}
 <form method="post" action="/">
 <label for="prompt">Prompt</label>
-<textarea id="prompt" name="prompt" rows="4">{{ form.prompt }}</textarea>
+<textarea id="prompt" name="prompt" rows="3">{{ form.prompt }}</textarea>
 <div class="cols">
-<div><label for="response_a">Response A</label><textarea id="response_a" name="response_a" rows="10">{{ form.response_a }}</textarea></div>
-<div><label for="response_b">Response B</label><textarea id="response_b" name="response_b" rows="10">{{ form.response_b }}</textarea></div>
+<div><label for="response_a">Response A</label><textarea id="response_a" name="response_a" rows="7">{{ form.response_a }}</textarea></div>
+<div><label for="response_b">Response B</label><textarea id="response_b" name="response_b" rows="7">{{ form.response_b }}</textarea></div>
 </div>
 <button type="submit" id="score">Score</button>
 </form>
@@ -82,7 +82,7 @@ order alone.</p>
 {% for s in e.stages %}<tr><td>{{ s.name }}</td><td>{{ s.type }}</td>
 <td><span class="share" style="width:{{ '%.0f' % (60 * s.share) }}px"></span> {{ '%.1f' % (100 * s.share) }}%</td>
 {% for v in s.probs %}<td>{{ '%.4f' % v }}</td>{% endfor %}
-<td>{% if s.truncation %}{% for f in ["prompt", "response_a", "response_b"] %}{{ f }} {{ s.truncation.tokens[f] }}{% if s.truncation.cut[f] %} (cut){% endif %}{% if s.truncation.turns_dropped[f] %}, {{ s.truncation.turns_dropped[f] }} turns dropped{% endif %}{% if not loop.last %}; {% endif %}{% endfor %}{% else %}-{% endif %}</td></tr>
+<td class="kept">{% if s.truncation %}{% for f in ["prompt", "response_a", "response_b"] %}{{ f }} {{ s.truncation.tokens[f] }}{% if s.truncation.cut[f] %} (cut){% endif %}{% if s.truncation.turns_dropped[f] %}, {{ s.truncation.turns_dropped[f] }} turns dropped{% endif %}{% if not loop.last %}; {% endif %}{% endfor %}{% else %}-{% endif %}</td></tr>
 {% endfor %}</tbody></table>
 <p class="note">A stage's probabilities are its own (softmax of its logits); the ensemble's calibrator combines them
 by the shares above.</p>
