@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.special import softmax
+from tqdm.auto import tqdm
 
 from battles.columns import TEXT_COLUMNS
 from battles.formats import check_regular_file
@@ -132,6 +133,7 @@ def explain(predictor: Predictor, data) -> list[Explanation]:
     battles = as_battles(data)
     out: list[Explanation] = []
     weights = predictor.ensemble.stage_weights
+    bar = tqdm(total=len(battles), desc="score", unit="battle", disable=not predictor.progress)
     for start in range(0, len(battles), CHUNK):
         chunk = battles.iloc[start:start + CHUNK]
         parts = {n: _stage_parts(predictor, n, chunk) for n in predictor.stage_names}
@@ -158,6 +160,8 @@ def explain(predictor: Predictor, data) -> list[Explanation]:
                                    orders=None if ensemble_orders is None else
                                    (ensemble_orders[0][i], ensemble_orders[1][i]),
                                    stages=stages))
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 

@@ -148,3 +148,32 @@ def test_page_in_headless_chromium_shows_predict_proba(served, predictor, tmp_pa
         assert (tmp_path / "serve.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_serve_prints_its_address_and_warns_off_loopback(finished_run, monkeypatch, capsys, caplog):
+    """``serve`` on another address than loopback says so; a port it cannot listen on is one line."""
+    import werkzeug.serving
+
+    from kernel.errors import UserError
+    from pipeline import serve as page
+
+    class Server:
+        server_port = 54321
+
+        def serve_forever(self):
+            raise KeyboardInterrupt  # Ctrl-C
+
+        def server_close(self):
+            pass
+
+    monkeypatch.setattr(werkzeug.serving, "make_server", lambda host, port, app, threaded: Server())
+    page.serve(finished_run, host="0.0.0.0", port=0)
+    assert "on http://0.0.0.0:54321/" in capsys.readouterr().out
+    assert any("no authentication" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+    def taken(*_, **__):
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(werkzeug.serving, "make_server", taken)
+    with pytest.raises(UserError, match="cannot listen on 127.0.0.1:8000: Address already in use"):
+        page.serve(finished_run)
