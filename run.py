@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--run", required=True, help="a finished run directory")
     for flag, field in (("prompt", "the prompt"), ("a", "response A"), ("b", "response B")):
         one = sc.add_mutually_exclusive_group()
-        one.add_argument(f"--{flag}", help=f"{field} as text (a JSON list of strings: one per turn)")
+        one.add_argument(f"--{flag}", help=f"{field} as text: one turn, or a JSON list of strings (one per turn)")
         one.add_argument(f"--{flag}-file", help=f"a UTF-8 text file holding {field}")
     sc.add_argument("--json", action="store_true", help="print the pair's explanation as one JSON line")
     sc.add_argument("--jsonl", help="a JSONL file of battles (prompt/response_a/response_b: lists, JSON-list strings "
