@@ -10,6 +10,9 @@
   python run.py convert --kind scored_answers --data rated.csv --source bench --out bench.jsonl  # external -> battles
   python run.py distill --teacher runs/x --train train.csv --out runs/student      # teacher OOF probs as targets
   python run.py external-check --train train.csv --config cfg.json --out runs/check # a verdict per external source
+  python run.py score --run runs/x --prompt "..." --a "..." --b "..."               # explain one pair's score
+  python run.py score --run runs/x --jsonl pairs.jsonl --out scored.jsonl          # one JSON line per battle
+  python run.py serve --run runs/x                                                 # a local page (127.0.0.1:8000)
 
 A rerun of the same command resumes: finished folds and stages are reused. Every command that fits the
 ensemble writes runs/x/ensemble/ensemble.json (what predict uses), submission.csv (with a test set) and
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import traceback
@@ -32,7 +36,7 @@ if TYPE_CHECKING:  # the commands import what they use when they run (a fast --h
     from pipeline.runner import Run
 
 COMMANDS = ("all", "train", "tune", "predict", "pseudo-label", "pair-chatlogs", "convert", "distill",
-            "external-check")
+            "external-check", "score", "serve")
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 log = logging.getLogger("run")
 
@@ -134,6 +138,26 @@ def _parser() -> argparse.ArgumentParser:
     ec.add_argument("--config", help="JSON config whose 'external' section lists the sources")
     ec.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     loudness(ec)
+    sc = sub.add_parser("score", help="score one pair (or a JSONL file of battles) with a finished run: probabilities, "
+                                      "verdict, both A/B orders, each stage's share, what truncation kept")
+    sc.add_argument("--run", required=True, help="a finished run directory")
+    for flag, field in (("prompt", "the prompt"), ("a", "response A"), ("b", "response B")):
+        one = sc.add_mutually_exclusive_group()
+        one.add_argument(f"--{flag}", help=f"{field} as text: one turn, or a JSON list of strings (one per turn)")
+        one.add_argument(f"--{flag}-file", help=f"a UTF-8 text file holding {field}")
+    sc.add_argument("--json", action="store_true", help="print the pair's explanation as one JSON line")
+    sc.add_argument("--jsonl", help="a JSONL file of battles (prompt/response_a/response_b: lists, JSON-list strings "
+                                    "or plain strings; optional id); needs --out")
+    sc.add_argument("--out", help="with --jsonl: the JSONL file to write (one line per battle)")
+    sc.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    loudness(sc)
+    sv = sub.add_parser("serve", help="a local page: paste a prompt and two replies, see the run's probabilities")
+    sv.add_argument("--run", required=True, help="a finished run directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s, this machine "
+                                                        "only; another address is logged as a warning)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: a free one)")
+    sv.add_argument("--max-bytes", type=int, default=1 << 20, help="largest request body (default %(default)s)")
+    loudness(sv)
     return p
 
 
@@ -319,9 +343,51 @@ def _cmd_external_check(args) -> int:
     return 0
 
 
+def _cmd_score(args) -> int:
+    from kernel.errors import UserError
+    from kernel.files import check_output_file
+    from pipeline.explain import (explain, format_explanation, pair_battle, read_score_file, read_text_arg,
+                                  write_explanations)
+    from pipeline.predict import Predictor
+
+    texts = {}
+    for flag in ("prompt", "a", "b"):
+        path = getattr(args, f"{flag}_file")
+        texts[flag] = read_text_arg(path, f"--{flag}-file") if path is not None else getattr(args, flag)
+    given = [f for f, t in texts.items() if t is not None]
+    if args.jsonl is not None:
+        if given or args.json:
+            raise UserError("score: --jsonl scores a file; leave out --prompt/--a/--b (and their files) and --json")
+        if args.out is None:
+            raise UserError("score --jsonl: name the JSONL file to write with --out")
+        out = check_output_file(args.out, args.overwrite)
+        battles = read_score_file(args.jsonl)
+        explanations = explain(Predictor.load(args.run, progress=not args.quiet), battles)
+        write_explanations(out, explanations)
+        print(f"wrote {len(explanations)} scored battles to {out}")
+        return 0
+    if args.out is not None:
+        raise UserError("score: --out goes with --jsonl; one pair is printed")
+    if len(given) < 3:
+        missing = [f"--{f}" for f in texts if texts[f] is None]
+        raise UserError(f"score: give {' '.join(missing)} (or the -file variants), or --jsonl FILE --out FILE")
+    battle = pair_battle(texts["prompt"], texts["a"], texts["b"])
+    [e] = explain(Predictor.load(args.run, progress=False), battle)
+    print(json.dumps(e.as_dict(), ensure_ascii=False) if args.json else format_explanation(e))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from pipeline.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, max_bytes=args.max_bytes)
+    return 0
+
+
 HANDLERS = {"all": _cmd_train, "train": _cmd_train, "tune": _cmd_tune, "predict": _cmd_predict,
             "pseudo-label": _cmd_pseudo_label, "pair-chatlogs": _cmd_pair_chatlogs, "convert": _cmd_convert,
-            "distill": _cmd_distill, "external-check": _cmd_external_check}
+            "distill": _cmd_distill, "external-check": _cmd_external_check, "score": _cmd_score,
+            "serve": _cmd_serve}
 
 
 # ----------------------------------------------------------------------------------------------- errors

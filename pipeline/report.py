@@ -196,6 +196,40 @@ def subgroup_scores(battles: pd.DataFrame, y: np.ndarray, outputs: dict) -> pd.D
     return pd.DataFrame(rows)
 
 
+MISTAKES_SHOWN, MISTAKE_CHARS = 10, 400
+
+
+def _cut(turns, chars: int = MISTAKE_CHARS) -> str:
+    """A field's text for display: its turns joined, cut to ``chars`` characters with what was left out said."""
+    text = plain_text(turns)
+    return text if len(text) <= chars else f"{text[:chars]}... [{len(text) - chars} more characters]"
+
+
+def confident_mistakes(battles: pd.DataFrame, y: np.ndarray, probs: np.ndarray, k: int = MISTAKES_SHOWN) -> list[dict]:
+    """The ``k`` labelled battles whose out-of-fold verdict (argmax of ``probs``) is wrong with the highest
+    confidence (its top probability), most confident first, texts cut for display."""
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero((y >= 0) & (pred != y))
+    picked = wrong[np.argsort(-probs[wrong].max(axis=1), kind="stable")][:k]
+    return [{"id": battles["id"].iloc[i], "predicted": f"{CLASS_LABELS[pred[i]]} ({probs[i, pred[i]]:.3f})",
+             "true": f"{CLASS_LABELS[y[i]]} ({probs[i, y[i]]:.3f})", "turns": len(battles["prompt"].iloc[i]),
+             "prompt": _cut(battles["prompt"].iloc[i]), "response A": _cut(battles["response_a"].iloc[i]),
+             "response B": _cut(battles["response_b"].iloc[i])} for i in picked]
+
+
+def mistakes_section(battles: pd.DataFrame, y: np.ndarray, probs: np.ndarray) -> str:
+    """The report's section of the most confident out-of-fold mistakes of the final output."""
+    rows = confident_mistakes(battles, y, probs)
+    wrong = int(((y >= 0) & (probs.argmax(axis=1) != y)).sum())
+    return f"""<h2 id="mistakes">Most confident mistakes (out-of-fold, final output)</h2>
+<style>.mistakes td{{text-align:left;vertical-align:top;white-space:pre-wrap;max-width:22em;font-size:.92em}}</style>
+<p class="note">The {len(rows)} of {wrong} wrongly called battles (of {int((y >= 0).sum())}) whose nested out-of-fold
+verdict was the most confident: the predicted class with its probability, the true class with the probability given
+to it. Texts are cut to {MISTAKE_CHARS} characters per field. <code>run.py score</code> explains one battle stage by
+stage.</p>
+{_table(rows, cls="mistakes")}"""
+
+
 def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if np.isfinite(v) else "-"
@@ -300,6 +334,7 @@ def write_report(run: RunDir, config: RunConfig, data: RunData, results: dict[st
     confusion_rows = [{"true / predicted": CLASS_LABELS[i], **{CLASS_LABELS[j]: int(counts[i, j]) for j in range(3)}}
                       for i in range(3)]
     repairs = repair_rows(data.repairs)
+    mistakes = mistakes_section(data.train[rows], yr, final)
     data_report = json.dumps({part: rep.as_dict() for part, rep in data.repairs.items()}, indent=1)
     candidates = _table([c.as_dict() for c in record.candidates],
                         ["candidate", "method", "cv_log_loss", "chosen_in_outer_folds", "chosen"])
@@ -367,6 +402,8 @@ of its probabilities, and the raw log loss of each order alone and of swap TTA (
 <p class="note">Log loss of each stage's raw OOF probabilities and of the final (nested) output.</p>
 {_table(groups.to_dict("records"), cls="subgroups")}
 {_img(pngs['subgroups'], 'log loss by subgroup', 'subgroups.png')}
+
+{mistakes}
 
 <h2 id="repairs">Data repairs</h2>
 {_table(repairs, cls="repairs")}
