@@ -73,11 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("stage")
     t.add_argument("--model", help="local checkpoint directory for deep stages (sets params.model)")
     training(t)
-    tu = sub.add_parser("tune", help="compare ensembles (single stages, average, weighted, logistic, +meta) by nested "
-                                     "CV on the saved OOF logits; save the chosen one; refresh submission and report")
+    tu = sub.add_parser("tune", help="an experiment: refit the ensemble (single stages, average, weighted, logistic, "
+                                     "+meta, by nested CV on the saved OOF logits) into runs/x/tune/NAME/ and compare "
+                                     "it with the saved one; --apply makes it the run's")
     tu.add_argument("--run", "--out", dest="out", required=True, help="a run directory with finished stages")
     tu.add_argument("--config", help="a config whose 'stacker' section replaces the run's")
     tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set stacker.C_grid=[0.1]")
+    tu.add_argument("--name", help="the candidate's folder under runs/x/tune/ (default: the UTC time)")
+    tu.add_argument("--apply", action="store_true", help="replace the run's config, ensemble, submission and report "
+                                                         "with the candidate once it is fitted")
     loudness(tu)
     pr = sub.add_parser("predict", help="predict new battles with a finished run's models and ensemble")
     pr.add_argument("--run", required=True, help="a finished run directory")
@@ -210,15 +214,15 @@ def _cmd_tune(args) -> int:
     from kernel.files import read_json
     from pipeline.config import load_config
     from pipeline.rundir import RunDir
-    from pipeline.runner import Run, run_all
+    from pipeline.tune import tune
 
     rundir = RunDir.open(args.out)
     config = load_config(None, args.set, saved=read_json(rundir.config),
                          overrides={"stacker": _stacker_section(args.config)} if args.config else None)
-    with _interruptible(Run(args.out, config, progress=not args.quiet)) as run:
-        record = run_all(run, stages=[])  # the ensemble over the finished stages only
-    _print_summary(record, args.out)
-    _print_tune_table(record, args.out)
+    result = tune(rundir.path, config, name=args.name, apply=args.apply, progress=not args.quiet)
+    _print_summary(result.record, args.out)
+    _print_tune_table(result.record, result.folder)
+    _print_tune_comparison(result, args.out)
     return 0
 
 
@@ -400,6 +404,22 @@ def _print_tune_table(record: EnsembleRecord, out) -> None:
                   f"{t.minus_chosen_interval[1]:+.4f}]{'  (chosen)' if t.chosen else ''}")
     if record.selection is not None:
         print(f"stage set: {record.selection.decided_by}")
+
+
+def _print_tune_comparison(result, out) -> None:
+    c = result.comparison
+    print(f"\ncandidate: {result.folder} (changed: {'; '.join(c.get('config_changes') or []) or 'nothing'})")
+    if c.get("saved"):
+        lo, hi = c["minus_saved_interval"]
+        print(f"candidate minus saved ensemble on {c['rows']} rows: {c['candidate_log_loss']:.4f} - "
+              f"{c['saved_log_loss']:.4f} = {c['minus_saved']:+.4f}, paired 90% interval [{lo:+.4f}, {hi:+.4f}]: "
+              f"{c['verdict']}")
+    else:
+        print(f"candidate: {c['verdict']}")
+    if result.applied:
+        print(f"applied: {out}'s config.json, ensemble, submission and report are now the candidate's")
+    else:
+        print(f"not applied: {out} is unchanged; `run.py tune --run {out} ... --apply` makes such a candidate the run's")
 
 
 def _print_summary(record: EnsembleRecord, out) -> None:
