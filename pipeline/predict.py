@@ -86,7 +86,7 @@ class Predictor:
     def __init__(self, run: RunDir, specs: dict, stage_models: dict, ensemble: EnsembleRecord, progress: bool = True):
         self.run = run
         self.specs = specs  # stage name -> StageSpec
-        self.stage_names = list(ensemble.stages)
+        self.stage_names = list(specs)  # the ensemble's stages (from load); stage_logits predicts these
         self.stage_models = stage_models  # stage name -> FoldModels (the stage's saved models, together)
         self.ensemble = ensemble
         self.model = ensemble.calibrator()
@@ -145,8 +145,12 @@ class Predictor:
         return probs_frame(battles["id"], self._proba(battles))
 
     def _proba(self, battles: pd.DataFrame) -> np.ndarray:
+        return self.ensemble_proba(battles, dict(zip(self.stage_names, self.stage_logits(battles))))
+
+    def ensemble_proba(self, battles: pd.DataFrame, logits: dict[str, np.ndarray]) -> np.ndarray:
+        """The saved ensemble's probabilities from its stages' ``logits`` (stage name -> (n, 3))."""
         meta = meta_features(battles) if self.ensemble.meta_features else None
-        return self.model.predict_proba(self.stage_logits(battles), meta=meta)
+        return self.model.predict_proba([logits[n] for n in self.ensemble.stages], meta=meta)
 
 
 def check_complete(run: RunDir) -> tuple[EnsembleRecord, RunConfig, np.ndarray]:

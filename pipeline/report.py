@@ -55,7 +55,7 @@ def _save_fig(fig, path) -> bytes:
 
 
 # -- plots --------------------------------------------------------------------------------------
-def plot_calibration(y: np.ndarray, outputs: dict, path) -> bytes:
+def plot_calibration(y: np.ndarray, outputs: dict, path, title: str = "Reliability per class, out-of-fold") -> bytes:
     """Reliability per class: the final output (bold) and every stage's raw probabilities (thin)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.3), sharey=True)
     for c, ax in enumerate(axes):
@@ -71,7 +71,7 @@ def plot_calibration(y: np.ndarray, outputs: dict, path) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("observed frequency")
     axes[-1].legend(loc="upper left", fontsize=8)
-    fig.suptitle("Reliability per class, out-of-fold")
+    fig.suptitle(title)
     return _save_fig(fig, path)
 
 
@@ -133,7 +133,8 @@ def plot_position_bias(rows: list[dict], path) -> bytes:
     return _save_fig(fig, path)
 
 
-def plot_subgroups(table: pd.DataFrame, path) -> bytes:
+def plot_subgroups(table: pd.DataFrame, path, ylabel: str = "OOF log loss (lower is better)",
+                   title: str = "Log loss by prompt length, turn count and tie vs non-tie") -> bytes:
     groups = table["group"].tolist()
     outputs = [c for c in table.columns if c not in ("group", "n")]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups) * max(1, len(outputs) / 2)), 4.2))
@@ -147,8 +148,8 @@ def plot_subgroups(table: pd.DataFrame, path) -> bytes:
     values = table[outputs].to_numpy(dtype=float)
     ax.set_ylim(max(0.0, np.nanmin(values) - 0.05), np.nanmax(values) + 0.03)
     ax.axhline(np.log(3), color="grey", ls="--", lw=1, label="uniform (log 3)")
-    ax.set_ylabel("OOF log loss (lower is better)")
-    ax.set_title("Log loss by prompt length, turn count and tie vs non-tie")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
     return _save_fig(fig, path)
