@@ -28,7 +28,7 @@ from kernel.context import StageContext
 from kernel.errors import UserError
 from kernel.files import write_json
 from pipeline import checks
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, check_paths
 from pipeline.crossfit import StageFit, load_stage_result
 from pipeline.results import EnsembleFit, StageResult
 from pipeline.rundata import DataKeys, RunData
@@ -206,7 +206,8 @@ def _record(chosen: StageSet, sets: list[dict], results: dict[str, StageResult])
 
 def run_all(run: Run, stages: list[str] | None = None) -> EnsembleRecord:
     """The stages (default: every configured stage; ``[]``: none, as ``tune``), then the ensemble over
-    every finished stage and the report: the default command, ``train STAGE`` and ``tune``."""
+    every finished stage and the report: the default command and ``train STAGE``."""
+    check_paths(run.config, run.config.stages if stages is None else stages)  # before anything is written
     run.load_data()
     for name in run.config.stages if stages is None else stages:
         run.fit_stage(name)
