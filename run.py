@@ -465,15 +465,21 @@ def _print_tune_comparison(result, out) -> None:
 
 
 def _print_summary(record: EnsembleRecord, out) -> None:
+    """The scores table; each figure beside the rows it stands on (pipeline.report.score_table)."""
+    from pipeline.report import score_table
+
     print(f"\nrun directory: {out}")
-    print(f"{'output':<28}{'rows':>7}{'OOF log loss':>14}{'calibrated':>12}{'accuracy':>10}")
+    print(f"{'output':<28}{'rows':>7}{'OOF log loss':>14}{'rows':>7}{'calibrated':>12}{'accuracy':>10}")
     print(f"{'class prior':<28}{record.rows:>7}{record.prior_log_loss:>14.4f}")
-    for name, s in record.stages_raw.items():
-        cal = record.stages_calibrated.get(name, float("nan"))
-        print(f"{name:<28}{s.n:>7}{s.log_loss:>14.4f}{cal:>12.4f}{s.accuracy:>10.3f}")
-    f, (lo, hi) = record.nested_scores, record.nested_interval
-    print(f"{'final: ' + record.chosen:<28}{record.rows:>7}{f.log_loss:>14.4f}{'(nested)':>12}"
-          f"{f.accuracy:>10.3f}   90% interval {lo:.4f}-{hi:.4f}")
+    for row in score_table(record):
+        raw, cal = row["log loss (raw)"], row["log loss (calibrated, CV)"]
+        if row["output"].startswith("final: "):  # the nested figure, in the OOF column
+            lo, hi = record.nested_interval
+            print(f"{row['output']:<28}{row['rows']:>7}{cal:>14.4f}{'':>7}{'(nested)':>12}{row['accuracy']:>10.3f}"
+                  f"   90% interval {lo:.4f}-{hi:.4f}")
+        else:
+            print(f"{row['output']:<28}{row['rows']:>7}{raw:>14.4f}{row['rows (calibrated)']:>7}{cal:>12.4f}"
+                  f"{row['accuracy']:>10.3f}")
     for w in record.warnings:
         print(f"WARNING: {w}")
 
