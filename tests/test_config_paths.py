@@ -46,3 +46,15 @@ def test_run_refuses_before_writing(tmp_path, slice_files, caplog):
     assert cli.main(["--train", str(slice_files / "train.csv"), "--out", str(out), "--config", str(path), "--quiet"]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith("stages.enc.params.model: ") and not out.exists()
+
+
+def test_every_recipe_keeps_the_cpu_stages():
+    """README: each recipe in configs/ keeps the CPU stages (the defaults) beside its deep one."""
+    from pathlib import Path
+
+    from pipeline.config import DEFAULT_STAGES
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json")):
+        stages = load_config(str(path)).stages
+        for name, spec in DEFAULT_STAGES.items():
+            assert name in stages and stages[name].type == spec["type"], (path.name, name)
