@@ -81,10 +81,10 @@ def _score(name: str, y: np.ndarray, probs: np.ndarray, groups: np.ndarray, seed
             "accuracy": float((probs.argmax(axis=1) == y).mean())}
 
 
-def _paired(name: str, other: str, y, mine, theirs, groups, seed) -> dict:
+def _paired(comparison: str, y, mine, theirs, groups, seed) -> dict:
     a, b = row_log_loss(y, mine), row_log_loss(y, theirs)
     lo, hi = bootstrap_interval(a, seed, paired_with=b, groups=groups)
-    return {"comparison": f"{name} minus {other}", "rows": int(len(y)), "difference": float((a - b).mean()),
+    return {"comparison": comparison, "rows": int(len(y)), "difference": float((a - b).mean()),
             "interval": [lo, hi], "verdict": "lower" if hi < 0 else "higher" if lo > 0 else "no clear difference"}
 
 
@@ -96,8 +96,8 @@ def score_outputs(outputs: dict[str, np.ndarray], y: np.ndarray, groups: np.ndar
     table = [_score("class prior (training labels)", y, prior_probs, groups, seed)]
     table += [_score(n, y, p, groups, seed) for n, p in outputs.items()]
     ens = outputs[ENSEMBLE]
-    paired = [_paired(ENSEMBLE, "class prior", y, ens, prior_probs, groups, seed)]
-    paired += [_paired(ENSEMBLE, n, y, ens, p, groups, seed) for n, p in outputs.items() if n != ENSEMBLE]
+    paired = [_paired(f"{ENSEMBLE} minus class prior", y, ens, prior_probs, groups, seed)]
+    paired += [_paired(f"{ENSEMBLE} minus {n}", y, ens, p, groups, seed) for n, p in outputs.items() if n != ENSEMBLE]
     return table, paired
 
 

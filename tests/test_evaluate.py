@@ -109,3 +109,11 @@ def test_remove_stage_not_in_the_ensemble_and_unknown_stage(run_copy, caplog):
     assert "only stage" in caplog.text
     assert np.isfinite(Predictor.load(run_copy, progress=False).predict_proba(
         [{"prompt": "hi", "response_a": "hello", "response_b": "bye"}])).all()
+
+
+def test_predict_warns_when_the_test_file_repeats_training_battles(finished_run, arena_frame, tmp_path, caplog):
+    path = tmp_path / "repeats.csv"
+    arena_frame.iloc[295:305].to_csv(path, index=False)  # 5 training battles, 5 others
+    assert cli.main(["predict", "--run", str(finished_run), "--test", str(path), "--out", str(tmp_path / "p.csv"),
+                     "--quiet"]) == 0
+    assert "5 of 10 battles (50.0%) repeat a training battle" in caplog.text
