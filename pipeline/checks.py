@@ -17,6 +17,7 @@ in a box at the top of the report. Each names what it saw and what to do (README
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -63,10 +64,10 @@ def data_warnings(data: RunData, seed: int) -> list[str]:
                          "other folds' labels, so the OOF scores of this run are optimistic; compare student and "
                          "teacher on labelled battles neither saw."))
     if data.test is not None:
-        overlap = overlap_warning(data.train, data.test, f"test file {data.test_path}")
+        overlap = overlap_warning(data.train, data.test, f"test file {data.test_path}", overlap_of_test(data))
         if overlap:
             out.append(overlap)
-        auc = test_shift_auc(data, seed)
+        auc = shift_auc_of_test(data, seed)
         if auc is not None and auc > SHIFT_AUC:
             out.append(_warn(f"test unlike training: a classifier tells the test prompts from the training prompts "
                              f"with AUC {auc:.2f} (> {SHIFT_AUC}; 0.5 = alike); the cross-validated score may not "
@@ -75,12 +76,13 @@ def data_warnings(data: RunData, seed: int) -> list[str]:
 
 
 def battle_keys(battles) -> np.ndarray:
-    """One text key per battle: normalised prompt and the two replies, the replies in sorted order (a
-    battle and its swapped copy share a key)."""
+    """One text key per battle: a hash of the normalised prompt and the two replies, the replies in
+    sorted order (a battle and its swapped copy share a key)."""
     keys = []
     for p, a, b in zip(battles["prompt"], battles["response_a"], battles["response_b"]):
         replies = sorted((normalised(plain_text(a)), normalised(plain_text(b))))
-        keys.append("\x1e".join([normalised(plain_text(p)), *replies]))
+        text = "\x1e".join([normalised(plain_text(p)), *replies])
+        keys.append(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest())
     return np.array(keys, dtype=object)
 
 
@@ -89,10 +91,10 @@ def overlapping(train, other) -> np.ndarray:
     return np.isin(battle_keys(other), battle_keys(train))
 
 
-def overlap_warning(train, other, what: str) -> str | None:
+def overlap_warning(train, other, what: str, n: int | None = None) -> str | None:
     """The warning (logged) when battles of ``other`` (``what``: e.g. "test file x.csv") repeat training
-    battles; None when none do."""
-    n = int(overlapping(train, other).sum())
+    battles (``n`` of them, when counted already); None when none do."""
+    n = int(overlapping(train, other).sum()) if n is None else n
     if not n:
         return None
     return _warn(f"{what}: {n} of {len(other)} battles ({n / len(other):.1%}) repeat a training battle of the run (same "
@@ -126,9 +128,19 @@ def run_overlap_warning(run: RunDir, other, what: str) -> str | None:
 
 
 _SHIFT_AUCS: dict = {}
+_OVERLAPS: dict = {}
 
 
-def test_shift_auc(data: RunData, seed: int) -> float | None:
+def overlap_of_test(data: RunData) -> int:
+    """How many of the run's test battles repeat a training battle, counted once per data (the warnings
+    and the report's test-set section both read it)."""
+    key = (data.keys.train, data.keys.test)
+    if key not in _OVERLAPS:
+        _OVERLAPS[key] = 0 if data.test is None else int(overlapping(data.train, data.test).sum())
+    return _OVERLAPS[key]
+
+
+def shift_auc_of_test(data: RunData, seed: int) -> float | None:
     """:func:`prompt_shift_auc` of the run's test file, computed once per data and seed (the warnings
     and the report's test-set section both read it)."""
     key = (data.keys.train, data.keys.test, seed)

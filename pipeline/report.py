@@ -43,7 +43,7 @@ from kernel.files import write_bytes, write_text  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.results import EnsembleFit, StageResult  # noqa: E402
 from pipeline.rundata import RunData  # noqa: E402
-from pipeline.checks import overlapping, test_shift_auc  # noqa: E402
+from pipeline.checks import overlap_of_test, shift_auc_of_test  # noqa: E402
 from pipeline.rundir import RunDir, read_id_table  # noqa: E402
 
 FINAL = "final (nested CV)"
@@ -242,16 +242,16 @@ def model_pair_scores(battles: pd.DataFrame, y: np.ndarray, probs: np.ndarray) -
 
 def test_set_rows(data: RunData, seed: int, submission) -> list[dict]:
     """The test file: its size, how far its prompts are from the training prompts (adversarial AUC,
-    :func:`pipeline.checks.test_shift_auc`), and the predicted class balance (mean probability and argmax
+    :func:`pipeline.checks.shift_auc_of_test`), and the predicted class balance (mean probability and argmax
     share per class, from ``submission``) beside the training labels' balance; [] without a test file."""
     if data.test is None:
         return []
-    auc = test_shift_auc(data, seed)
+    auc = shift_auc_of_test(data, seed)
     y = label_index_or_missing(data.train)
     train_share = np.bincount(y[y >= 0], minlength=3) / max(int((y >= 0).sum()), 1)
     out = [{"figure": "battles", "value": len(data.test)},
            {"figure": "battles repeating a training battle (text, either order)",
-            "value": int(overlapping(data.train, data.test).sum())},
+            "value": overlap_of_test(data)},
            {"figure": "adversarial AUC, test vs training prompts (0.5: alike)",
             "value": "too few prompts" if auc is None else float(auc)}]
     if submission is not None and submission.exists():
