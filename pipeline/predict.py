@@ -159,7 +159,7 @@ def check_complete(run: RunDir) -> tuple[EnsembleRecord, RunConfig, np.ndarray]:
     if not run.folds.exists():
         raise IncompleteRunError(f"{run}: no folds.csv; the run did not get past reading its data")
     if not run.ensemble.exists():
-        raise IncompleteRunError(f"{run}: no saved ensemble ({run.ensemble}); run `run.py tune --run {run}` first")
+        raise IncompleteRunError(f"{run}: no saved ensemble ({run.ensemble}); run `run.py tune --run {run} --apply` first")
     ensemble = EnsembleRecord.read(run.ensemble)
     config = RunConfig.model_validate(read_json(run.config))
     folds = read_folds(run.folds)["fold"].to_numpy()
@@ -167,7 +167,7 @@ def check_complete(run: RunDir) -> tuple[EnsembleRecord, RunConfig, np.ndarray]:
         stage_dir = run.stage(name)
         if name not in config.stages or not stage_dir.done.exists():
             raise IncompleteRunError(f"{run}: stage {name!r} is incomplete: {stage_dir.done} is missing "
-                                     f"(the stage did not finish); rerun it, then `run.py tune`")
+                                     f"(the stage did not finish); rerun it, then `run.py tune --apply`")
         missing = [m.path.name for m in stage_models(run, name, config.stages[name], folds)
                    if not m.done.exists() or not m.model.is_dir()]
         if missing:
@@ -176,5 +176,5 @@ def check_complete(run: RunDir) -> tuple[EnsembleRecord, RunConfig, np.ndarray]:
         key = ensemble.stage_keys.get(name)
         if key is not None and read_json(stage_dir.done).get("key") != key:
             raise IncompleteRunError(f"{run}: stage {name!r} was refitted after the ensemble was tuned; "
-                                     f"run `run.py tune --run {run}` again")
+                                     f"run `run.py tune --run {run} --apply` again")
     return ensemble, config, folds
