@@ -168,9 +168,9 @@ def evaluate(run_path, data_path, progress: bool = True) -> Evaluation:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
     if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
-        return f"{v[0]:.4f} - {v[1]:.4f}"
+        return f"[{v[0]:+.4f}, {v[1]:+.4f}]" if min(v) < 0 else f"{v[0]:.4f} - {v[1]:.4f}"
     return str(v)
 
 

@@ -117,11 +117,11 @@ def plot_stage_scores(record: EnsembleRecord, path) -> bytes:
     ax.axhline(record.nested_scores.log_loss, color="green", ls="-", label="final (nested CV)")
     ax.set_xticks(x, names, rotation=20)
     for bars in ax.containers:
-        ax.bar_label(bars, fmt="%.4f", fontsize=7, rotation=90, padding=2)
+        ax.bar_label(bars, fmt="%.4f", fontsize=8, rotation=90, label_type="center", color="white")
     honest_ylim(ax, raw + cal + [record.nested_scores.log_loss, record.prior_log_loss])
     ax.set_ylabel("OOF log loss (lower is better)")
     ax.set_title("Log loss per stage and of the final ensemble")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return _save_fig(fig, path)
 
 
