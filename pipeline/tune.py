@@ -21,6 +21,10 @@ groups: the same test that decides between stage sets (:mod:`ensemble.coverage`)
 *better by the rule* when the whole interval lies below 0, *worse* when it lies above 0, else *no
 clear difference*.
 
+Only the ``stacker`` section may change (:func:`check_tunable`): the stages were fitted with the
+rest of the config, so a change there (a stage's params, the folds, the seed) is refused naming the
+key; leaving a whole stage out is allowed (``remove-stage --refit``).
+
 **Applying** (``--apply``): only then are the run's ``config.json``, ``ensemble/ensemble.json``,
 ``ensemble/oof_probs.csv``, ``submission.csv`` and report replaced by the candidate's (each file
 atomically), and only after the candidate was fitted and written whole. Without ``--apply`` nothing
@@ -82,15 +86,29 @@ def candidate_folder(run: RunDir, name: str | None) -> Path:
 
 def config_changes(before: dict, after: dict, prefix: str = "") -> list[str]:
     """``key.path: old -> new`` for every value that differs between two resolved configs."""
+    return [f"{path}: {_short(a)} -> {_short(b)}" for path, a, b in _diff(before, after, prefix)]
+
+
+def _diff(before: dict, after: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     out = []
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key), after.get(key)
         path = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, path + ".")
+            out += _diff(a, b, path + ".")
         elif a != b:
-            out.append(f"{path}: {_short(a)} -> {_short(b)}")
+            out.append((path, a, b))
     return out
+
+
+def check_tunable(before: dict, after: dict) -> None:
+    """``tune`` fits only the ensemble: refuse a change outside the ``stacker`` section (a stage's
+    params, the folds, the data) other than leaving a whole stage out, naming the key."""
+    for path, a, b in _diff(before, after):
+        removed_stage = path.startswith("stages.") and path.count(".") == 1 and b is None
+        if not (path.startswith("stacker.") or path == "stacker" or removed_stage):
+            raise TuneError(f"tune --set {path}: tune refits only the ensemble (the 'stacker' section) on the finished "
+                            "stages; a change to stages, folds or data needs the main command or `run.py train`")
 
 
 def _short(value) -> str:
@@ -134,6 +152,7 @@ def tune(run_path, config: RunConfig, name: str | None = None, apply: bool = Fal
     compare it with the saved ensemble, and with ``apply`` make it the run's (module docstring)."""
     rundir = RunDir.open(run_path)
     saved_config = read_json(rundir.config)
+    check_tunable(saved_config, config.as_dict())
     folder = candidate_folder(rundir, name)
     partial = folder.with_name(f".{folder.name}.partial")
     run = Run(rundir.path, config, progress=progress)

@@ -81,3 +81,11 @@ def test_a_used_name_is_refused(run_copy, caplog):
     assert cli.main(["tune", "--run", str(run_copy), "--name", "a", "--quiet"]) == 2
     assert "exists already" in caplog.text
     assert cli.main(["tune", "--run", str(run_copy), "--name", "../escape", "--quiet"]) == 2
+
+
+def test_tune_refuses_changes_outside_the_stacker(run_copy, caplog):
+    before = _bytes(run_copy)
+    assert cli.main(["tune", "--run", str(run_copy), "--set", "n_folds=4", "--quiet"]) == 2
+    assert "tune --set n_folds: tune refits only the ensemble" in caplog.text
+    assert cli.main(["tune", "--run", str(run_copy), "--set", "stages.lgbm.params.num_boost_round=5", "--quiet"]) == 2
+    assert _bytes(run_copy) == before and not (run_copy / "tune").exists()
