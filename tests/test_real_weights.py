@@ -18,7 +18,7 @@ import pytest
 import torch
 from scipy.special import log_softmax
 
-from battles.labels import label_matrix
+from battles.labels import label_matrix, swap_battles, swap_columns
 from models.stage import StageContext, make_stage, stage_class
 
 QUIET = StageContext(progress=False, seed=0)
@@ -120,4 +120,8 @@ def test_canary_learns_in_the_encoder_with_real_minilm(minilm_dir):
                                    "learning_rate": 1e-4, "warmup_ratio": 0.0, "save_steps": 0, "logging_steps": 5,
                                    "early_stopping_patience": 0}, QUIET)
     stage.fit(canary_battles(96, seed=0))
-    assert held_out_log_loss(stage, canary_battles(24, seed=1)) < CANARY_CEILING
+    held_out = canary_battles(24, seed=1)
+    assert held_out_log_loss(stage, held_out) < CANARY_CEILING
+    # swapping A and B swaps the logits (real tokenizer, token type ids, both orders averaged)
+    np.testing.assert_allclose(stage.predict_logits(swap_battles(held_out)), swap_columns(stage.predict_logits(held_out)),
+                               atol=1e-5)
