@@ -103,6 +103,20 @@ def test_tiny_deberta_fit_predict_save_load_and_swap_equivariance(tmp_path, tiny
     assert json.loads((tmp_path / "enc" / "stage.json").read_text())["params"]["max_length"] == 64
 
 
+def test_a_fit_does_not_depend_on_what_ran_before(minilm_dir):
+    """The fresh head is drawn from the stage's seed: two fits of the real MiniLM (which has no 3-class head)
+    with the global RNG left in different states by earlier work give identical logits (a defect once made the real-MiniLM canary pass or fail by test order)."""
+    import torch
+
+    train, valid = synthetic_battles(8, seed=1), synthetic_battles(4, seed=2)
+    params = {"model": minilm_dir, "max_length": 32, "max_steps": 1, "train_batch_size": 4, "swap_augment": False}
+    logits = []
+    for state in (0, 1):
+        torch.manual_seed(state)
+        logits.append(make_stage("encoder", params, QUIET).fit(train).predict_logits(valid))
+    np.testing.assert_array_equal(*logits)
+
+
 def test_soft_labels_and_weights_reach_the_loss(tiny_model):
     """Soft targets follow the swap; zero-weight rows give exactly zero training loss."""
     train = synthetic_battles(16, seed=3)

@@ -150,6 +150,9 @@ class DeepStage(Stage):
         valid_rows = training_rows(valid, self.encoding.encode(valid, self.context.progress)) if has_eval else None
         log.info("%s: %d training sequences (swap_augment=%s), %d validation, model %s; %s", self.kind,
                  len(train_rows), p.swap_augment, len(valid_rows or []), p.model, _cut_line(self.fit_truncation))
+        from transformers import set_seed
+
+        set_seed(self.context.seed)  # a fresh head is drawn from the stage's seed, not from whatever ran before
         self.model = self._build_model()
         args = training_arguments(p, self.precision, self.device, self.optimizer, self.context.seed,
                                   self.context.progress, **self._trainer_settings(has_eval))
