@@ -8,6 +8,7 @@ run being written is locked, and a second writer is refused in one line naming t
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -204,3 +205,40 @@ def test_a_swap_cut_between_its_renames_is_completed(tmp_path):
     (new / "done.json").write_text("newer")
     replace_dir(new, final)
     assert (final / "done.json").read_text() == "newer" and not new.exists()
+
+
+# -- every write through the atomic writer -----------------------------------------------------------
+WRITES = re.compile(r"""open\([^)]*["'][wax]b?t?["']|np\.save|\.to_csv\(|\.to_parquet\(|\.to_json\([^)]*orient=|"""
+                    r"""save_pretrained\(|\.write_text\(|\.write_bytes\(|json\.dump\(|\bsave_model\(|ParquetWriter\(|"""
+                    r"""\.tofile\(|torch\.save\(|save_word2vec_format\(|os\.write\(""")
+# Writes that are not made through kernel.files.write_atomic at their own line, and why they are safe:
+ALLOWED = {
+    "kernel/files.py": "the atomic writer itself (writes a temporary file, then renames)",
+    "kernel/lock.py": "the lock file: its inode is what is locked, so it is written in place",
+    "battles/stream.py": "BattleWriter streams into the temporary file of a write_atomic around the whole job",
+    "flywheel/pseudo_label.py": "the resumable job's <out>.partial (appended on purpose, torn lines cut on resume)",
+    "flywheel/chatlogs.py": "scratch shards in a temporary folder, removed with it",
+    "models/decoder.py": "save_pretrained into fold<k>.partial/, renamed into place when the model is done",
+    "models/encoder.py": "save_pretrained into fold<k>.partial/, renamed into place when the model is done",
+}
+
+
+def _calls(line: str) -> list[str]:
+    return [m.group(0) for m in WRITES.finditer(line.split("#")[0])]
+
+
+def test_every_file_is_written_through_the_atomic_writer():
+    """A new direct write (``open(.., 'w')``, ``np.save``, ``to_csv``...) outside ``write_atomic``'s callback
+    fails here: it would leave half a file under its final name when the process dies or the disk fills."""
+    offenders = []
+    for package in ("kernel", "battles", "flywheel", "features", "ensemble", "models", "pipeline"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if _calls(line) and rel not in ALLOWED and "write_atomic(" not in line:
+                    offenders.append(f"{rel}:{n}: {line.strip()}")
+    for n, line in enumerate((ROOT / "run.py").read_text(encoding="utf-8").splitlines(), start=1):
+        if _calls(line) and "write_atomic(" not in line:
+            offenders.append(f"run.py:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+    assert _calls('with open(p, "w") as f:') and _calls("np.save(fh, a)") and not _calls("stacked.to_json(names)")
