@@ -19,7 +19,7 @@ a model is fitted in ``fold<k>.partial/`` and renamed to ``fold<k>/`` when done;
 key changed is refitted in ``stages/<name>.new/`` (models with unchanged keys hard-linked in) and
 replaces the old stage at :meth:`StageFit.commit`, after the command's work succeeded.
 
-One rounding rule: every logit this module hands on is :func:`pipeline.rundir.as_stored` (the value a
+One rounding rule: every logit this module hands on is :func:`kernel.files.as_stored` (the value a
 table stores), whether fitted now or read back, so a resumed run is byte-identical to an uninterrupted one.
 
 A :class:`StageFit` is made per stage and command from the run's frozen data
@@ -169,7 +169,8 @@ class StageFit:
                 test_per_fold.append(self._test_logits(k, self.dir.fold(k), record))
         test_logits = None
         if self.spec.refit_full:
-            test_logits = self._refit_full()
+            refit = self._refit_full()
+            test_logits = None if refit is None else average_logits([refit])  # as the predictor does
         elif data.test is not None:
             test_logits = average_logits(test_per_fold)
 

@@ -46,7 +46,7 @@ import pandas as pd
 from battles.columns import LABEL_COLUMNS
 from kernel.dist import is_main_process, wait_for_everyone
 from kernel.errors import UserError
-from kernel.files import read_json, write_atomic, write_json
+from kernel.files import FLOAT_FORMAT, as_stored, read_json, write_atomic, write_json  # noqa: F401 (as_stored: the tables' rule)
 from kernel.lock import LOCK_NAME, DirLock, lock_dir
 
 TOOL = "arena-stack"
@@ -270,17 +270,6 @@ def link_tree(src: Path, dst: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- tables
-FLOAT_FORMAT = "%.9g"  # logits and probabilities are stored with 9 significant digits
-
-
-def as_stored(values) -> np.ndarray:
-    """``values`` exactly as a table of ours stores and reads them back (9 significant digits). Results
-    passed in memory carry these values, so a fresh run and a resumed one (reading the tables) give
-    bit-identical ensembles."""
-    values = np.asarray(values, dtype=np.float64)
-    return np.char.mod(FLOAT_FORMAT, values).astype(np.float64) if values.size else values
-
-
 def write_logits(path, ids, logits: np.ndarray) -> None:
     logits = np.asarray(logits, dtype=np.float64)
     if logits.shape != (len(ids), 3):
