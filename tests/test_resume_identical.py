@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import run
+
 from tests.conftest import FAST_LGBM, ROOT
 
 CONFIG = {"n_folds": 3, "stacker": {"C_grid": [0.1]}, "stages": {
@@ -107,3 +109,8 @@ def test_interrupted_and_resumed_run_is_byte_identical(files, uninterrupted, sig
     assert sorted(got) == sorted(uninterrupted)
     changed = [name for name in got if got[name] != uninterrupted[name]]
     assert not changed, f"differ from the uninterrupted run: {changed}"
+    # and the resumed run's saved models predict its own test file exactly as its submission says
+    preds = files / f"preds_{sig.name}.csv"
+    assert run.main(["predict", "--run", str(out), "--test", str(files / "test.csv"), "--out", str(preds),
+                     "--overwrite", "--quiet"]) == 0
+    assert preds.read_bytes() == got["submission.csv"]
