@@ -67,7 +67,10 @@ class DirLock:
         self.release()
 
     def __del__(self):  # a lock is never kept by an object nobody holds
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit; the system releases the lock anyway
+            pass
 
 
 def lock_dir(folder, what: str = "directory") -> DirLock:

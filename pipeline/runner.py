@@ -18,6 +18,7 @@ ensemble have been fitted. A failure before that leaves the finished run byte-id
 """
 from __future__ import annotations
 
+import json
 import logging
 import platform
 from pathlib import Path
@@ -33,7 +34,7 @@ from ensemble.meta import meta_features
 from ensemble.record import EnsembleRecord
 from kernel.context import StageContext
 from kernel.errors import UserError
-from kernel.files import write_json
+from kernel.files import jsonable, read_json, write_json
 from pipeline import checks
 from pipeline.config import RunConfig
 from pipeline.crossfit import StageFit, load_stage_result
@@ -175,7 +176,11 @@ class Run:
                     yield from paths(item, f"{where}[{i}]")
 
         for name in names:
-            for where, path in paths(self.config.stages[name].as_dict().get("params", {}), f"stages.{name}.params"):
+            spec, stage_dir = self.config.stages[name].as_dict(), self.dir.stage(name)
+            if stage_dir.done.exists() and stage_dir.spec.exists() and read_json(stage_dir.spec) == json.loads(
+                    json.dumps(spec, default=jsonable)):
+                continue  # finished with these very params: it is reused, its checkpoint is not read
+            for where, path in paths(spec.get("params", {}), f"stages.{name}.params"):
                 try:
                     check_model_dir(path, name)
                 except (ValueError, OSError) as exc:

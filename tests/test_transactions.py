@@ -242,3 +242,23 @@ def test_every_file_is_written_through_the_atomic_writer():
             offenders.append(f"run.py:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
     assert _calls('with open(p, "w") as f:') and _calls("np.save(fh, a)") and not _calls("stacked.to_json(names)")
+
+
+def test_model_paths_are_checked_only_for_stages_that_will_be_fitted(tmp_path):
+    """A stage finished with these very params is reused without reading its checkpoint (a run copied to
+    another machine still tunes and gains stages); one whose params changed needs its checkpoint first."""
+    from pipeline.config import load_config
+    from pipeline.runner import Run, RunError
+
+    config = load_config(None, ['stages={"dec": {"type": "decoder", "params": {"model": "/no/such/checkpoint"}}}'])
+    run = Run(tmp_path, config)
+    with pytest.raises(RunError, match=r"^stages\.dec\.params\.model: .*/no/such/checkpoint.*nothing was written"):
+        run.check_stage_models(["dec"])
+    stage = run.dir.stage("dec")
+    stage.path.mkdir(parents=True)
+    stage.spec.write_text(json.dumps(config.stages["dec"].as_dict()))
+    stage.done.write_text("{}")
+    run.check_stage_models(["dec"])  # finished with the same params: not refused
+    stage.spec.write_text(json.dumps({**config.stages["dec"].as_dict(), "folds": [0]}))
+    with pytest.raises(RunError):
+        run.check_stage_models(["dec"])
