@@ -23,7 +23,8 @@ import run
 from tests.conftest import FAST_LGBM, ROOT
 
 CONFIG = {"n_folds": 3, "stacker": {"C_grid": [0.1]}, "stages": {
-    "lgbm_stats": {"type": "lgbm", "params": {**FAST_LGBM, "blocks": [{"type": "text_stats"}, {"type": "similarity"}]}},
+    "lgbm_stats": {"type": "lgbm", "params": {**FAST_LGBM, "num_boost_round": 30, "rounds_without_valid": 30,
+                                              "blocks": [{"type": "text_stats"}, {"type": "similarity"}]}},
     "length_lr": {"type": "length_lr"}}}
 
 # run.py with a pause after every finished model (PAUSE=model) or after its test logits (PAUSE=test), so the
@@ -36,7 +37,7 @@ name = {"model": "_finish", "test": "_test_logits"}[os.environ["PAUSE"]]
 step = getattr(crossfit.StageFit, name)
 def slow(self, *args):
     out = step(self, *args)
-    time.sleep(3.0)
+    time.sleep(2.0)
     return out
 setattr(crossfit.StageFit, name, slow)
 sys.exit(run.main(sys.argv[1:]))

@@ -137,7 +137,8 @@ def test_train_with_a_bad_model_path_is_refused_before_any_write(run, tmp_path, 
     assert _snapshot(run) == before
     [error] = _errors(caplog)
     assert str(model) in error and "nothing was written" in error and "\n" not in error
-    assert _main("tune", "--run", run) == 0  # later commands are not broken by it
+    if what == "missing":
+        assert _main("tune", "--run", run) == 0  # later commands are not broken by it
 
 
 def test_a_bad_model_path_in_a_feature_block_is_refused_before_any_write(run, tmp_path, caplog):
