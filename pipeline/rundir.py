@@ -8,11 +8,14 @@
       external_report.json     conversion, de-duplication and shift reports (with external data)
       folds.csv                id,fold: grouped by prompt, seeded; every stage uses these
       timings.json             wall time per step of the last command
+      .lock                    while a command writes the run: who (pid, host, command, since)
       resources/               label-free caches (Word2Vec vectors, embeddings)
       stages/<name>/           spec.json, done.json, metrics.json, oof_logits.csv, test_logits.csv,
                                oof_logits_straight.csv, oof_logits_swapped.csv (single orders)
         fold<k>/               model/, valid_logits*.csv, test_logits.csv, started.json, done.json
         full/                  model/, test_logits.csv, done.json (a stage refitted on every row)
+        fold<k>.partial/       a model being fitted (its checkpoints); renamed to fold<k>/ when done
+      stages/<name>.new/       a finished stage being refitted with another key (until the command succeeds)
       ensemble/                ensemble.json (what predict uses), oof_probs.csv (nested-CV probabilities)
       report.html (+ PNGs)
       submission.csv           with a test file
