@@ -211,6 +211,12 @@ def _add_trained_stage(data: dict, name: str, model) -> None:
             return  # the config's stages of that type
         stages[name] = {"type": name, "params": {}}
     if model:
+        from kernel.local_models import check_model_dir
+
+        try:  # before anything is written: a mistyped path never reaches the run's config
+            check_model_dir(model, f"train {name} --model:")
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{exc}; nothing was written") from None
         stages[name].setdefault("params", {})["model"] = str(Path(model).resolve())
 
 
@@ -229,6 +235,8 @@ def _interruptible(run: Run):
         yield run
     except KeyboardInterrupt:
         raise _Interrupted(_interrupt_note(run)) from None
+    finally:
+        run.close()  # the run's writer lock
 
 
 class _Interrupted(KeyboardInterrupt):

@@ -71,7 +71,7 @@ from flywheel.converters import ConversionReport, side_coin
 from flywheel.dedup import DedupConfig, find_duplicates
 from flywheel.messages import Unusable, conversation_turns, is_missing
 from kernel.context import DEFAULT_SEED
-from kernel.files import check_output_file, write_atomic, write_json
+from kernel.files import check_output_file, refused_writes, write_atomic, write_json
 from kernel.schema import Section
 
 log = logging.getLogger(__name__)
@@ -350,12 +350,13 @@ def pair_chatlogs(data, out, train=None, params: PairingParams | dict | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.shards-", dir=work_dir or out.parent) as tmp:
         shard_paths = [Path(tmp) / f"shard{s:04d}.jsonl" for s in range(n_shards)]
-        shards = [open(p, "w", encoding="utf-8") for p in shard_paths]
-        try:
-            _shard_conversations(paths, params, report, shards, progress)
-        finally:
-            for f in shards:
-                f.close()
+        with refused_writes(tmp):  # scratch shards (removed with the folder); a full disk says so, naming it
+            shards = [open(p, "w", encoding="utf-8") for p in shard_paths]
+            try:
+                _shard_conversations(paths, params, report, shards, progress)
+            finally:
+                for f in shards:
+                    f.close()
         repairs: Counter = Counter()
 
         def write(tmp_out):

@@ -48,7 +48,7 @@ from battles.formats import CHUNK_ROWS, PROVENANCE_KEY, check_readable, count_ro
 from battles.io import BattleDataError, read_battles
 from battles.labels import soft_mask
 from battles.stream import iter_battle_chunks
-from kernel.files import OutputExistsError, check_output_file, write_atomic, write_text
+from kernel.files import OutputExistsError, check_output_file, refused_writes, write_atomic, write_text
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def pseudo_label_file(data, predict_fn: Callable[[pd.DataFrame], np.ndarray], ou
         job["started_at"] = _now()
         write_text(partial, _header_line(job))
     start = sum(len(p) for p in done)
-    with open(partial, "a", encoding="utf-8", errors="surrogatepass") as f, \
+    with refused_writes(partial), open(partial, "a", encoding="utf-8", errors="surrogatepass") as f, \
             tqdm(total=count_rows(data) if progress else None, initial=start, desc="pseudo-labelling", unit="battle",
                  disable=not progress, smoothing=0.1) as bar:
         for first, chunk in iter_battle_chunks(data, chunk_rows, start=start, seen_ids=seen_ids):

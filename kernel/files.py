@@ -149,6 +149,17 @@ def jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+FLOAT_FORMAT = "%.9g"  # logits and probabilities are stored with 9 significant digits
+
+
+def as_stored(values) -> np.ndarray:
+    """``values`` exactly as a table of ours stores and reads them back (:data:`FLOAT_FORMAT`). The one
+    rounding rule: a value fitted now is rounded like this before it is used (averaged, stacked), so a
+    fresh run, a resumed one (reading the tables) and a prediction from the saved models agree to the bit."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.char.mod(FLOAT_FORMAT, values).astype(np.float64) if values.size else values
+
+
 def content_key(*parts) -> str:
     """A short stable hash of JSON-able parts (resolved config, data hash, folds): decides reuse."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=jsonable).encode()).hexdigest()[:16]

@@ -35,7 +35,7 @@ from scipy.special import log_softmax
 from battles.labels import swap_battles, swap_columns
 from kernel.context import StageContext
 from kernel.errors import UserError
-from kernel.files import read_json, write_json
+from kernel.files import as_stored, read_json, write_json
 from kernel.schema import Section, validated
 
 # Stage type name -> "module:Class". Imported lazily so a LightGBM-only run never imports torch.
@@ -201,5 +201,7 @@ def predict_with_orders(stage: Stage, battles: pd.DataFrame):
 
 
 def average_logits(per_fold: list[np.ndarray]) -> np.ndarray:
-    """Average several models' logits as log-probabilities (what test predictions across folds use)."""
-    return np.mean([log_softmax(np.asarray(x, dtype=np.float64), axis=1) for x in per_fold], axis=0)
+    """Average several models' logits as log-probabilities (what test predictions across folds use). Each
+    model's logits are first rounded as a run stores them (:func:`kernel.files.as_stored`), so an average
+    over folds fitted now, folds read back from disk, or saved models predicting anew is the same."""
+    return np.mean([log_softmax(as_stored(x), axis=1) for x in per_fold], axis=0)

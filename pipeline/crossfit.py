@@ -14,6 +14,14 @@ without refitting (the fold's test logits are keyed by the test data's hash). A 
 key changed is emptied before it is refitted; one with the same key keeps what an interrupted fit
 left there (a deep stage's training checkpoints, :attr:`kernel.context.StageContext.work_dir`).
 
+Nothing finished is changed before the new work has finished (:mod:`pipeline.rundir`'s transactions):
+a model is fitted in ``fold<k>.partial/`` and renamed to ``fold<k>/`` when done; a finished stage whose
+key changed is refitted in ``stages/<name>.new/`` (models with unchanged keys hard-linked in) and
+replaces the old stage at :meth:`StageFit.commit`, after the command's work succeeded.
+
+One rounding rule: every logit this module hands on is :func:`kernel.files.as_stored` (the value a
+table stores), whether fitted now or read back, so a resumed run is byte-identical to an uninterrupted one.
+
 A :class:`StageFit` is made per stage and command from the run's frozen data
 (:class:`pipeline.rundata.RunData`), the stage's spec, the run's context and timings; it owns the
 stage's resume keys, its fold loop, its test logits and its refit, and returns a :class:`StageResult`.
@@ -36,7 +44,7 @@ from battles.columns import LABEL_COLUMNS, SOFT_COLUMNS
 from battles.labels import hard_mask, label_index
 from ensemble.metrics import probs_from_logits, scores
 from kernel.context import StageContext
-from kernel.dist import wait_for_everyone
+from kernel.dist import is_main_process, wait_for_everyone
 from kernel.files import content_key, read_json, write_json
 from models.stage import Stage, average_logits, make_stage, predict_with_orders, stage_class
 from pipeline.config import StageSpec
@@ -45,10 +53,12 @@ from pipeline.rundata import RunData
 from pipeline.rundir import (
     LOGIT_COLUMNS,
     ORDERS,
+    STAGING,
     FoldDir,
     RunDir,
     StageDir,
     as_stored,
+    link_tree,
     read_id_table,
     read_logits,
     write_logits,
@@ -91,7 +101,8 @@ class StageFit:
     def __init__(self, run: RunDir, name: str, spec: StageSpec, data: RunData, context: StageContext,
                  timings: Timings):
         self.name, self.spec, self.data, self.timings = name, spec, data, timings
-        self.dir = run.stage(name)
+        self.final = run.stage(name)  # the stage's directory
+        self.dir = self.final  # where this command writes it: the stage's directory, or its staging one
         self.context = replace(context, work_dir=None)  # this stage's own (work_dir is per model); memo shared
         self.plan = planned_folds(spec, data.folds)
         self.keys = {k: self._model_key(k) for k in self.plan}
@@ -107,11 +118,37 @@ class StageFit:
                            self.data.folds.tolist(), self.data.keys.extra, self.context.seed, which)
 
     # -- the stage's result ---------------------------------------------------------------------
-    def result(self) -> StageResult:
-        """Fit the stage's fold plan (resuming what is done); return its OOF and test logits."""
-        if _done(self.dir, self.key) is not None:
+    def result(self, commit: bool = True) -> StageResult:
+        """Fit the stage's fold plan (resuming what is done); return its OOF and test logits. A finished
+        stage with another key is refitted beside it and replaces it at :meth:`commit` (here, unless
+        ``commit=False``: the caller commits once all of its work has succeeded)."""
+        self.final.settle()
+        if _done(self.final, self.key) is not None:
             log.info("stage %s: finished earlier with the same config and data, reusing it", self.name)
-            return load_stage_result(self.dir, self.name, self.data)
+            return load_stage_result(self.final, self.name, self.data)
+        if self.final.done.exists():
+            self.dir = self.final.staging
+            self.dir.path.mkdir(parents=True, exist_ok=True)
+            log.info("stage %s: refitting in %s; the finished stage stays until this one has finished", self.name,
+                     self.dir.path)
+            if _done(self.dir, self.key) is not None:
+                result = load_stage_result(self.dir, self.name, self.data)
+                if commit:
+                    self.commit()
+                return result
+        result = self._fit_plan()
+        if commit:
+            self.commit()
+        return result
+
+    def commit(self) -> None:
+        """A stage refitted in staging replaces the finished one (once its own ``done.json`` is written)."""
+        if self.dir.path.name.endswith(STAGING) and self.dir.done.exists():
+            self.final.replace_with(self.dir)
+            self.dir = self.final
+            log.info("stage %s: the refitted stage replaced the earlier one", self.name)
+
+    def _fit_plan(self) -> StageResult:
         data = self.data
         started = time.time()
         n = len(data.train)
@@ -132,7 +169,8 @@ class StageFit:
                 test_per_fold.append(self._test_logits(k, self.dir.fold(k), record))
         test_logits = None
         if self.spec.refit_full:
-            test_logits = self._refit_full()
+            refit = self._refit_full()
+            test_logits = None if refit is None else average_logits([refit])  # as the predictor does
         elif data.test is not None:
             test_logits = average_logits(test_per_fold)
 
@@ -144,13 +182,29 @@ class StageFit:
         self._write(result)
         return result
 
+    def _reusable(self, which) -> tuple[FoldDir, dict | None]:
+        """The model directory ``which`` (a fold index or "full") of this command's stage directory and
+        its ``done`` record when it finished with its key: in that directory, or in the finished stage
+        being refitted (then hard-linked into the staging directory)."""
+        place = self.dir.full if which == "full" else self.dir.fold(which)
+        place.settle()
+        record = _done(place, self.keys[which])
+        if record is None and self.dir is not self.final:
+            before = self.final.full if which == "full" else self.final.fold(which)
+            if _done(before, self.keys[which]) is not None:
+                if is_main_process():
+                    link_tree(before.path, place.path)
+                wait_for_everyone()
+                record = _done(place, self.keys[which])
+        return place, record
+
     def _fold(self, k: int, bar) -> tuple[dict, np.ndarray, tuple | None]:
         """Fold ``k``'s model, reused or fitted: its ``done`` record, its OOF logits and its single-order
         log-probabilities (None where the stage or the saved fold has none)."""
-        fold, valid_mask = self.dir.fold(k), self.data.folds == k
+        valid_mask = self.data.folds == k
+        fold, record = self._reusable(k)
         valid = self.data.train[valid_mask]
         ids = valid["id"].tolist()
-        record = _done(fold, self.keys[k])
         if record is not None:
             bar.set_postfix_str(f"fold {k} reused")
             single = None
@@ -158,23 +212,23 @@ class StageFit:
                 single = tuple(read_logits(fold.valid_order(o), ids) for o in ORDERS)
             return record, read_logits(fold.valid_logits, ids), single
         stage = self._prepared()  # label-free preparation is its own step ("<name>: features")
+        work = fold.partial
         with self.timings.step(f"{self.name}: fold {k}"):
-            self._fit(stage, fold, k, _with_extra(self.data.train[~valid_mask], self.data.extra), valid)
+            self._fit(stage, work, k, _with_extra(self.data.train[~valid_mask], self.data.extra), valid)
             logits, straight, swapped = predict_with_orders(stage, valid)
-            write_logits(fold.valid_logits, ids, logits)
+            write_logits(work.valid_logits, ids, logits)
             single = None if straight is None else (straight, swapped)
             for o, values in zip(ORDERS, single or ()):
-                write_logits(fold.valid_order(o), ids, values)
-            return self._finish(fold, int(k)), logits, single
+                write_logits(work.valid_order(o), ids, values)
+            return self._finish(fold, int(k)), as_stored(logits), single and tuple(as_stored(v) for v in single)
 
     def _refit_full(self) -> np.ndarray | None:
         """The model refitted on every training row (reused or fitted) and its test logits."""
-        full = self.dir.full
-        record = _done(full, self.keys["full"])
+        full, record = self._reusable("full")
         if record is None:
             stage = self._prepared()
             with self.timings.step(f"{self.name}: refit on all rows"):
-                self._fit(stage, full, "full", _with_extra(self.data.train, self.data.extra), None)
+                self._fit(stage, full.partial, "full", _with_extra(self.data.train, self.data.extra), None)
                 record = self._finish(full, "full")
         return None if self.data.test is None else self._test_logits("full", full, record)
 
@@ -188,9 +242,9 @@ class StageFit:
         with self.timings.step(step):
             stage = self._stage if self._holds == which else stage_class(self.spec.type).load(place.model,
                                                                                                self.context)
-            logits = stage.predict_logits(test)
+            logits = as_stored(stage.predict_logits(test))  # as a resumed run reads them back
         write_logits(place.test_logits, test["id"].tolist(), logits)
-        write_json(place.done, {**record, "test": test_key})
+        write_done(place, {**record, "test": test_key})
         return logits
 
     # -- one model ------------------------------------------------------------------------------
@@ -210,12 +264,15 @@ class StageFit:
         stage.fit(fit_rows, valid)
 
     def _finish(self, place: FoldDir, which) -> dict:
-        """Save the model just fitted and mark it done (after everything else it writes); return the record."""
-        self._stage.save(place.model)
+        """Save the model just fitted in ``place``'s partial directory, mark it done (after everything else
+        it writes), then make it ``place`` (:meth:`FoldDir.promote`); return the record."""
+        work = place.partial
+        self._stage.save(work.model)
         self._holds = which
         record = {"key": self.keys[which], "stage": self.name, "fold": which, "test": None}
-        write_json(place.done, record)
+        write_done(work, record)
         wait_for_everyone()
+        place.promote()
         return record
 
     # -- the stage's files ----------------------------------------------------------------------
@@ -245,7 +302,13 @@ class StageFit:
             write_logits(stage_dir.test_logits, self.data.test["id"].tolist(), result.test_logits)
         write_json(stage_dir.metrics, result.metrics)
         write_json(stage_dir.spec, self.spec.as_dict())
-        write_json(stage_dir.done, {"key": result.key, "stage": result.name})
+        write_done(stage_dir, {"key": result.key, "stage": result.name})
+
+
+def write_done(place: FoldDir | StageDir, record: dict) -> None:
+    """The done marker of a finished model or stage, written after every other file of it: the one place
+    that writes it (a manifest of the files it vouches for belongs here)."""
+    write_json(place.done, record)
 
 
 def load_stage_result(stage_dir: StageDir, name: str, data: RunData) -> StageResult:

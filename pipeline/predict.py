@@ -15,9 +15,9 @@ all rows), loaded together by the stage type (:meth:`models.stage.Stage.load_fol
 loads its base model once for all adapters) and averaged as cross-fitting averages test logits; the
 ensemble chosen by ``run.py tune`` (``ensemble/ensemble.json``) maps them to probabilities. Each
 stage's logits are held as the run stores them (:func:`pipeline.rundir.as_stored`), so predicting a
-run's own test file reproduces its ``submission.csv``: byte for byte when the run predicted its test
-file in one command (a fold reused from an earlier command brings its stored, rounded test logits into
-the run's average, a difference in the last digit). Before it starts, the predictor
+run's own test file reproduces its ``submission.csv`` byte for byte, whether the run predicted its test
+file in one command or resumed (each model's logits are rounded as stored before they are averaged:
+:func:`models.stage.average_logits`). Before it starts, the predictor
 logs its plan (models and forward passes per battle per stage) and, after a timed first chunk, an
 estimate of the whole job; one progress bar with an ETA covers every stage and chunk.
 """

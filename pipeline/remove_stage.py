@@ -59,14 +59,15 @@ def remove_stage(run_path, name: str, refit: bool = False, progress: bool = True
         result = tune(run.path, config, name=f"remove-{name}-{when}", apply=True,
                       progress=progress)
         refitted = f"; ensemble refitted without it: {result.record.chosen}"
-    else:
-        write_json(run.config, config.as_dict())
-    for leftover in run.path.glob("stages/.*.removed"):
-        shutil.rmtree(leftover)
-    if stage_dir.exists():
-        trash = stage_dir.with_name(f".{name}.removed")
-        stage_dir.rename(trash)
-        shutil.rmtree(trash)
+    with run.lock():  # a second writer is refused naming the holder (tune above takes and gives back its own)
+        if not uses:
+            write_json(run.config, config.as_dict())
+        for leftover in run.path.glob("stages/.*.removed"):
+            shutil.rmtree(leftover)
+        if stage_dir.exists():
+            trash = stage_dir.with_name(f".{name}.removed")
+            stage_dir.rename(trash)
+            shutil.rmtree(trash)
     summary = f"removed stage {name} from {run}{refitted}"
     log.info("%s", summary)
     return summary

@@ -8,17 +8,27 @@
       external_report.json     conversion, de-duplication and shift reports (with external data)
       folds.csv                id,fold: grouped by prompt, seeded; every stage uses these
       timings.json             wall time per step of the last command
+      .lock                    while a command writes the run: who (pid, host, command, since)
       resources/               label-free caches (Word2Vec vectors, embeddings)
       stages/<name>/           spec.json, done.json, metrics.json, oof_logits.csv, test_logits.csv,
                                oof_logits_straight.csv, oof_logits_swapped.csv (single orders)
         fold<k>/               model/, valid_logits*.csv, test_logits.csv, started.json, done.json
         full/                  model/, test_logits.csv, done.json (a stage refitted on every row)
+        fold<k>.partial/       a model being fitted (its checkpoints); renamed to fold<k>/ when done
+      stages/<name>.new/       a finished stage being refitted with another key (until the command succeeds)
       ensemble/                ensemble.json (what predict uses), oof_probs.csv (nested-CV probabilities)
       report.html (+ PNGs)
       submission.csv           with a test file
       distill_train.jsonl      a distilled student's training file: teacher OOF targets (pipeline/distill.py)
       external_check.json      external-check: per source rows, AUC, OOF log loss change, verdict
       external_check.txt       (pipeline/external_check.py; its settings' stages under stages/)
+
+Transactions: nothing finished is changed until the work replacing it has finished. A model is fitted
+in ``fold<k>.partial/`` (``full.partial/``) and renamed to ``fold<k>/`` once its ``done.json`` is written;
+a finished stage refitted with another key is fitted in ``stages/<name>.new/`` (its reusable models
+hard-linked in) and replaces ``stages/<name>/`` only when the command's new work has succeeded
+(:func:`replace_dir`; an interrupted swap is completed by :func:`settle_dir`). A command that writes a
+run holds its lock (:meth:`RunDir.lock`, a ``.lock`` file naming the holder); readers take none.
 
 Ownership: ``--out`` may be a new path, an empty directory, or a run directory of ours (its marker
 says so) made for the same training data; anything else is refused before a byte is written.
@@ -28,6 +38,7 @@ Commands that read a finished run (``tune``, ``predict``, ``pseudo-label``) open
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -38,7 +49,8 @@ import pandas as pd
 from battles.columns import LABEL_COLUMNS
 from kernel.dist import is_main_process, wait_for_everyone
 from kernel.errors import UserError
-from kernel.files import read_json, write_atomic, write_json
+from kernel.files import FLOAT_FORMAT, as_stored, read_json, write_atomic, write_json  # noqa: F401 (as_stored: the tables' rule)
+from kernel.lock import LOCK_NAME, DirLock, lock_dir
 
 TOOL = "arena-stack"
 LOGIT_COLUMNS = ["logit_a", "logit_b", "logit_tie"]
@@ -80,6 +92,22 @@ class FoldDir(_Layout):
     def valid_order(self, order: str) -> Path:
         return self.path / f"valid_logits_{order}.csv"
 
+    @property
+    def partial(self) -> "FoldDir":
+        """Where this model is fitted (and its checkpoints kept) until it has finished: ``<name>.partial/``."""
+        return FoldDir(self.path.with_name(self.path.name + PARTIAL))
+
+    def promote(self) -> None:
+        """The finished :attr:`partial` becomes this model (replacing an older one only now)."""
+        if is_main_process():
+            replace_dir(self.partial.path, self.path)
+        wait_for_everyone()
+
+    def settle(self) -> None:
+        if is_main_process():
+            settle_dir(self.partial.path, self.path, FoldDir.FILES["done"])
+        wait_for_everyone()
+
     def claim(self, key: str) -> None:
         """Make this fold directory belong to ``key``: leftovers of an interrupted fit with the same key
         (training checkpoints) stay, leftovers of another config or data are removed."""
@@ -107,7 +135,25 @@ class StageDir(_Layout):
 
     def finished_folds(self) -> list[str]:
         """Names of the fold directories whose model finished (``fold<k>`` with a ``done.json``)."""
-        return sorted(p.parent.name for p in self.path.glob(f"fold*/{FoldDir.FILES['done']}"))
+        return sorted(p.parent.name for p in self.path.glob(f"fold*/{FoldDir.FILES['done']}")
+                      if p.parent.name[4:].isdigit())
+
+    @property
+    def staging(self) -> "StageDir":
+        """Where a finished stage is refitted with another config or data: ``stages/<name>.new/``."""
+        return StageDir(self.path.with_name(self.path.name + STAGING))
+
+    def replace_with(self, staged: "StageDir") -> None:
+        """The finished ``staged`` stage becomes this one (the old one is removed only now)."""
+        if is_main_process():
+            replace_dir(staged.path, self.path)
+        wait_for_everyone()
+
+    def settle(self) -> None:
+        """Complete a swap an interruption cut between its two renames (see :func:`settle_dir`)."""
+        if is_main_process():
+            settle_dir(self.staging.path, self.path, self.FILES["done"])
+        wait_for_everyone()
 
 
 class RunDir(_Layout):
@@ -157,7 +203,7 @@ class RunDir(_Layout):
         p = run.path
         if p.exists() and not p.is_dir():
             raise RunDirError(f"--out {p}: is a file; give a directory for the run (a new path, or an empty directory)")
-        if not p.exists() or not any(p.iterdir()):
+        if not p.exists() or not any(x.name != LOCK_NAME for x in p.iterdir()):  # a dead writer's lock file: empty
             return run
         if not run.is_ours():
             raise RunDirError(f"--out {p}: the directory is not empty and not a run directory of {TOOL}; refusing "
@@ -178,19 +224,55 @@ class RunDir(_Layout):
     def record(self) -> dict:
         return read_json(self.marker)
 
+    def lock(self) -> DirLock:
+        """This run's writer lock (the directory exists); a second writer is refused naming the holder."""
+        return lock_dir(self.path, "run directory")
+
+
+# ----------------------------------------------------------------------------------------------- swaps
+PARTIAL, STAGING, OLD = ".partial", ".new", ".old"
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put the finished directory ``new`` in place of ``final`` (which may not exist): ``final`` moves
+    aside to ``<final>.old``, ``new`` is renamed to ``final``, the old one is removed. Until the second
+    rename ``final`` is untouched apart from its name; :func:`settle_dir` completes a cut swap."""
+    old = final.with_name(final.name + OLD)
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def settle_dir(new: Path, final: Path, done: str) -> None:
+    """After an interruption inside :func:`replace_dir`: with ``final`` gone, the finished ``new`` (it
+    holds ``done``) takes its place, else the old one returns; a leftover ``<final>.old`` is removed."""
+    old = final.with_name(final.name + OLD)
+    if not old.exists():
+        return
+    if not final.exists():
+        os.rename(new if (new / done).exists() else old, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """A copy of the finished directory ``src`` at ``dst`` made of hard links (files of ours are only ever
+    replaced by rename, never changed in place, so the two stay independent); plain copies where the
+    file system has no links."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, copy_function=link)
+
 
 # ----------------------------------------------------------------------------------------------- tables
-FLOAT_FORMAT = "%.9g"  # logits and probabilities are stored with 9 significant digits
-
-
-def as_stored(values) -> np.ndarray:
-    """``values`` exactly as a table of ours stores and reads them back (9 significant digits). Results
-    passed in memory carry these values, so a fresh run and a resumed one (reading the tables) give
-    bit-identical ensembles."""
-    values = np.asarray(values, dtype=np.float64)
-    return np.char.mod(FLOAT_FORMAT, values).astype(np.float64) if values.size else values
-
-
 def write_logits(path, ids, logits: np.ndarray) -> None:
     logits = np.asarray(logits, dtype=np.float64)
     if logits.shape != (len(ids), 3):

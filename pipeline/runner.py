@@ -8,9 +8,17 @@ it stands on and its nested probabilities). Files are read back only to resume (
 finished by an earlier command). The run directory's layout and ownership rules are
 :mod:`pipeline.rundir`'s; every step is timed into ``timings.json``; warnings about what the data
 cannot support are logged and shown in the report.
+
+A command is a transaction on the run directory: every check (the data, the saved folds against
+``n_folds``, the checkpoint directories the stages name) runs before a byte is written; the command
+holds the run's lock while it writes; on a run that already has a config, ``run.json``,
+``config.json`` and the data reports are rewritten, and refitted stages replace the finished ones
+(:meth:`pipeline.crossfit.StageFit.commit`), only at :meth:`Run.commit`, once the stages and the
+ensemble have been fitted. A failure before that leaves the finished run byte-identical.
 """
 from __future__ import annotations
 
+import json
 import logging
 import platform
 from pathlib import Path
@@ -26,7 +34,7 @@ from ensemble.meta import meta_features
 from ensemble.record import EnsembleRecord
 from kernel.context import StageContext
 from kernel.errors import UserError
-from kernel.files import write_json
+from kernel.files import jsonable, read_json, write_json
 from pipeline import checks
 from pipeline.config import RunConfig, check_paths
 from pipeline.crossfit import StageFit, load_stage_result
@@ -46,7 +54,8 @@ class Run:
     """A run directory, the config it runs with, its data (after :meth:`load_data`) and the results of
     its stages. Its state is its own: the attributes below are all there is (``__slots__``)."""
 
-    __slots__ = ("dir", "config", "train_path", "test_path", "context", "timings", "data", "results", "warnings")
+    __slots__ = ("dir", "config", "train_path", "test_path", "context", "timings", "data", "results", "warnings",
+                 "_lock", "_fits", "_deferred")
 
     def __init__(self, out, config: RunConfig, train_path=None, test_path=None, progress: bool = True):
         self.dir = RunDir(out)
@@ -58,6 +67,9 @@ class Run:
         self.data: RunData | None = None
         self.results: dict[str, StageResult] = {}
         self.warnings: list[str] = []
+        self._lock = None  # the run's writer lock, from load_data to close
+        self._fits: list[StageFit] = []  # stages fitted by this command, committed together
+        self._deferred: list | None = None  # writes held back until commit (a run that already had a config)
 
     # -- data and folds -------------------------------------------------------------------------
     def load_data(self, converted: list | None = None, write: bool = True) -> RunData:
@@ -81,21 +93,26 @@ class Run:
                 test, repairs["test"] = read_battles(test_path, require_labels=False)
         keys = DataKeys.of(train, test)
         RunDir.check_writable(self.dir.path, keys.train)
-        if write:
-            self.dir.path.mkdir(parents=True, exist_ok=True)
-            self.dir.write_marker({
-                "train_path": str(Path(train_path).resolve()), "train_hash": keys.train, "n_train": len(train),
-                "test_path": str(Path(test_path).resolve()) if test_path else None, "test_hash": keys.test,
-                "n_test": 0 if test is None else len(test), "python": platform.python_version()})
-            write_json(self.dir.config, self.config.as_dict())
-            write_json(self.dir.data_report, {part: rep.as_dict() for part, rep in repairs.items()})
-        elif not self.dir.folds.exists():
+        saved_folds = self._saved_folds(train)  # a changed n_folds is refused here, before any write
+        if not write and saved_folds is None:
             raise RunError(f"{self.dir}: no folds.csv; the run did not get past reading its data")
+        self.dir.path.mkdir(parents=True, exist_ok=True)
+        self._lock = self.dir.lock()
+        if write:
+            # a run that has a config already keeps its files until this command's work has succeeded
+            self._deferred = [] if self.dir.is_ours() and self.dir.config.exists() else None
+            marker = {"train_path": str(Path(train_path).resolve()), "train_hash": keys.train, "n_train": len(train),
+                      "test_path": str(Path(test_path).resolve()) if test_path else None, "test_hash": keys.test,
+                      "n_test": 0 if test is None else len(test), "python": platform.python_version()}
+            self._write(lambda: self.dir.write_marker(marker))
+            self._write(lambda: write_json(self.dir.config, self.config.as_dict()))
+            report = {part: rep.as_dict() for part, rep in repairs.items()}
+            self._write(lambda: write_json(self.dir.data_report, report))
         with self.timings.step("external data"):
             extra = self._external_rows(train, keys.train, converted, write)
             keys = keys.with_extra(extra)
         with self.timings.step("folds"):
-            folds = self._fixed_folds(train, train_path)
+            folds = saved_folds if saved_folds is not None else self._new_folds(train, train_path)
         self.data = RunData(train, folds, keys, test, extra, Path(train_path),
                             None if test_path is None else Path(test_path), repairs)
         self.warnings += checks.data_warnings(self.data, self.config.seed)
@@ -112,19 +129,25 @@ class Run:
                                        progress=self.context.progress)
         if rows is not None:
             if write:
-                write_json(self.dir.external_report, report)
+                self._write(lambda: write_json(self.dir.external_report, report))
             self.warnings += checks.pseudo_label_warnings(report, train_key)
         return rows
 
-    def _fixed_folds(self, train: pd.DataFrame, train_path) -> np.ndarray:
-        """The run's folds: saved ones when resuming (checked against the data), else made and saved."""
+    def _saved_folds(self, train: pd.DataFrame) -> np.ndarray | None:
+        """The run's saved folds when resuming (checked against the data and ``n_folds``), else None."""
+        n_folds = self.config.n_folds
+        if not (self.dir.is_ours() and self.dir.folds.exists()):
+            return None
+        saved = read_folds(self.dir.folds)
+        if saved["id"].tolist() == train["id"].tolist() and saved["fold"].nunique() == n_folds:
+            return saved["fold"].to_numpy()
+        raise RunError(f"{self.dir.folds}: the saved folds do not match this training data / n_folds={n_folds} "
+                       f"(they have {saved['fold'].nunique()} folds over {len(saved)} rows); nothing was changed. "
+                       "Use a new --out directory")
+
+    def _new_folds(self, train: pd.DataFrame, train_path) -> np.ndarray:
+        """Grouped folds made for a new run, and saved."""
         n_folds, seed = self.config.n_folds, self.config.seed
-        if self.dir.folds.exists():  # resuming: the run's folds are fixed once
-            saved = read_folds(self.dir.folds)
-            if saved["id"].tolist() == train["id"].tolist() and saved["fold"].nunique() == n_folds:
-                return saved["fold"].to_numpy()
-            raise RunError(f"{self.dir.folds}: the saved folds do not match this training data / n_folds={n_folds}; "
-                           "use a new --out directory")
         try:
             folds = make_folds(train, n_folds, seed)
         except ValueError as exc:
@@ -135,10 +158,63 @@ class Run:
 
     # -- stages ---------------------------------------------------------------------------------
     def fit_stage(self, name: str) -> StageResult:
-        """Cross-fit the config's stage ``name`` on the run's data (resuming what is done)."""
-        self.results[name] = StageFit(self.dir, name, self.config.stages[name], self.data, self.context,
-                                      self.timings).result()
+        """Cross-fit the config's stage ``name`` on the run's data (resuming what is done); a finished
+        stage refitted with another key replaces the old one at :meth:`commit`."""
+        fit = StageFit(self.dir, name, self.config.stages[name], self.data, self.context, self.timings)
+        self.results[name] = fit.result(commit=False)
+        self._fits.append(fit)
         return self.results[name]
+
+    def check_stage_models(self, names) -> None:
+        """The checkpoint directories the stages ``names`` read (any ``model`` in their params, feature
+        blocks included) exist and hold a ``config.json``: refused here, before anything is written."""
+        from kernel.local_models import check_model_dir
+
+        def paths(value, where):
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if key == "model" and isinstance(item, str):
+                        yield f"{where}.model", item
+                    else:
+                        yield from paths(item, f"{where}.{key}")
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    yield from paths(item, f"{where}[{i}]")
+
+        for name in names:
+            spec, stage_dir = self.config.stages[name].as_dict(), self.dir.stage(name)
+            if stage_dir.done.exists() and stage_dir.spec.exists() and read_json(stage_dir.spec) == json.loads(
+                    json.dumps(spec, default=jsonable)):
+                continue  # finished with these very params: it is reused, its checkpoint is not read
+            for where, path in paths(spec.get("params", {}), f"stages.{name}.params"):
+                try:
+                    check_model_dir(path, name)
+                except (ValueError, OSError) as exc:
+                    raise RunError(f"{where}: {exc}; nothing was written") from None
+
+    # -- the transaction ------------------------------------------------------------------------
+    def _write(self, write) -> None:
+        """Write now (a new run), or at :meth:`commit` (a run that already had a config)."""
+        if self._deferred is None:
+            write()
+        else:
+            self._deferred.append(write)
+
+    def commit(self) -> None:
+        """This command's work has succeeded: refitted stages replace the finished ones, then the marker,
+        config and reports held back are written. Idempotent."""
+        for fit in self._fits:
+            fit.commit()
+        self._fits = []
+        for write in self._deferred or ():
+            write()
+        self._deferred = None
+
+    def close(self) -> None:
+        """Give back the run's lock (after success or failure)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def finished_stages(self) -> list[str]:
         return [n for n in self.config.stages if n in self.results or self.dir.stage(n).done.exists()]
@@ -167,14 +243,17 @@ class Run:
             record = _record(chosen, sets, results)
             self.warnings += checks.score_warnings(record)
             record = record.model_copy(update={"warnings": list(self.warnings)})
-            write_probs(out.oof_probs, data.train["id"].to_numpy()[chosen.rows], chosen.stacked.oof_probs)
-            record.save(out.ensemble)
+            probs = None
             if data.test is not None:
                 missing = [n for n in chosen.names if results[n].test_logits is None]
                 if missing:
                     raise RunError(f"stages {missing} have no test logits for {data.test_path}; rerun them with --test")
                 meta = meta_features(data.test) if chosen.stacked.meta else None
                 probs = chosen.stacked.model.predict_proba([results[n].test_logits for n in chosen.names], meta=meta)
+            self.commit()  # everything is fitted: only now are the run's finished files replaced
+            write_probs(out.oof_probs, data.train["id"].to_numpy()[chosen.rows], chosen.stacked.oof_probs)
+            record.save(out.ensemble)
+            if probs is not None:
                 write_probs(out.submission, data.test["id"], probs)
                 log.info("submission: %s (%d rows)", out.submission, len(data.test))
         return EnsembleFit(record, chosen.rows, chosen.stacked.oof_probs)
@@ -186,7 +265,9 @@ class Run:
             write_report(out or self.dir, self.config, self.data, self.results, fit)
 
     def finish(self, out: RunDir | None = None) -> None:
+        self.commit()
         self.timings.write((out or self.dir).timings)
+        self.close()
 
 
 def _record(chosen: StageSet, sets: list[dict], results: dict[str, StageResult]) -> EnsembleRecord:
@@ -207,13 +288,18 @@ def _record(chosen: StageSet, sets: list[dict], results: dict[str, StageResult])
 def run_all(run: Run, stages: list[str] | None = None) -> EnsembleRecord:
     """The stages (default: every configured stage; ``[]``: none, as ``tune``), then the ensemble over
     every finished stage and the report: the default command and ``train STAGE``."""
-    check_paths(run.config, run.config.stages if stages is None else stages)  # before anything is written
-    run.load_data()
-    for name in run.config.stages if stages is None else stages:
-        run.fit_stage(name)
-    fit = run.fit_ensemble()
-    run.write_report(fit)
-    run.finish()
+    names = list(run.config.stages if stages is None else stages)
+    check_paths(run.config, [])  # the external sources' paths; the stages' checkpoints just below
+    run.check_stage_models(names)  # before anything is written
+    try:
+        run.load_data()
+        for name in names:
+            run.fit_stage(name)
+        fit = run.fit_ensemble()
+        run.write_report(fit)
+        run.finish()
+    finally:
+        run.close()
     record = fit.record
     log.info("run finished in %.0f s: final nested-CV log loss %.4f on %d rows", run.timings.as_dict()["total_seconds"],
              record.nested_scores.log_loss, record.rows)

@@ -156,26 +156,29 @@ def tune(run_path, config: RunConfig, name: str | None = None, apply: bool = Fal
     folder = candidate_folder(rundir, name)
     partial = folder.with_name(f".{folder.name}.partial")
     run = Run(rundir.path, config, progress=progress)
-    run.load_data(write=False)
-    if partial.exists():  # an interrupted tune of the same name: ours (inside the run's tune folder)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    out = RunDir(partial)
     try:
-        write_json(out.config, config.as_dict())
-        fit = run.fit_ensemble(out)
-        run.write_report(fit, out)
-        comparison = compare(run, out)
-        comparison["config_changes"] = config_changes(saved_config, config.as_dict())
-        write_json(partial / "comparison.json", comparison)
-        run.finish(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    partial.rename(folder)
-    log.info("tune: candidate written to %s (%s)", folder, comparison["verdict"])
-    if apply:
-        apply_candidate(run, RunDir(folder), fit)
+        run.load_data(write=False)  # takes the run's lock: held until the candidate is applied
+        if partial.exists():  # an interrupted tune of the same name: ours (inside the run's tune folder)
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        out = RunDir(partial)
+        try:
+            write_json(out.config, config.as_dict())
+            fit = run.fit_ensemble(out)
+            run.write_report(fit, out)
+            comparison = compare(run, out)
+            comparison["config_changes"] = config_changes(saved_config, config.as_dict())
+            write_json(partial / "comparison.json", comparison)
+            run.timings.write(out.timings)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        partial.rename(folder)
+        log.info("tune: candidate written to %s (%s)", folder, comparison["verdict"])
+        if apply:
+            apply_candidate(run, RunDir(folder), fit)
+    finally:
+        run.close()
     return TuneResult(fit.record, folder, comparison, apply)
 
 
