@@ -289,8 +289,8 @@ def run_all(run: Run, stages: list[str] | None = None) -> EnsembleRecord:
     """The stages (default: every configured stage; ``[]``: none, as ``tune``), then the ensemble over
     every finished stage and the report: the default command and ``train STAGE``."""
     names = list(run.config.stages if stages is None else stages)
-    check_paths(run.config, [])  # the external sources' paths; the stages' checkpoints just below
-    run.check_stage_models(names)  # before anything is written
+    run.check_stage_models(names)  # before anything is written: the stages' checkpoints,
+    check_paths(run.config, [])  # and the external sources' paths
     try:
         run.load_data()
         for name in names:
