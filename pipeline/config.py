@@ -33,7 +33,7 @@ from ensemble.stacking import StackerConfig
 from flywheel.sources import ExternalConfig
 from kernel.context import DEFAULT_SEED
 from kernel.errors import UserError
-from kernel.schema import Section
+from kernel.schema import NUMBER_ERRORS, Section, Seed, annotation_range, error_message, field_range
 from models.stage import STAGE_TYPES, stage_class
 
 # The stages a run fits when the config names none. lgbm_full uses LightGBMParams' default blocks.
@@ -75,7 +75,7 @@ class StageSpec(Section):
 class RunConfig(Section):
     """The whole run. ``n_folds >= 3``: the stacker's nested CV chooses by an inner CV on the other folds."""
 
-    seed: int = DEFAULT_SEED  # folds, models, samples: every random choice of the run
+    seed: Seed = DEFAULT_SEED  # folds, models, samples: every random choice of the run
     n_folds: int = Field(5, ge=3)  # grouped folds by prompt
     stages: dict[str, StageSpec] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_STAGES), min_length=1,
                                          validate_default=True)  # name -> stage; a config's stages replace these
@@ -88,6 +88,10 @@ class RunConfig(Section):
             bad = [k for k in spec.folds or [] if not 0 <= k < self.n_folds]
             if bad:
                 raise ValueError(f"stages.{name}.folds: {bad} not among the run's folds 0..{self.n_folds - 1}")
+        unknown = [n for n in self.stacker.exclude if n not in self.stages]
+        if unknown:
+            raise ValueError(f"stacker.exclude: {', '.join(map(repr, unknown))} is not a stage of the config"
+                             f"{_did_you_mean(unknown[0], self.stages)} (stages: {', '.join(self.stages)})")
         return self
 
 
@@ -186,7 +190,7 @@ def _describe(exc: ValidationError, origin: str, model: type, prefix: tuple, dat
     error = exc.errors()[0]
     loc = tuple(error["loc"])
     path = ".".join(str(p) for p in prefix + _visible(model, loc))
-    kind, message = error["type"], error["msg"]
+    kind = error["type"]
     if kind == "extra_forbidden":
         known = _keys_at(model, loc[:-1])
         return f"{origin}: unknown key {path!r}{_did_you_mean(str(loc[-1]), known)}" + (
@@ -197,9 +201,22 @@ def _describe(exc: ValidationError, origin: str, model: type, prefix: tuple, dat
                   and "type" in data["stages"][n]]
         return (f"{origin}: stage {name!r} has no 'type'{_did_you_mean(str(name), others)} "
                 f"(stages: {', '.join(others) or 'none'}; types: {', '.join(sorted(STAGE_TYPES))})")
-    if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+    message = error_message(error, _range_at(model, loc) if kind in NUMBER_ERRORS else "")
     return f"{origin}: {path}: {message}" if path else f"{origin}: {message}"
+
+
+def _range_at(model: type, loc: tuple) -> str:
+    """The range declared for the value at ``loc`` below ``model`` (a field's, or a list item's), or ''."""
+    annotation, field = model, None
+    for part in loc:
+        current = _unwrap(annotation)
+        if isinstance(current, type) and issubclass(current, Section):
+            field = current.model_fields.get(str(part))
+            annotation = field.annotation if field else None
+        else:
+            field = None
+            annotation, _ = _step(annotation, part)
+    return field_range(field) if field is not None else annotation_range(annotation)
 
 
 def _did_you_mean(word: str, choices) -> str:
