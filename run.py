@@ -245,7 +245,8 @@ def _cmd_tune(args) -> int:
 
     rundir = RunDir.open(args.out)
     config = load_config(None, args.set, saved=read_json(rundir.config),
-                         overrides={"stacker": _stacker_section(args.config)} if args.config else None)
+                         overrides={"stacker": _stacker_section(args.config)} if args.config else None,
+                         overrides_origin=f"{args.config} (its stacker section)")
     with _interruptible(Run(args.out, config, progress=not args.quiet)) as run:
         record = run_all(run, stages=[])  # the ensemble over the finished stages only
     _print_summary(record, args.out)

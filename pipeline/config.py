@@ -97,19 +97,20 @@ class RunConfig(Section):
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_config(path=None, sets: Iterable[str] = (), *, saved: dict | None = None, overrides: dict | None = None,
-                edit: Callable[[dict], None] | None = None) -> RunConfig:
+                edit: Callable[[dict], None] | None = None, overrides_origin: str = "the overrides") -> RunConfig:
     """The resolved config from its layers (see the module docstring), each checked as it is laid on.
 
     ``saved``: a run's saved config (the base when resuming without a file); ``overrides``: a dict laid
-    on after the file (programmatic use, e.g. benchmarks); ``edit``: a function that changes the dict
-    after the file (a command adding its stage); ``sets``: ``key.path=JSON`` strings, in order."""
+    on after the file (programmatic use, e.g. benchmarks; ``overrides_origin`` names it in errors);
+    ``edit``: a function that changes the dict after the file (a command adding its stage); ``sets``:
+    ``key.path=JSON`` strings, in order."""
     data = RunConfig().as_dict() if saved is None else copy.deepcopy(saved)
     data = _check(data, "the saved run config" if saved is not None else "the defaults")
     if path is not None:
         data = merge(data, read_config_file(path))
         data = _check(data, str(path))
     if overrides:
-        data = _check(merge(data, overrides), "the overrides")
+        data = _check(merge(data, overrides), overrides_origin)
     if edit is not None:
         edit(data)
         data = _check(data, "the command line")

@@ -296,3 +296,30 @@ def test_tune_refuses_a_bad_override_before_touching_the_run(finished_run, setti
     after = {p.relative_to(finished_run).as_posix(): p.read_bytes() for p in sorted(finished_run.rglob("*"))
              if p.is_file()}
     assert after == before
+
+
+def test_tune_config_file_names_the_file(finished_run, tmp_path, caplog):
+    path = tmp_path / "stacker.json"
+    path.write_text(json.dumps({"stacker": {"C_grid": [0.1, -1]}}))
+    before = {p.relative_to(finished_run).as_posix(): p.read_bytes() for p in sorted(finished_run.rglob("*"))
+              if p.is_file()}
+    assert cli.main(["tune", "--run", str(finished_run), "--config", str(path), "--quiet"]) == 2
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert error == f"{path} (its stacker section): stacker.C_grid.1: Input should be greater than 0 (got -1; allowed: > 0)"
+    assert {p.relative_to(finished_run).as_posix(): p.read_bytes() for p in sorted(finished_run.rglob("*"))
+            if p.is_file()} == before
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"seed": -1}, "options.seed: Input should be greater than or equal to 0 (got -1; allowed: in [0, 2^32-1])"),
+    ({"max_pairs_per_prompt": 0}, "options.max_pairs_per_prompt: Input should be greater than or equal to 1"),
+    ({"tie_margin": math.nan}, "options.tie_margin: Input should be a finite number (got nan; allowed: >= 0)"),
+    ({"keep_ties": "perhaps"}, "options.keep_ties: Input should be a valid boolean"),
+])
+def test_converter_options_are_checked_by_their_declared_types(options, expected):
+    sources = [{"kind": "scored_answers", "path": "x.jsonl", "source": "s", "options": options}]
+    with pytest.raises(ConfigError) as info:
+        load_config(sets=[f"external.sources={json.dumps(sources)}"])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    good = [{**sources[0], "options": {"seed": 3, "max_pairs_per_prompt": 2, "tie_margin": 0.5}}]
+    assert load_config(sets=[f"external.sources={json.dumps(good)}"]).external.sources[0].options["seed"] == 3
