@@ -9,9 +9,17 @@ The booster is saved in LightGBM's text format; block state as .npy/JSON.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import difflib
+import functools
+import io
+import json
 import logging
 import math
+import os
+import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -146,7 +154,50 @@ class LightGBMParams(Section):
             checked = LightGBMSettings.model_validate(out)
         except ValidationError as exc:
             raise ValueError(_settings_error(exc)) from None
-        return {key: getattr(checked, key) if key in LightGBMSettings.model_fields else v for key, v in out.items()}
+        out = {key: getattr(checked, key) if key in LightGBMSettings.model_fields else v for key, v in out.items()}
+        refusal = lightgbm_refusal(json.dumps(out, sort_keys=True))
+        if refusal:
+            raise ValueError(f"LightGBM refuses these parameters: {refusal}")
+        return out
+
+
+@contextlib.contextmanager
+def _native_output_silenced():
+    """Standard output and error discarded at the file-descriptor level (LightGBM's C++ prints its
+    "[Fatal]" line there before raising), restored afterwards."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1), os.dup2(devnull, 2)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+# Keys whose values name columns or files of the real data: LightGBM checks them on the real data only.
+_DATA_KEYS = ("categorical_feature", "label_column", "weight_column", "group_column", "ignore_column")
+
+
+@functools.lru_cache(maxsize=256)
+def lightgbm_refusal(params_json: str) -> str | None:
+    """LightGBM's own verdict on a parameter set (its ranges, names of boosting types, metrics...): one
+    boosting round on 6 made-up rows, in milliseconds; its error message, or None when it accepts them.
+    Lists and keys about the data's columns or files are left to the real fit."""
+    params = {k: v for k, v in json.loads(params_json).items()
+              if not isinstance(v, (list, dict)) and k not in _DATA_KEYS and "filename" not in k and "model" not in k}
+    x, y = np.arange(6, dtype=np.float64).reshape(-1, 1), np.arange(6) % 3
+    try:
+        with _native_output_silenced():
+            lgb.train({**params, "verbosity": -1, "num_threads": 1}, lgb.Dataset(x, y), num_boost_round=1)
+    except lgb.basic.LightGBMError as exc:
+        return re.sub(r" at \S+, line \d+ ?\.?$", "", " ".join(str(exc).split()))
+    return None
 
 
 def _settings_error(exc: ValidationError) -> str:

@@ -193,6 +193,8 @@ def test_every_number_is_refused_in_one_line_or_valid_and_finite(key, value):
     ("stages.lgbm_stats.params.lgb.objective=regression", "objective: Input should be 'multiclass'"),
     ("stages.lgbm_stats.params.lgb.num_class=2", "num_class: Input should be 3"),
     ("stages.lgbm_stats.params.lgb.n_estimators=10", "'num_iterations' would override the stage's num_boost_round"),
+    ("stages.lgbm_stats.params.lgb.top_k=-5", "lgb: LightGBM refuses these parameters: Check failed: (top_k) > (0)"),
+    ("stages.lgbm_stats.params.lgb.boosting=nope", "LightGBM refuses these parameters: Unknown boosting type nope"),
     ("stages.lgbm_stats.params.num_boost_round=-5", "stages.lgbm_stats.params.num_boost_round: Input should be "
                                                     "greater than or equal to 1 (got -5; allowed: >= 1)"),
     ("stages.length_lr.params.C=-1", "stages.length_lr.params.C: Input should be greater than 0 (got -1; allowed: > 0)"),
