@@ -153,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="train a student run on a finished teacher run's out-of-fold probabilities "
                                        "mixed with the hard labels, on the teacher's folds")
     d.add_argument("--teacher", required=True, help="a finished run directory (trained on --train)")
-    d.add_argument("--soft-weight", type=_number("Probability"), default=0.5,
+    d.add_argument("--soft-weight", type=float, default=0.5,  # in [0, 1]: checked by pipeline.distill
                    help="target = W x teacher OOF probability + (1 - W) x label (default %(default)s)")
     training(d, train_required=True)
     ec = sub.add_parser("external-check", help="per external source of the config: rows kept, adversarial AUC, change "

@@ -58,8 +58,9 @@ DEFAULT_LGB = {
 class LightGBMSettings(Section):
     """What the tool relies on in a stage's ``lgb`` dict (main names; keys not declared here pass as they
     are, but no number anywhere in the dict may be NaN or infinite): a 3-class objective, a positive
-    learning rate, and the ranges LightGBM itself requires of the common parameters. The stage's
-    ``num_boost_round``, ``rounds_without_valid`` and ``early_stopping_rounds`` set the rounds."""
+    learning rate, and the ranges LightGBM itself requires of the common parameters (named here for a
+    message with the key and range; :func:`lightgbm_refusal` then asks LightGBM about the whole dict). The
+    stage's ``num_boost_round``, ``rounds_without_valid`` and ``early_stopping_rounds`` set the rounds."""
 
     model_config = ConfigDict(extra="allow")
 
