@@ -16,7 +16,7 @@ import typing
 from typing import Annotated
 
 import annotated_types as at
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The ranges the sections use most (pydantic checks them; the reference table and errors show them).
 PositiveInt = Annotated[int, Field(ge=1)]  # a count: at least 1
@@ -35,9 +35,38 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
                               allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, data):
+        """``true``/``false`` where a number is declared is a mistake, not 1/0 (pydantic's lax mode would
+        take it)."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                flags = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, bool)]
+                if field is not None and flags and _wants_number(field.annotation):
+                    raise ValueError(f"{name}: Input should be a number, not {str(flags[0]).lower()}")
+        return data
+
     def as_dict(self) -> dict:
         """Plain JSON-able values (what is saved beside a model and hashed into resume keys)."""
         return self.model_dump(mode="json")
+
+
+def _wants_number(annotation) -> bool:
+    """Whether ``annotation`` takes numbers and not booleans (through Annotated, unions, lists, tuples)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    if origin is typing.Annotated:
+        return _wants_number(args[0])
+    if origin in (typing.Union, _UnionType):
+        return any(_wants_number(a) for a in args) and bool not in args
+    if origin in (list, tuple):
+        return bool(args) and _wants_number(args[0])
+    return False
 
 
 def validated(cls: type[Section], params) -> Section:

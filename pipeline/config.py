@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -203,6 +204,9 @@ def _describe(exc: ValidationError, origin: str, model: type, prefix: tuple, dat
         return (f"{origin}: stage {name!r} has no 'type'{_did_you_mean(str(name), others)} "
                 f"(stages: {', '.join(others) or 'none'}; types: {', '.join(sorted(STAGE_TYPES))})")
     message = error_message(error, _range_at(model, loc) if kind in NUMBER_ERRORS else "")
+    inner = re.match(r"([A-Za-z_]\w*(?:\.\w+)*): ", message) if kind == "value_error" else None
+    if inner:  # a section's own check names the key below it: "lgb" + "learning_rate: ..." -> "lgb.learning_rate: ..."
+        path, message = ".".join(p for p in (path, inner.group(1)) if p), message[inner.end():]
     return f"{origin}: {path}: {message}" if path else f"{origin}: {message}"
 
 

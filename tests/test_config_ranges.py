@@ -157,7 +157,8 @@ def _value_at(resolved: dict, key: str):
 
 
 HOSTILE = st.one_of(
-    st.sampled_from([math.nan, math.inf, -math.inf, 0, 0.0, -0.0, -1, -1.5, 1, 2, 0.5, 1e300, -1e300, 2**64, 2**31, 3]),
+    st.sampled_from([math.nan, math.inf, -math.inf, 0, 0.0, -0.0, -1, -1.5, 1, 2, 0.5, 1e300, -1e300, 2**64, 2**31, 3,
+                     True, False, "1", "fast", None]),
     st.integers(min_value=-2**70, max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
 )
@@ -178,14 +179,21 @@ def test_every_number_is_refused_in_one_line_or_valid_and_finite(key, value):
         return
     got = _value_at(config.as_dict(), key)
     got = got if container == "scalar" else got[0]
-    assert got is not None and math.isfinite(got), (path, value, got)
+    if got is None:  # null is a declared value of this key (e.g. "no cap")
+        assert value is None and type(None) in typing.get_args(field.annotation), (path, value)
+        return
+    assert not isinstance(got, bool) and math.isfinite(got), (path, value, got)
     assert _within(got, _constraints(container, item, field)), (path, value, got)
     assert RunConfig.model_validate(config.as_dict()).as_dict() == config.as_dict()  # the saved config reloads
 
 
 # -- the examples: each one line naming the --set, the key and the allowed range -------------------
 @pytest.mark.parametrize("setting, expected", [
-    ("stages.lgbm_stats.params.lgb.learning_rate=NaN", "lgb: learning_rate: Input should be a finite number (got nan"),
+    ("stages.lgbm_stats.params.lgb.learning_rate=NaN", "stages.lgbm_stats.params.lgb.learning_rate: Input should be a "
+                                                      "finite number (got nan; allowed: > 0)"),
+    ("stages.lgbm_stats.params.lgb.learning_rate=true", "lgb.learning_rate: Input should be a number, not true"),
+    ("stages.lgbm_stats.params.num_boost_round=true", "params.num_boost_round: Input should be a number, not true"),
+    ("stacker.C_grid=[0.1, false]", "stacker.C_grid: Input should be a number, not false"),
     ("stages.lgbm_stats.params.lgb.learning_rate=Infinity", "learning_rate: Input should be a finite number (got inf"),
     ("stages.lgbm_stats.params.lgb.learning_rate=-0.1", "learning_rate: Input should be greater than 0 (got -0.1; "
                                                         "allowed: > 0)"),
