@@ -166,10 +166,14 @@ class LightGBMParams(Section):
 def _native_output_silenced():
     """Standard output and error discarded at the file-descriptor level (LightGBM's C++ prints its
     "[Fatal]" line there before raising), restored afterwards."""
-    libc = ctypes.CDLL(None)
-    sys.stdout.flush(), sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        libc = ctypes.CDLL(None)
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):  # no C library or no such descriptors: nothing to silence
+        yield
+        return
     try:
         os.dup2(devnull, 1), os.dup2(devnull, 2)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
