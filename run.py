@@ -3,23 +3,29 @@
 
   python run.py --train train.csv [--test test.csv] --out runs/first      # everything, end to end
   python run.py train STAGE --train train.csv [--test ...] --out runs/x    # one stage (name or type)
-  python run.py tune --run runs/x                                          # compare ensembles, save the chosen one
+  python run.py tune --run runs/x [--set ...] [--apply]                    # an ensemble experiment in runs/x/tune/
   python run.py predict --run runs/x --test new.csv --out preds.csv        # predict new battles with a run
+  python run.py evaluate --run runs/x --data holdout.csv                   # score a run on labelled battles
+  python run.py remove-stage --run runs/x STAGE                            # drop a stage from a run
   python run.py pseudo-label --run runs/x --data unlabelled.jsonl --out pseudo.jsonl   # soft labels for training
   python run.py pair-chatlogs --data chat.parquet --out pairs.parquet --train train.csv # battles from chat logs
   python run.py convert --kind scored_answers --data rated.csv --source bench --out bench.jsonl  # external -> battles
   python run.py distill --teacher runs/x --train train.csv --out runs/student      # teacher OOF probs as targets
   python run.py external-check --train train.csv --config cfg.json --out runs/check # a verdict per external source
+  python run.py score --run runs/x --prompt "..." --a "..." --b "..."               # explain one pair's score
+  python run.py score --run runs/x --jsonl pairs.jsonl --out scored.jsonl          # one JSON line per battle
+  python run.py serve --run runs/x                                                 # a local page (127.0.0.1:8000)
 
 A rerun of the same command resumes: finished folds and stages are reused. Every command that fits the
 ensemble writes runs/x/ensemble/ensemble.json (what predict uses), submission.csv (with a test set) and
-report.html. A mistake in a file, a config or the command line ends in one line naming it and exit code 2
+report.html; tune writes them to runs/x/tune/NAME/ and into the run only with --apply. A mistake in a file, a config or the command line ends in one line naming it and exit code 2
 (--verbose shows the traceback); Ctrl-C ends with exit code 130 and says what finished. See README.md.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import traceback
@@ -31,8 +37,8 @@ if TYPE_CHECKING:  # the commands import what they use when they run (a fast --h
     from pipeline.config import RunConfig
     from pipeline.runner import Run
 
-COMMANDS = ("all", "train", "tune", "predict", "pseudo-label", "pair-chatlogs", "convert", "distill",
-            "external-check")
+COMMANDS = ("all", "train", "tune", "predict", "evaluate", "remove-stage", "pseudo-label", "pair-chatlogs", "convert",
+            "distill", "external-check", "score", "serve")
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 log = logging.getLogger("run")
 
@@ -101,17 +107,34 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("stage")
     t.add_argument("--model", help="local checkpoint directory for deep stages (sets params.model)")
     training(t)
-    tu = sub.add_parser("tune", help="compare ensembles (single stages, average, weighted, logistic, +meta) by nested "
-                                     "CV on the saved OOF logits; save the chosen one; refresh submission and report")
+    tu = sub.add_parser("tune", help="an experiment: refit the ensemble (single stages, average, weighted, logistic, "
+                                     "+meta, by nested CV on the saved OOF logits) into runs/x/tune/NAME/ and compare "
+                                     "it with the saved one; --apply makes it the run's")
     tu.add_argument("--run", "--out", dest="out", required=True, help="a run directory with finished stages")
     tu.add_argument("--config", help="a config whose 'stacker' section replaces the run's")
     tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. --set stacker.C_grid=[0.1]")
+    tu.add_argument("--name", help="the candidate's folder under runs/x/tune/ (default: the UTC time)")
+    tu.add_argument("--apply", action="store_true", help="replace the run's config, ensemble, submission and report "
+                                                         "with the candidate once it is fitted")
     loudness(tu)
     pr = sub.add_parser("predict", help="predict new battles with a finished run's models and ensemble")
     pr.add_argument("--run", required=True, help="a finished run directory")
     pr.add_argument("--test", required=True, help="battles to predict (.csv/.parquet/.jsonl; labels ignored)")
     output_file(pr, "the CSV to write (id + winner_* columns)")
     loudness(pr)
+    ev = sub.add_parser("evaluate", help="score a finished run on labelled battles (each stage and the ensemble: log "
+                                         "loss with a 90%% interval, accuracy, reliability, subgroups); writes "
+                                         "runs/x/evaluations/<data stem>/report.md")
+    ev.add_argument("--run", required=True, help="a finished run directory")
+    ev.add_argument("--data", required=True, help="labelled battles (.csv/.parquet/.jsonl) the run did not train on")
+    loudness(ev)
+    rs = sub.add_parser("remove-stage", help="take a stage out of a run: its config entry and its files (refused while "
+                                             "the saved ensemble uses it, unless --refit)")
+    rs.add_argument("stage")
+    rs.add_argument("--run", required=True, help="a run directory")
+    rs.add_argument("--refit", action="store_true", help="when the saved ensemble uses the stage: refit the ensemble "
+                                                         "over the other finished stages first (as tune --apply)")
+    loudness(rs)
     pl = sub.add_parser("pseudo-label", help="score unlabelled battles with a finished run; write soft labels "
                                              "with provenance (JSONL) for training")
     pl.add_argument("--run", required=True, help="a finished run directory")
@@ -165,6 +188,26 @@ def _parser() -> argparse.ArgumentParser:
     ec.add_argument("--config", help="JSON config whose 'external' section lists the sources")
     ec.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     loudness(ec)
+    sc = sub.add_parser("score", help="score one pair (or a JSONL file of battles) with a finished run: probabilities, "
+                                      "verdict, both A/B orders, each stage's share, what truncation kept")
+    sc.add_argument("--run", required=True, help="a finished run directory")
+    for flag, field in (("prompt", "the prompt"), ("a", "response A"), ("b", "response B")):
+        one = sc.add_mutually_exclusive_group()
+        one.add_argument(f"--{flag}", help=f"{field} as text: one turn, or a JSON list of strings (one per turn)")
+        one.add_argument(f"--{flag}-file", help=f"a UTF-8 text file holding {field}")
+    sc.add_argument("--json", action="store_true", help="print the pair's explanation as one JSON line")
+    sc.add_argument("--jsonl", help="a JSONL file of battles (prompt/response_a/response_b: lists, JSON-list strings "
+                                    "or plain strings; optional id); needs --out")
+    sc.add_argument("--out", help="with --jsonl: the JSONL file to write (one line per battle)")
+    sc.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    loudness(sc)
+    sv = sub.add_parser("serve", help="a local page: paste a prompt and two replies, see the run's probabilities")
+    sv.add_argument("--run", required=True, help="a finished run directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s, this machine "
+                                                        "only; another address is logged as a warning)")
+    sv.add_argument("--port", type=_number("Port"), default=8000, help="port (default %(default)s; 0: a free one)")
+    sv.add_argument("--max-bytes", type=_number("PositiveInt"), default=1 << 20, help="largest request body (default %(default)s)")
+    loudness(sv)
     return p
 
 
@@ -241,16 +284,16 @@ def _cmd_tune(args) -> int:
     from kernel.files import read_json
     from pipeline.config import load_config
     from pipeline.rundir import RunDir
-    from pipeline.runner import Run, run_all
+    from pipeline.tune import tune
 
     rundir = RunDir.open(args.out)
     config = load_config(None, args.set, saved=read_json(rundir.config),
                          overrides={"stacker": _stacker_section(args.config)} if args.config else None,
                          overrides_origin=f"{args.config} (its stacker section)")
-    with _interruptible(Run(args.out, config, progress=not args.quiet)) as run:
-        record = run_all(run, stages=[])  # the ensemble over the finished stages only
-    _print_summary(record, args.out)
-    _print_tune_table(record, args.out)
+    result = tune(rundir.path, config, name=args.name, apply=args.apply, progress=not args.quiet)
+    _print_summary(result.record, args.out)
+    _print_tune_table(result.record, result.folder)
+    _print_tune_comparison(result, args.out)
     return 0
 
 
@@ -263,14 +306,41 @@ def _stacker_section(path) -> dict:
 def _cmd_predict(args) -> int:
     from battles.io import read_battles
     from kernel.files import check_output_file
+    from pipeline.checks import run_overlap_warning
     from pipeline.predict import Predictor
     from pipeline.rundir import write_probs
 
     out = check_output_file(args.out, args.overwrite)
     battles, _ = read_battles(args.test, require_labels=False)
     predictor = Predictor.load(args.run, progress=not args.quiet)
+    run_overlap_warning(predictor.run, battles, f"--test {args.test}")
     write_probs(out, battles["id"], predictor.predict_proba(battles))
     print(f"wrote {len(battles)} predictions to {out} (ensemble: {predictor.ensemble.chosen})")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from pipeline.evaluate import evaluate
+
+    result = evaluate(args.run, args.data, progress=not args.quiet)
+    print(f"\nevaluation of {args.run} on {args.data}: {result.rows} labelled battles")
+    print(f"{'output':<40}{'rows':>7}{'log loss':>10}{'90% interval':>18}{'accuracy':>10}")
+    for r in result.table:
+        lo, hi = r["interval"]
+        print(f"{r['output']:<40}{r['rows']:>7}{r['log_loss']:>10.4f}{f'{lo:.4f}-{hi:.4f}':>18}{r['accuracy']:>10.3f}")
+    for p in result.paired:
+        lo, hi = p["interval"]
+        print(f"{p['comparison']:<40}{p['rows']:>7}{p['difference']:>+10.4f}  [{lo:+.4f}, {hi:+.4f}] {p['verdict']}")
+    for w in result.warnings:
+        print(f"WARNING: {w}")
+    print(f"report: {result.folder / 'report.md'}")
+    return 0
+
+
+def _cmd_remove_stage(args) -> int:
+    from pipeline.remove_stage import remove_stage
+
+    print(remove_stage(args.run, args.stage, refit=args.refit, progress=not args.quiet))
     return 0
 
 
@@ -351,9 +421,52 @@ def _cmd_external_check(args) -> int:
     return 0
 
 
-HANDLERS = {"all": _cmd_train, "train": _cmd_train, "tune": _cmd_tune, "predict": _cmd_predict,
+def _cmd_score(args) -> int:
+    from kernel.errors import UserError
+    from kernel.files import check_output_file
+    from pipeline.explain import (explain, format_explanation, pair_battle, read_score_file, read_text_arg,
+                                  write_explanations)
+    from pipeline.predict import Predictor
+
+    texts = {}
+    for flag in ("prompt", "a", "b"):
+        path = getattr(args, f"{flag}_file")
+        texts[flag] = read_text_arg(path, f"--{flag}-file") if path is not None else getattr(args, flag)
+    given = [f for f, t in texts.items() if t is not None]
+    if args.jsonl is not None:
+        if given or args.json:
+            raise UserError("score: --jsonl scores a file; leave out --prompt/--a/--b (and their files) and --json")
+        if args.out is None:
+            raise UserError("score --jsonl: name the JSONL file to write with --out")
+        out = check_output_file(args.out, args.overwrite)
+        battles = read_score_file(args.jsonl)
+        explanations = explain(Predictor.load(args.run, progress=not args.quiet), battles)
+        write_explanations(out, explanations)
+        print(f"wrote {len(explanations)} scored battles to {out}")
+        return 0
+    if args.out is not None:
+        raise UserError("score: --out goes with --jsonl; one pair is printed")
+    if len(given) < 3:
+        missing = [f"--{f}" for f in texts if texts[f] is None]
+        raise UserError(f"score: give {' '.join(missing)} (or the -file variants), or --jsonl FILE --out FILE")
+    battle = pair_battle(texts["prompt"], texts["a"], texts["b"])
+    [e] = explain(Predictor.load(args.run, progress=False), battle)
+    print(json.dumps(e.as_dict(), ensure_ascii=False) if args.json else format_explanation(e))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from pipeline.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, max_bytes=args.max_bytes)
+    return 0
+
+
+HANDLERS = {"all": _cmd_train, "train": _cmd_train, "tune": _cmd_tune, "predict": _cmd_predict, "evaluate": _cmd_evaluate,
+            "remove-stage": _cmd_remove_stage,
             "pseudo-label": _cmd_pseudo_label, "pair-chatlogs": _cmd_pair_chatlogs, "convert": _cmd_convert,
-            "distill": _cmd_distill, "external-check": _cmd_external_check}
+            "distill": _cmd_distill, "external-check": _cmd_external_check, "score": _cmd_score,
+            "serve": _cmd_serve}
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -381,11 +494,10 @@ def main(argv=None) -> int:
 
 
 def _fail(message: str, args) -> int:
+    """The one line (``--verbose`` adds the traceback; ``--help`` lists ``--verbose``)."""
     log.error("%s", message)
     if args.verbose:
         traceback.print_exc()
-    else:
-        log.info("(run again with --verbose for the traceback)")
     return EXIT_USER_ERROR
 
 
@@ -434,16 +546,38 @@ def _print_tune_table(record: EnsembleRecord, out) -> None:
         print(f"stage set: {record.selection.decided_by}")
 
 
+def _print_tune_comparison(result, out) -> None:
+    c = result.comparison
+    print(f"\ncandidate: {result.folder} (changed: {'; '.join(c.get('config_changes') or []) or 'nothing'})")
+    if c.get("saved"):
+        lo, hi = c["minus_saved_interval"]
+        print(f"candidate minus saved ensemble on {c['rows']} rows: {c['candidate_log_loss']:.4f} - "
+              f"{c['saved_log_loss']:.4f} = {c['minus_saved']:+.4f}, paired 90% interval [{lo:+.4f}, {hi:+.4f}]: "
+              f"{c['verdict']}")
+    else:
+        print(f"candidate: {c['verdict']}")
+    if result.applied:
+        print(f"applied: {out}'s config.json, ensemble, submission and report are now the candidate's")
+    else:
+        print(f"not applied: {out} is unchanged; `run.py tune --run {out} ... --apply` makes such a candidate the run's")
+
+
 def _print_summary(record: EnsembleRecord, out) -> None:
+    """The scores table; each figure beside the rows it stands on (pipeline.report.score_table)."""
+    from pipeline.report import score_table
+
     print(f"\nrun directory: {out}")
-    print(f"{'output':<28}{'rows':>7}{'OOF log loss':>14}{'calibrated':>12}{'accuracy':>10}")
+    print(f"{'output':<28}{'rows':>7}{'OOF log loss':>14}{'rows':>7}{'calibrated':>12}{'accuracy':>10}")
     print(f"{'class prior':<28}{record.rows:>7}{record.prior_log_loss:>14.4f}")
-    for name, s in record.stages_raw.items():
-        cal = record.stages_calibrated.get(name, float("nan"))
-        print(f"{name:<28}{s.n:>7}{s.log_loss:>14.4f}{cal:>12.4f}{s.accuracy:>10.3f}")
-    f, (lo, hi) = record.nested_scores, record.nested_interval
-    print(f"{'final: ' + record.chosen:<28}{record.rows:>7}{f.log_loss:>14.4f}{'(nested)':>12}"
-          f"{f.accuracy:>10.3f}   90% interval {lo:.4f}-{hi:.4f}")
+    for row in score_table(record):
+        raw, cal = row["log loss (raw)"], row["log loss (calibrated, CV)"]
+        if row["output"].startswith("final: "):  # the nested figure, in the OOF column
+            lo, hi = record.nested_interval
+            print(f"{row['output']:<28}{row['rows']:>7}{cal:>14.4f}{'':>7}{'(nested)':>12}{row['accuracy']:>10.3f}"
+                  f"   90% interval {lo:.4f}-{hi:.4f}")
+        else:
+            print(f"{row['output']:<28}{row['rows']:>7}{raw:>14.4f}{row['rows (calibrated)']:>7}{cal:>12.4f}"
+                  f"{row['accuracy']:>10.3f}")
     for w in record.warnings:
         print(f"WARNING: {w}")
 

@@ -177,9 +177,9 @@ class EnsembleRecord(Section):
         try:
             data = read_json(path)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EnsembleRecordError(f"{path}: not a JSON ensemble record ({exc}); run `run.py tune` again") from None
+            raise EnsembleRecordError(f"{path}: not a JSON ensemble record ({exc}); run `run.py tune --apply` again") from None
         if not isinstance(data, dict):
-            raise EnsembleRecordError(f"{path}: not an ensemble record (a JSON object); run `run.py tune` again")
+            raise EnsembleRecordError(f"{path}: not an ensemble record (a JSON object); run `run.py tune --apply` again")
         data.setdefault("format_version", 1)  # written before the field existed: the layout of version 1
         version = data["format_version"]
         if isinstance(version, int) and version > FORMAT_VERSION:
@@ -190,5 +190,5 @@ class EnsembleRecord(Section):
         except ValidationError as exc:
             error = exc.errors()[0]
             where = ".".join(str(p) for p in error["loc"])
-            raise EnsembleRecordError(f"{path}: {where}: {error['msg']}; run `run.py tune` again to rewrite "
+            raise EnsembleRecordError(f"{path}: {where}: {error['msg']}; run `run.py tune --apply` again to rewrite "
                                       "the ensemble") from None

@@ -26,6 +26,7 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]  # a share in [0, 1]
 OpenProbability = Annotated[float, Field(gt=0, lt=1)]  # a share in (0, 1)
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy, LightGBM and torch take seeds in [0, 2^32)
+Port = Annotated[int, Field(ge=0, le=65535)]  # a TCP port; 0: one the system picks
 
 
 class Section(BaseModel):

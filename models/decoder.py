@@ -157,3 +157,16 @@ class _Adapter:
         log.info("decoder: predicting %d battles with adapter %s", len(battles), self.name)
         self.stage.model.set_adapter(self.name)
         return self.stage.predict_logits(battles)
+
+    @property
+    def tta_from_orders(self) -> bool:
+        return self.stage.tta_from_orders
+
+    def predict_both_orders(self, battles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Both A/B orders with this fold's adapter (what :func:`models.stage.predict_with_orders` asks for)."""
+        self.stage.model.set_adapter(self.name)
+        return self.stage.predict_both_orders(battles)
+
+    def encode(self, battles: pd.DataFrame):
+        """The stage's model inputs and truncation records (shared by every fold's adapter)."""
+        return self.stage.encode(battles)

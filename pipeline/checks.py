@@ -5,6 +5,8 @@ in a box at the top of the report. Each names what it saw and what to do (README
   e.g. many battles with an empty prompt share one group);
 * few rows per fold: fewer than ``MIN_FOLD_ROWS`` battles in some fold (scores swing by chance);
 * many empty prompts: they all fall in one prompt group, hence one fold;
+* test battles that repeat training battles (:func:`overlap_warning`: same prompt and replies, in
+  either order, after folding case and whitespace; one function for ``run``/``predict``/``evaluate``);
 * test unlike training: adversarial validation tells the test file's prompts from the training
   prompts (AUC above ``SHIFT_AUC``), so the cross-validated score may not carry over;
 * a stage, or the final ensemble, scores worse than the class prior on its rows;
@@ -15,12 +17,14 @@ in a box at the top of the report. Each names what it saw and what to do (README
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
 
-from battles.text import plain_text
+from battles.text import normalised, plain_text
 from ensemble.record import EnsembleRecord
+from kernel.errors import UserError
 from flywheel.shift import adversarial_auc
 from pipeline.rundata import RunData
 from pipeline.rundir import RunDir
@@ -60,12 +64,89 @@ def data_warnings(data: RunData, seed: int) -> list[str]:
                          "other folds' labels, so the OOF scores of this run are optimistic; compare student and "
                          "teacher on labelled battles neither saw."))
     if data.test is not None:
-        auc = prompt_shift_auc(data.train, data.test, seed)
+        overlap = overlap_warning(data.train, data.test, f"test file {data.test_path}", overlap_of_test(data))
+        if overlap:
+            out.append(overlap)
+        auc = shift_auc_of_test(data, seed)
         if auc is not None and auc > SHIFT_AUC:
             out.append(_warn(f"test unlike training: a classifier tells the test prompts from the training prompts "
                              f"with AUC {auc:.2f} (> {SHIFT_AUC}; 0.5 = alike); the cross-validated score may not "
                              "carry over to this test file."))
     return out
+
+
+def battle_keys(battles) -> np.ndarray:
+    """One text key per battle: a hash of the normalised prompt and the two replies, the replies in
+    sorted order (a battle and its swapped copy share a key)."""
+    keys = []
+    for p, a, b in zip(battles["prompt"], battles["response_a"], battles["response_b"]):
+        replies = sorted((normalised(plain_text(a)), normalised(plain_text(b))))
+        text = "\x1e".join([normalised(plain_text(p)), *replies])
+        keys.append(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest())
+    return np.array(keys, dtype=object)
+
+
+def overlapping(train, other) -> np.ndarray:
+    """(len(other),) bool: the battles of ``other`` that repeat a training battle (:func:`battle_keys`)."""
+    return np.isin(battle_keys(other), battle_keys(train))
+
+
+def overlap_warning(train, other, what: str, n: int | None = None) -> str | None:
+    """The warning (logged) when battles of ``other`` (``what``: e.g. "test file x.csv") repeat training
+    battles (``n`` of them, when counted already); None when none do."""
+    n = int(overlapping(train, other).sum()) if n is None else n
+    if not n:
+        return None
+    return _warn(f"{what}: {n} of {len(other)} battles ({n / len(other):.1%}) repeat a training battle of the run (same "
+                 "prompt and replies, either order): the models saw their labels, so scores on them are optimistic "
+                 "and their predictions are not out-of-sample.")
+
+
+def run_training_battles(run: RunDir):
+    """A finished run's training battles, read again from the file its marker names; None (and a note in
+    the log) when that file is gone or changed since the run."""
+    from battles.io import read_battles
+    from pipeline.rundata import table_key
+
+    record = run.record()
+    path = record.get("train_path")
+    try:
+        train, _ = read_battles(path, require_labels=True)  # as the run read it (the same table key)
+    except (UserError, OSError, TypeError):
+        log.info("the run's training file %s cannot be read: checks against it are skipped", path)
+        return None
+    if record.get("train_hash") not in (None, table_key(train)):
+        log.info("the run's training file %s changed since the run: checks against it are skipped", path)
+        return None
+    return train
+
+
+def run_overlap_warning(run: RunDir, other, what: str) -> str | None:
+    """:func:`overlap_warning` against a finished run's training battles (:func:`run_training_battles`)."""
+    train = run_training_battles(run)
+    return None if train is None else overlap_warning(train, other, what)
+
+
+_SHIFT_AUCS: dict = {}
+_OVERLAPS: dict = {}
+
+
+def overlap_of_test(data: RunData) -> int:
+    """How many of the run's test battles repeat a training battle, counted once per data (the warnings
+    and the report's test-set section both read it)."""
+    key = (data.keys.train, data.keys.test)
+    if key not in _OVERLAPS:
+        _OVERLAPS[key] = 0 if data.test is None else int(overlapping(data.train, data.test).sum())
+    return _OVERLAPS[key]
+
+
+def shift_auc_of_test(data: RunData, seed: int) -> float | None:
+    """:func:`prompt_shift_auc` of the run's test file, computed once per data and seed (the warnings
+    and the report's test-set section both read it)."""
+    key = (data.keys.train, data.keys.test, seed)
+    if key not in _SHIFT_AUCS:
+        _SHIFT_AUCS[key] = None if data.test is None else prompt_shift_auc(data.train, data.test, seed)
+    return _SHIFT_AUCS[key]
 
 
 def prompt_shift_auc(train, test, seed: int) -> float | None:

@@ -13,7 +13,10 @@ built from layers, each checked as it is laid on, so an error names where it cam
 defaults, then a run's saved ``config.json`` (when a run is resumed without ``--config``), then the
 user's ``--config`` file, then what a command adds (``train decoder --model ...``), then each
 ``--set key=value`` in order. Unknown keys and wrong types are errors that name the layer and the key
-path and suggest the closest known key. What a run saves (``config.json``) and hashes into its
+path and suggest the closest known key. Paths in a config file (:func:`path_keys`: a stage's
+checkpoint ``model``, a feature block's ``model``, an external source's ``path``) resolve from the
+file's folder, not the working directory, and are saved absolute; :func:`check_paths` refuses a
+missing one naming its key before a run writes anything. What a run saves (``config.json``) and hashes into its
 resume keys is the *resolved* config: every default written out, so changing a default in code
 invalidates the finished stages it affects.
 """
@@ -108,7 +111,7 @@ def load_config(path=None, sets: Iterable[str] = (), *, saved: dict | None = Non
     data = RunConfig().as_dict() if saved is None else copy.deepcopy(saved)
     data = _check(data, "the saved run config" if saved is not None else "the defaults")
     if path is not None:
-        data = merge(data, read_config_file(path))
+        data = merge(data, resolve_paths(read_config_file(path), Path(path).resolve().parent))
         data = _check(data, str(path))
     if overrides:
         data = _check(merge(data, overrides), overrides_origin)
@@ -135,6 +138,59 @@ def read_config_file(path) -> dict:
     if not isinstance(user, dict):
         raise ConfigError(f"{path}: a config is a JSON object of sections, got {type(user).__name__}")
     return user
+
+
+def path_keys(data: dict) -> list[tuple[tuple, str]]:
+    """Every path value of a config dict: ``(key path, value)`` for each stage's params ``model`` (at any
+    depth, e.g. a feature block's) and each external source's ``path``."""
+    out = []
+
+    def walk(node, at):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "model" and isinstance(v, str):
+                    out.append(((*at, k), v))
+                else:
+                    walk(v, (*at, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, (*at, i))
+
+    for name, spec in (data.get("stages") or {}).items():
+        if isinstance(spec, dict):
+            walk(spec.get("params"), ("stages", name, "params"))
+    external = data.get("external")
+    for i, source in enumerate(external.get("sources") or [] if isinstance(external, dict) else []):
+        if isinstance(source, dict) and isinstance(source.get("path"), str):
+            out.append((("external", "sources", i, "path"), source["path"]))
+    return out
+
+
+def resolve_paths(data: dict, folder: Path) -> dict:
+    """A copy of a config file's dict with its relative paths (:func:`path_keys`) resolved from ``folder``
+    (the file's own folder); ``~`` is expanded."""
+    out = copy.deepcopy(data)
+    for key, value in path_keys(out):
+        p = Path(value).expanduser()
+        node = out
+        for part in key[:-1]:
+            node = node[part]
+        node[key[-1]] = str(p if p.is_absolute() else (folder / p).resolve())
+    return out
+
+
+def check_paths(config: RunConfig, stages: Iterable[str] | None = None) -> None:
+    """Refuse (naming the key) a path of ``stages`` (default: all) or of an external source that does not
+    exist; called before a run writes anything."""
+    data = config.as_dict()
+    wanted = set(config.stages) if stages is None else set(stages)
+    for key, value in path_keys(data):
+        if key[0] == "stages" and key[1] not in wanted:
+            continue
+        if not Path(value).exists():
+            where = ".".join(str(k) for k in key)
+            raise ConfigError(f"{where}: {value} does not exist (a relative path in a config file resolves from "
+                              "the file's folder; on the command line, from the working directory)")
 
 
 def merge(base: dict, override: dict) -> dict:

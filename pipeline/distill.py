@@ -79,7 +79,7 @@ def teacher_outputs(teacher: RunDir, train: pd.DataFrame, train_path) -> tuple[n
     for need in (teacher.folds, teacher.oof_probs, teacher.ensemble):
         if not need.exists():
             raise DistillError(f"{teacher}: the teacher has no {need.relative_to(teacher.path)}; finish the run first "
-                               f"(python run.py tune --run {teacher})")
+                               f"(python run.py tune --run {teacher} --apply)")
     ids = train["id"].astype(str).tolist()
     saved = read_folds(teacher.folds)
     if saved["id"].tolist() != ids:

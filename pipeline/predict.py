@@ -86,7 +86,7 @@ class Predictor:
     def __init__(self, run: RunDir, specs: dict, stage_models: dict, ensemble: EnsembleRecord, progress: bool = True):
         self.run = run
         self.specs = specs  # stage name -> StageSpec
-        self.stage_names = list(ensemble.stages)
+        self.stage_names = list(specs)  # the ensemble's stages (from load); stage_logits predicts these
         self.stage_models = stage_models  # stage name -> FoldModels (the stage's saved models, together)
         self.ensemble = ensemble
         self.model = ensemble.calibrator()
@@ -145,8 +145,12 @@ class Predictor:
         return probs_frame(battles["id"], self._proba(battles))
 
     def _proba(self, battles: pd.DataFrame) -> np.ndarray:
+        return self.ensemble_proba(battles, dict(zip(self.stage_names, self.stage_logits(battles))))
+
+    def ensemble_proba(self, battles: pd.DataFrame, logits: dict[str, np.ndarray]) -> np.ndarray:
+        """The saved ensemble's probabilities from its stages' ``logits`` (stage name -> (n, 3))."""
         meta = meta_features(battles) if self.ensemble.meta_features else None
-        return self.model.predict_proba(self.stage_logits(battles), meta=meta)
+        return self.model.predict_proba([logits[n] for n in self.ensemble.stages], meta=meta)
 
 
 def check_complete(run: RunDir) -> tuple[EnsembleRecord, RunConfig, np.ndarray]:
@@ -155,7 +159,7 @@ def check_complete(run: RunDir) -> tuple[EnsembleRecord, RunConfig, np.ndarray]:
     if not run.folds.exists():
         raise IncompleteRunError(f"{run}: no folds.csv; the run did not get past reading its data")
     if not run.ensemble.exists():
-        raise IncompleteRunError(f"{run}: no saved ensemble ({run.ensemble}); run `run.py tune --run {run}` first")
+        raise IncompleteRunError(f"{run}: no saved ensemble ({run.ensemble}); run `run.py tune --run {run} --apply` first")
     ensemble = EnsembleRecord.read(run.ensemble)
     config = RunConfig.model_validate(read_json(run.config))
     folds = read_folds(run.folds)["fold"].to_numpy()
@@ -163,7 +167,7 @@ def check_complete(run: RunDir) -> tuple[EnsembleRecord, RunConfig, np.ndarray]:
         stage_dir = run.stage(name)
         if name not in config.stages or not stage_dir.done.exists():
             raise IncompleteRunError(f"{run}: stage {name!r} is incomplete: {stage_dir.done} is missing "
-                                     f"(the stage did not finish); rerun it, then `run.py tune`")
+                                     f"(the stage did not finish); rerun it, then `run.py tune --apply`")
         missing = [m.path.name for m in stage_models(run, name, config.stages[name], folds)
                    if not m.done.exists() or not m.model.is_dir()]
         if missing:
@@ -172,5 +176,5 @@ def check_complete(run: RunDir) -> tuple[EnsembleRecord, RunConfig, np.ndarray]:
         key = ensemble.stage_keys.get(name)
         if key is not None and read_json(stage_dir.done).get("key") != key:
             raise IncompleteRunError(f"{run}: stage {name!r} was refitted after the ensemble was tuned; "
-                                     f"run `run.py tune --run {run}` again")
+                                     f"run `run.py tune --run {run} --apply` again")
     return ensemble, config, folds

@@ -6,8 +6,11 @@ the final ensemble (out-of-fold, each with the rows it stands on; the final row 
 methods compared by ``tune``, per-class reliability, the confusion matrix of the final
 output, the position-bias check per stage (how often a stage changes its verdict when A and B are
 swapped, before swap TTA, read from the single-order OOF logits that cross-fitting keeps), scores by
-prompt length, by turn count and tie vs non-tie, and the repairs the data layer counted (every
-counter of :class:`battles.io.RepairReport`, so a new counter reaches the page by itself).
+prompt length, by turn count and tie vs non-tie, scores by model and model pair (where the file names
+the models), the test set (size, repeats of training battles, prompt shift AUC, predicted class
+balance), and the repairs the data layer counted (every counter of :class:`battles.io.RepairReport`,
+so a new counter reaches the page by itself). Every figure in the scores table carries the rows it
+stands on; log-loss axes start at 0 (:func:`honest_ylim`).
 
 PNGs (``calibration.png``, ``confusion.png``, ``stage_scores.png``, ``position_bias.png``,
 ``subgroups.png``) are written beside the page and embedded in it as base64, so the page can be
@@ -30,6 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
+from battles.columns import LABEL_COLUMNS  # noqa: E402
 from battles.io import RepairReport  # noqa: E402
 from battles.labels import label_index_or_missing, swap_columns  # noqa: E402
 from battles.text import plain_text  # noqa: E402
@@ -39,7 +43,8 @@ from kernel.files import write_bytes, write_text  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.results import EnsembleFit, StageResult  # noqa: E402
 from pipeline.rundata import RunData  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.checks import overlap_of_test, shift_auc_of_test  # noqa: E402
+from pipeline.rundir import RunDir, read_id_table  # noqa: E402
 
 FINAL = "final (nested CV)"
 CLASS_LABELS = ["A wins", "B wins", "tie"]
@@ -55,7 +60,15 @@ def _save_fig(fig, path) -> bytes:
 
 
 # -- plots --------------------------------------------------------------------------------------
-def plot_calibration(y: np.ndarray, outputs: dict, path) -> bytes:
+def honest_ylim(ax, values) -> None:
+    """A log-loss axis that starts at 0, so bar heights compare as the values do (an axis starting
+    near the smallest value makes a 0.01 difference look like a factor); the values are printed on the
+    bars or in the tables beside the plots for the small differences."""
+    finite = [v for v in values if np.isfinite(v)]
+    ax.set_ylim(0, 1.12 * max(finite) if finite else 1)
+
+
+def plot_calibration(y: np.ndarray, outputs: dict, path, title: str = "Reliability per class, out-of-fold") -> bytes:
     """Reliability per class: the final output (bold) and every stage's raw probabilities (thin)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.3), sharey=True)
     for c, ax in enumerate(axes):
@@ -71,7 +84,7 @@ def plot_calibration(y: np.ndarray, outputs: dict, path) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("observed frequency")
     axes[-1].legend(loc="upper left", fontsize=8)
-    fig.suptitle("Reliability per class, out-of-fold")
+    fig.suptitle(title)
     return _save_fig(fig, path)
 
 
@@ -103,12 +116,12 @@ def plot_stage_scores(record: EnsembleRecord, path) -> bytes:
     ax.axhline(record.prior_log_loss, color="grey", ls="--", label="class prior")
     ax.axhline(record.nested_scores.log_loss, color="green", ls="-", label="final (nested CV)")
     ax.set_xticks(x, names, rotation=20)
-    lo = min([v for v in raw + cal if np.isfinite(v)] + [record.nested_scores.log_loss])
-    hi = max([v for v in raw if np.isfinite(v)] + [record.prior_log_loss])
-    ax.set_ylim(lo - 0.03, hi + 0.03)
+    for bars in ax.containers:
+        ax.bar_label(bars, fmt="%.4f", fontsize=8, rotation=90, label_type="center", color="white")
+    honest_ylim(ax, raw + cal + [record.nested_scores.log_loss, record.prior_log_loss])
     ax.set_ylabel("OOF log loss (lower is better)")
     ax.set_title("Log loss per stage and of the final ensemble")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return _save_fig(fig, path)
 
 
@@ -125,15 +138,15 @@ def plot_position_bias(rows: list[dict], path) -> bytes:
     ax2.bar(x, [r["log_loss_swapped"] for r in rows], 0.25, label="swapped (realigned)")
     ax2.bar(x + 0.25, [r["log_loss_tta"] for r in rows], 0.25, label="swap TTA")
     ax2.set_xticks(x, names, rotation=20)
-    vals = [r[k] for r in rows for k in ("log_loss_straight", "log_loss_swapped", "log_loss_tta")]
-    ax2.set_ylim(min(vals) - 0.02, max(vals) + 0.02)
+    honest_ylim(ax2, [r[k] for r in rows for k in ("log_loss_straight", "log_loss_swapped", "log_loss_tta")])
     ax2.set_ylabel("OOF log loss (raw)")
     ax2.set_title("Single orders vs swap TTA")
     ax2.legend(fontsize=8)
     return _save_fig(fig, path)
 
 
-def plot_subgroups(table: pd.DataFrame, path) -> bytes:
+def plot_subgroups(table: pd.DataFrame, path, ylabel: str = "OOF log loss (lower is better)",
+                   title: str = "Log loss by prompt length, turn count and tie vs non-tie") -> bytes:
     groups = table["group"].tolist()
     outputs = [c for c in table.columns if c not in ("group", "n")]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups) * max(1, len(outputs) / 2)), 4.2))
@@ -144,11 +157,10 @@ def plot_subgroups(table: pd.DataFrame, path) -> bytes:
                color="black" if name == FINAL else None)
     ax.set_xticks(x, [f"{g.replace('prompt ', 'prompt' + chr(10))}\n(n={n})" for g, n in zip(groups, table["n"])],
                   fontsize=8)
-    values = table[outputs].to_numpy(dtype=float)
-    ax.set_ylim(max(0.0, np.nanmin(values) - 0.05), np.nanmax(values) + 0.03)
+    honest_ylim(ax, list(table[outputs].to_numpy(dtype=float).ravel()) + [np.log(3)])
     ax.axhline(np.log(3), color="grey", ls="--", lw=1, label="uniform (log 3)")
-    ax.set_ylabel("OOF log loss (lower is better)")
-    ax.set_title("Log loss by prompt length, turn count and tie vs non-tie")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
     return _save_fig(fig, path)
@@ -196,6 +208,93 @@ def subgroup_scores(battles: pd.DataFrame, y: np.ndarray, outputs: dict) -> pd.D
     return pd.DataFrame(rows)
 
 
+MISTAKES_SHOWN, MISTAKE_CHARS = 10, 400
+
+
+def _cut(turns, chars: int = MISTAKE_CHARS) -> str:
+    """A field's text for display: its turns joined, cut to ``chars`` characters with what was left out said."""
+    text = plain_text(turns)
+    return text if len(text) <= chars else f"{text[:chars]}... [{len(text) - chars} more characters]"
+
+
+def confident_mistakes(battles: pd.DataFrame, y: np.ndarray, probs: np.ndarray, k: int = MISTAKES_SHOWN) -> list[dict]:
+    """The ``k`` labelled battles whose out-of-fold verdict (argmax of ``probs``) is wrong with the highest
+    confidence (its top probability), most confident first, texts cut for display."""
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero((y >= 0) & (pred != y))
+    picked = wrong[np.argsort(-probs[wrong].max(axis=1), kind="stable")][:k]
+    return [{"id": battles["id"].iloc[i], "predicted": f"{CLASS_LABELS[pred[i]]} ({probs[i, pred[i]]:.3f})",
+             "true": f"{CLASS_LABELS[y[i]]} ({probs[i, y[i]]:.3f})", "turns": len(battles["prompt"].iloc[i]),
+             "prompt": _cut(battles["prompt"].iloc[i]), "response A": _cut(battles["response_a"].iloc[i]),
+             "response B": _cut(battles["response_b"].iloc[i])} for i in picked]
+
+
+def mistakes_section(battles: pd.DataFrame, y: np.ndarray, probs: np.ndarray) -> str:
+    """The report's section of the most confident out-of-fold mistakes of the final output."""
+    rows = confident_mistakes(battles, y, probs)
+    wrong = int(((y >= 0) & (probs.argmax(axis=1) != y)).sum())
+    return f"""<h2 id="mistakes">Most confident mistakes (out-of-fold, final output)</h2>
+<style>.mistakes td{{text-align:left;vertical-align:top;white-space:pre-wrap;max-width:22em;font-size:.92em}}</style>
+<p class="note">The {len(rows)} of {wrong} wrongly called battles (of {int((y >= 0).sum())}) whose nested out-of-fold
+verdict was the most confident: the predicted class with its probability, the true class with the probability given
+to it. Texts are cut to {MISTAKE_CHARS} characters per field. <code>run.py score</code> explains one battle stage by
+stage.</p>
+{_table(rows, cls="mistakes")}"""
+MODEL_ROWS_SHOWN, MODEL_MIN_ROWS = 15, 10
+
+
+def model_pair_scores(battles: pd.DataFrame, y: np.ndarray, probs: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """Where ``model_a``/``model_b`` exist: the final output's log loss and accuracy per model (battles it
+    took part in, as A or B) and per model pair (either order), the most frequent first (at most
+    ``MODEL_ROWS_SHOWN`` of each, with at least ``MODEL_MIN_ROWS`` battles); ([], []) without model names."""
+    if not {"model_a", "model_b"} <= set(battles.columns):
+        return [], []
+    a = battles["model_a"].fillna("").astype(str).to_numpy()
+    b = battles["model_b"].fillna("").astype(str).to_numpy()
+    named = (a != "") & (b != "")
+    if not named.any():
+        return [], []
+
+    def rows(keys: dict) -> list[dict]:
+        out = []
+        for key, mask in sorted(keys.items(), key=lambda kv: (-kv[1].sum(), kv[0])):
+            if mask.sum() < MODEL_MIN_ROWS or len(out) == MODEL_ROWS_SHOWN:
+                continue
+            sc = scores(y[mask], probs[mask])
+            out.append({"model" if " vs " not in key else "pair": key, "n": int(mask.sum()),
+                        "log loss": sc["log_loss"], "accuracy": sc["accuracy"],
+                        "share tie": float((y[mask] == 2).mean())})
+        return out
+
+    models = {m: named & ((a == m) | (b == m)) for m in np.unique(np.concatenate([a[named], b[named]]))}
+    pair_key = np.array([" vs ".join(sorted((x, z))) for x, z in zip(a, b)], dtype=object)
+    pairs = {k: named & (pair_key == k) for k in np.unique(pair_key[named])}
+    return rows(models), rows(pairs)
+
+
+def test_set_rows(data: RunData, seed: int, submission) -> list[dict]:
+    """The test file: its size, how far its prompts are from the training prompts (adversarial AUC,
+    :func:`pipeline.checks.shift_auc_of_test`), and the predicted class balance (mean probability and argmax
+    share per class, from ``submission``) beside the training labels' balance; [] without a test file."""
+    if data.test is None:
+        return []
+    auc = shift_auc_of_test(data, seed)
+    y = label_index_or_missing(data.train)
+    train_share = np.bincount(y[y >= 0], minlength=3) / max(int((y >= 0).sum()), 1)
+    out = [{"figure": "battles", "value": len(data.test)},
+           {"figure": "battles repeating a training battle (text, either order)",
+            "value": overlap_of_test(data)},
+           {"figure": "adversarial AUC, test vs training prompts (0.5: alike)",
+            "value": "too few prompts" if auc is None else float(auc)}]
+    if submission is not None and submission.exists():
+        probs = read_id_table(submission)[LABEL_COLUMNS].to_numpy(dtype=float)
+        mean, argmax = probs.mean(axis=0), np.bincount(probs.argmax(axis=1), minlength=3) / len(probs)
+        for c, label in enumerate(CLASS_LABELS):
+            out.append({"figure": f"{label}: mean predicted probability / argmax share / training share",
+                        "value": f"{mean[c]:.3f} / {argmax[c]:.3f} / {train_share[c]:.3f}"})
+    return out
+
+
 def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if np.isfinite(v) else "-"
@@ -225,9 +324,22 @@ figcaption{color:#666;font-size:.85em}.note{color:#555;font-size:.92em}
 .warnings{border:2px solid #c60;background:#fff4e5;padding:.5em 1em;margin:1em 0}"""
 
 
-def _score_row(output: str, rows: int, raw: float, calibrated: float, scores: Scores) -> dict:
-    return {"output": output, "rows": rows, "log loss (raw)": raw, "log loss (calibrated, CV)": calibrated,
-            "accuracy": scores.accuracy, **{f"ll {c}": v for c, v in scores.per_class("log_loss").items()},
+def score_table(record: EnsembleRecord) -> list[dict]:
+    """The scores table: per stage its raw OOF figures and its calibrated figure, then the final
+    ensemble, each figure beside the number of rows it stands on (a stage's calibrated figure stands
+    on the rows of its test against the prior; the final one on the ensemble's rows)."""
+    calibrated_rows = {t.stage: t.rows for t in record.selection.stages_against_prior} if record.selection else {}
+    rows = [_score_row(name, st.n, st.log_loss, record.stages_calibrated.get(name, float("nan")),
+                       calibrated_rows.get(name, st.n if name in record.stages_calibrated else ""), st)
+            for name, st in record.stages_raw.items()]
+    f = record.nested_scores
+    rows.append(_score_row(f"final: {record.chosen}", record.rows, float("nan"), f.log_loss, record.rows, f))
+    return rows
+
+
+def _score_row(output: str, rows, raw: float, calibrated: float, calibrated_rows, scores: Scores) -> dict:
+    return {"output": output, "rows": rows, "log loss (raw)": raw, "rows (calibrated)": calibrated_rows,
+            "log loss (calibrated, CV)": calibrated, "accuracy": scores.accuracy, **{f"ll {c}": v for c, v in scores.per_class("log_loss").items()},
             **{f"recall {c}": v for c, v in scores.per_class("accuracy").items()}}
 
 
@@ -269,11 +381,9 @@ def write_report(run: RunDir, config: RunConfig, data: RunData, results: dict[st
     shown = [n for n in names if results[n].covered[rows].all()]
     outputs = {**{n: probs_from_logits(results[n].oof_logits[rows]) for n in shown}, FINAL: final}
 
-    score_rows = [_score_row(name, st.n, st.log_loss, record.stages_calibrated.get(name, float("nan")), st)
-                  for name, st in record.stages_raw.items()]
+    score_rows = score_table(record)
     f = record.nested_scores
     lo, hi = record.nested_interval
-    score_rows.append(_score_row(f"final: {record.chosen}", record.rows, float("nan"), f.log_loss, f))
     methods = [{"method": m.method, "nested log loss": m.nested_log_loss, "accuracy": m.nested_accuracy,
                 "best candidate": m.best_candidate, **{f"w {n}": m.weights[n] for n in record.stages}}
                for m in record.methods]
@@ -299,7 +409,10 @@ def write_report(run: RunDir, config: RunConfig, data: RunData, results: dict[st
     pngs["subgroups"] = plot_subgroups(groups, run.figure("subgroups"))
     confusion_rows = [{"true / predicted": CLASS_LABELS[i], **{CLASS_LABELS[j]: int(counts[i, j]) for j in range(3)}}
                       for i in range(3)]
+    by_model, by_pair = model_pair_scores(data.train[rows], yr, final)
+    test_rows = test_set_rows(data, config.seed, run.submission)
     repairs = repair_rows(data.repairs)
+    mistakes = mistakes_section(data.train[rows], yr, final)
     data_report = json.dumps({part: rep.as_dict() for part, rep in data.repairs.items()}, indent=1)
     candidates = _table([c.as_dict() for c in record.candidates],
                         ["candidate", "method", "cv_log_loss", "chosen_in_outer_folds", "chosen"])
@@ -325,8 +438,9 @@ Test battles: {0 if data.test is None else len(data.test)}. Class prior log loss
 <h2 id="scores">Scores (out-of-fold)</h2>
 <p class="note">"Raw" is softmax of the stage's logits; "calibrated" is the stage with temperature scaling cross-fitted on its own rows (the same rows as raw), scored by
 CV; the final row is the chosen ensemble scored by <b>nested</b> CV (its choice made without the scored fold).
-"ll x" / "recall x" are log loss and recall on battles whose true label is x; "rows" is how many battles each
-figure stands on.</p>
+"ll x" / "recall x" are log loss and recall on battles whose true label is x. Each figure stands on its own rows:
+"rows" for the raw log loss, accuracy and per-class figures (and the final row's), "rows (calibrated)" for the
+calibrated figure. The bars start at 0; the values are printed on them.</p>
 {_table(score_rows, cls="scores")}
 {_img(pngs['stage_scores'], 'log loss per stage', 'stage_scores.png')}
 
@@ -367,6 +481,17 @@ of its probabilities, and the raw log loss of each order alone and of swap TTA (
 <p class="note">Log loss of each stage's raw OOF probabilities and of the final (nested) output.</p>
 {_table(groups.to_dict("records"), cls="subgroups")}
 {_img(pngs['subgroups'], 'log loss by subgroup', 'subgroups.png')}
+
+{mistakes}
+<h2 id="models">Scores by model and model pair (final output)</h2>
+<p class="note">Where the training file names the models (<code>model_a</code>, <code>model_b</code>): the final
+nested output's log loss on the battles each model took part in (as A or B), and per pair (either order); the
+{MODEL_ROWS_SHOWN} most frequent with at least {MODEL_MIN_ROWS} battles. Few rows each: read them as hints.</p>
+{_table(by_model, cls="models") if by_model else '<p><em>no model names in the training file</em></p>'}
+{_table(by_pair, cls="pairs") if by_pair else ''}
+
+<h2 id="test-set">Test set</h2>
+{_table(test_rows, cls="test") if test_rows else '<p><em>no test file</em></p>'}
 
 <h2 id="repairs">Data repairs</h2>
 {_table(repairs, cls="repairs")}

@@ -28,7 +28,7 @@ from kernel.context import StageContext
 from kernel.errors import UserError
 from kernel.files import write_json
 from pipeline import checks
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, check_paths
 from pipeline.crossfit import StageFit, load_stage_result
 from pipeline.results import EnsembleFit, StageResult
 from pipeline.rundata import DataKeys, RunData
@@ -60,10 +60,11 @@ class Run:
         self.warnings: list[str] = []
 
     # -- data and folds -------------------------------------------------------------------------
-    def load_data(self, converted: list | None = None) -> RunData:
+    def load_data(self, converted: list | None = None, write: bool = True) -> RunData:
         """Read and check the data, claim the run directory (nothing is written before), gather the
         external rows (``converted``: the config's sources, when the caller converted them already),
-        fix the folds; keep and return the run's data."""
+        fix the folds; keep and return the run's data. ``write=False`` (``tune``: an experiment) reads a
+        finished run's data and folds and writes nothing into the run (not its marker, nor its config)."""
         saved = self.dir.record() if self.dir.is_ours() else {}
         train_path = self.train_path or saved.get("train_path")
         if train_path is None:
@@ -83,15 +84,18 @@ class Run:
                 test, repairs["test"] = read_battles(test_path, require_labels=False)
         keys = DataKeys.of(train, test)
         RunDir.check_writable(self.dir.path, keys.train)
-        self.dir.path.mkdir(parents=True, exist_ok=True)
-        self.dir.write_marker({
-            "train_path": str(Path(train_path).resolve()), "train_hash": keys.train, "n_train": len(train),
-            "test_path": str(Path(test_path).resolve()) if test_path else None, "test_hash": keys.test,
-            "n_test": 0 if test is None else len(test), "python": platform.python_version()})
-        write_json(self.dir.config, self.config.as_dict())
-        write_json(self.dir.data_report, {part: rep.as_dict() for part, rep in repairs.items()})
+        if write:
+            self.dir.path.mkdir(parents=True, exist_ok=True)
+            self.dir.write_marker({
+                "train_path": str(Path(train_path).resolve()), "train_hash": keys.train, "n_train": len(train),
+                "test_path": str(Path(test_path).resolve()) if test_path else None, "test_hash": keys.test,
+                "n_test": 0 if test is None else len(test), "python": platform.python_version()})
+            write_json(self.dir.config, self.config.as_dict())
+            write_json(self.dir.data_report, {part: rep.as_dict() for part, rep in repairs.items()})
+        elif not self.dir.folds.exists():
+            raise RunError(f"{self.dir}: no folds.csv; the run did not get past reading its data")
         with self.timings.step("external data"):
-            extra = self._external_rows(train, keys.train, converted)
+            extra = self._external_rows(train, keys.train, converted, write)
             keys = keys.with_extra(extra)
         with self.timings.step("folds"):
             folds = self._fixed_folds(train, train_path)
@@ -100,7 +104,8 @@ class Run:
         self.warnings += checks.data_warnings(self.data, self.config.seed)
         return self.data
 
-    def _external_rows(self, train: pd.DataFrame, train_key: str, converted: list | None) -> pd.DataFrame | None:
+    def _external_rows(self, train: pd.DataFrame, train_key: str, converted: list | None,
+                       write: bool = True) -> pd.DataFrame | None:
         """External sources from the config's ``external`` section: converted, de-duplicated against
         the training data and within themselves, optionally importance-weighted, then added to every
         fold's training part only (never validation, never scored). Reports go to external_report.json."""
@@ -109,7 +114,8 @@ class Run:
         rows, report = gather_external(train, self.config.external, self.config.seed, converted=converted,
                                        progress=self.context.progress)
         if rows is not None:
-            write_json(self.dir.external_report, report)
+            if write:
+                write_json(self.dir.external_report, report)
             self.warnings += checks.pseudo_label_warnings(report, train_key)
         return rows
 
@@ -147,11 +153,11 @@ class Run:
         return self.results[name]
 
     # -- ensemble -------------------------------------------------------------------------------
-    def fit_ensemble(self) -> EnsembleFit:
+    def fit_ensemble(self, out: RunDir | None = None) -> EnsembleFit:
         """Choose, fit and save the ensemble over every finished stage (``ensemble/ensemble.json``, what
         :class:`pipeline.predict.Predictor` reads); write the nested OOF probabilities and, with a test
-        set, the submission."""
-        stacker, data = self.config.stacker, self.data
+        set, the submission: into the run, or into ``out`` (the same layout: ``tune``'s candidate folder)."""
+        stacker, data, out = self.config.stacker, self.data, out or self.dir
         names = [n for n in self.finished_stages() if n not in stacker.exclude]
         if not names:
             raise RunError(f"{self.dir}: no finished stage to fit an ensemble on; run the stages first")
@@ -164,26 +170,26 @@ class Run:
             record = _record(chosen, sets, results)
             self.warnings += checks.score_warnings(record)
             record = record.model_copy(update={"warnings": list(self.warnings)})
-            write_probs(self.dir.oof_probs, data.train["id"].to_numpy()[chosen.rows], chosen.stacked.oof_probs)
-            record.save(self.dir.ensemble)
+            write_probs(out.oof_probs, data.train["id"].to_numpy()[chosen.rows], chosen.stacked.oof_probs)
+            record.save(out.ensemble)
             if data.test is not None:
                 missing = [n for n in chosen.names if results[n].test_logits is None]
                 if missing:
                     raise RunError(f"stages {missing} have no test logits for {data.test_path}; rerun them with --test")
                 meta = meta_features(data.test) if chosen.stacked.meta else None
                 probs = chosen.stacked.model.predict_proba([results[n].test_logits for n in chosen.names], meta=meta)
-                write_probs(self.dir.submission, data.test["id"], probs)
-                log.info("submission: %s (%d rows)", self.dir.submission, len(data.test))
+                write_probs(out.submission, data.test["id"], probs)
+                log.info("submission: %s (%d rows)", out.submission, len(data.test))
         return EnsembleFit(record, chosen.rows, chosen.stacked.oof_probs)
 
-    def write_report(self, fit: EnsembleFit) -> None:
+    def write_report(self, fit: EnsembleFit, out: RunDir | None = None) -> None:
         from pipeline.report import write_report
 
         with self.timings.step("report"):
-            write_report(self.dir, self.config, self.data, self.results, fit)
+            write_report(out or self.dir, self.config, self.data, self.results, fit)
 
-    def finish(self) -> None:
-        self.timings.write(self.dir.timings)
+    def finish(self, out: RunDir | None = None) -> None:
+        self.timings.write((out or self.dir).timings)
 
 
 def _record(chosen: StageSet, sets: list[dict], results: dict[str, StageResult]) -> EnsembleRecord:
@@ -203,7 +209,8 @@ def _record(chosen: StageSet, sets: list[dict], results: dict[str, StageResult])
 
 def run_all(run: Run, stages: list[str] | None = None) -> EnsembleRecord:
     """The stages (default: every configured stage; ``[]``: none, as ``tune``), then the ensemble over
-    every finished stage and the report: the default command, ``train STAGE`` and ``tune``."""
+    every finished stage and the report: the default command and ``train STAGE``."""
+    check_paths(run.config, run.config.stages if stages is None else stages)  # before anything is written
     run.load_data()
     for name in run.config.stages if stages is None else stages:
         run.fit_stage(name)

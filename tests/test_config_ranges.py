@@ -259,6 +259,8 @@ def test_a_config_file_value_names_the_file_and_key(tmp_path):
      "argument --chunk-rows: Input should be greater than or equal to 1 (got 0; allowed: >= 1)"),
     (["pair-chatlogs", "--data", "d", "--out", "o", "--max-pairs-per-prompt", "-2"], "argument --max-pairs-per-prompt"),
     (["pair-chatlogs", "--data", "d", "--out", "o", "--seed", "-3"], "argument --seed"),
+    (["serve", "--run", "r", "--port", "70000"], "argument --port: Input should be less than or equal to 65535"),
+    (["serve", "--run", "r", "--max-bytes", "0"], "argument --max-bytes: Input should be greater than or equal to 1"),
 ])
 def test_cli_numbers_are_refused_in_one_line_naming_the_option(argv, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -419,3 +419,19 @@ def test_predict_of_a_3_fold_run_loads_the_base_model_once(decoder_run, monkeypa
     submission = pd.read_csv(root / "run" / "submission.csv")
     pd.testing.assert_frame_equal(preds.sort_values("id").reset_index(drop=True),
                                   submission.sort_values("id").reset_index(drop=True), atol=1e-6)
+
+
+def test_score_explains_a_decoder_run(decoder_run):
+    """``run.py score``'s explanation of a decoder run: each fold adapter gives both A/B orders and the
+    truncation record; the probabilities are predict_proba's."""
+    from pipeline.explain import explain
+    from pipeline.predict import Predictor
+
+    root, _ = decoder_run
+    predictor = Predictor.load(root / "run", progress=False)
+    battles = read_battles(root / "test.csv", require_labels=False)[0].iloc[:2]
+    explanations = explain(predictor, battles)
+    np.testing.assert_array_equal([e.probs for e in explanations], predictor.predict_proba(battles))
+    [decoder] = explanations[0].stages
+    assert decoder.orders is not None and decoder.truncation is not None
+    assert sum(decoder.truncation.tokens.values()) < 192

@@ -140,7 +140,7 @@ def test_tiny_decoder_one_fold_and_refit_beside_five_fold_lightgbm(plan_files, t
     predict_matches_submission("preds.csv")
     assert len(loads) == (1 if "decoder" in summary["stages"] else 0)
     # the random tiny decoder may lose to LightGBM; an ensemble of the decoder alone must load it once
-    assert cli.main(["tune", "--run", str(out), "--set", 'stacker.exclude=["stats"]', "--quiet"]) == 0
+    assert cli.main(["tune", "--run", str(out), "--set", 'stacker.exclude=["stats"]', "--apply", "--quiet"]) == 0
     assert json.loads((out / "ensemble/ensemble.json").read_text())["stages"] == ["decoder"]
     loads.clear()
     predict_matches_submission("preds_decoder.csv")

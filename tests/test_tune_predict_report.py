@@ -22,7 +22,7 @@ def _submission(run_dir) -> pd.DataFrame:
 
 def test_tune_prints_table_saves_json_and_refreshes_submission(finished_run, capsys):
     (finished_run / "submission.csv").unlink()
-    assert cli.main(["tune", "--run", str(finished_run), "--quiet"]) == 0
+    assert cli.main(["tune", "--run", str(finished_run), "--name", "refresh", "--apply", "--quiet"]) == 0
     out = capsys.readouterr().out
     for method in ("single: lgbm", "logistic+meta", "selected (nested over all)", "stages carrying weight",
                    "stage set: lgbm on 300 rows (the default stands)"):
@@ -37,7 +37,7 @@ def test_tune_prints_table_saves_json_and_refreshes_submission(finished_run, cap
     assert saved["stages"] == ["lgbm"] and saved["model"]["kind"] in ("temperature", "weighted", "logistic")
     assert set(saved["stage_weights"]) == {"lgbm"}
     assert abs(sum(saved["stage_weights"].values()) - 1) < 1e-9
-    assert (finished_run / "submission.csv").exists(), "tune refreshes the submission from the saved test logits"
+    assert (finished_run / "submission.csv").exists(), "tune --apply refreshes the submission from the saved test logits"
     # The choice is the argmin of CV loss over candidates that include every single stage, so its CV loss
     # is no worse than any single stage's; its honest (nested) score pays for the choice, a little at most.
     cv = {r["candidate"]: r["cv_log_loss"] for r in saved["candidates"]}
