@@ -50,8 +50,36 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line in one line (exit 2) like every other user error."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: str):
+    """An argparse type: a number in the range ``kind`` names in :mod:`kernel.schema` (``PositiveInt``,
+    ``Probability``, ...), checked by the same pydantic constraint as a config key, so a bad value is
+    refused naming the option and the allowed range before anything runs."""
+    def parse(text: str):
+        from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+        import kernel.schema as schema
+
+        annotation = getattr(schema, kind)
+        try:
+            return TypeAdapter(annotation, config=ConfigDict(allow_inf_nan=False)).validate_python(text.strip())
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise argparse.ArgumentTypeError(f"{error['msg']} (got {text}; allowed: "
+                                             f"{schema.annotation_range(annotation)})") from None
+
+    parse.__name__ = kind
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
 
     def loudness(sp):
@@ -115,9 +143,11 @@ def _parser() -> argparse.ArgumentParser:
                 "replace --out (or an unfinished <out>.partial of other inputs) instead of refusing; a rerun of the "
                 "same command resumes an interrupted job")
     pl.add_argument("--source", default="pseudo", help="source tag of the written rows")
-    pl.add_argument("--weight", type=float, default=1.0, help="training weight written on every row")
-    pl.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens, > 1 softens the soft labels")
-    pl.add_argument("--chunk-rows", type=int, default=4096, help="battles read, scored and written at a time")
+    pl.add_argument("--weight", type=_number("PositiveFloat"), default=1.0, help="training weight written on every row (> 0)")
+    pl.add_argument("--temperature", type=_number("PositiveFloat"), default=1.0,
+                    help="> 0: < 1 sharpens, > 1 softens the soft labels")
+    pl.add_argument("--chunk-rows", type=_number("PositiveInt"), default=4096,
+                    help="battles read, scored and written at a time (>= 1)")
     loudness(pl)
     pc = sub.add_parser("pair-chatlogs", help="pair single-reply chat logs (LMSYS-Chat-1M layout) into unlabelled "
                                               "battles, streamed (see flywheel/chatlogs.py)")
@@ -126,8 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     output_file(pc, "battle file to write (.parquet or .jsonl); report beside it",
                 "replace --out and its report if they exist")
     pc.add_argument("--train", help="training battles: pairs repeating their prompts or battles are dropped")
-    pc.add_argument("--max-pairs-per-prompt", type=int, help="cap of pairs per prompt (default 3; 0: no cap)")
-    pc.add_argument("--seed", type=int, help="seed of sides, cap samples and repeat picks")
+    pc.add_argument("--max-pairs-per-prompt", type=_number("NonNegativeInt"),
+                    help="cap of pairs per prompt (default 3; 0: no cap)")
+    pc.add_argument("--seed", type=_number("Seed"), help="seed of sides, cap samples and repeat picks")
     pc.add_argument("--source", help="source tag (and id prefix) of the pairs (default chatlog)")
     pc.add_argument("--language", action="append", help="keep only this language (repeatable)")
     pc.add_argument("--keep-prompt-matches", action="store_true", help="keep pairs whose prompt is a training prompt")
@@ -145,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="train a student run on a finished teacher run's out-of-fold probabilities "
                                        "mixed with the hard labels, on the teacher's folds")
     d.add_argument("--teacher", required=True, help="a finished run directory (trained on --train)")
-    d.add_argument("--soft-weight", type=float, default=0.5,
+    d.add_argument("--soft-weight", type=float, default=0.5,  # in [0, 1]: checked by pipeline.distill
                    help="target = W x teacher OOF probability + (1 - W) x label (default %(default)s)")
     training(d, train_required=True)
     ec = sub.add_parser("external-check", help="per external source of the config: rows kept, adversarial AUC, change "
@@ -174,8 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--run", required=True, help="a finished run directory")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s, this machine "
                                                         "only; another address is logged as a warning)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0: a free one)")
-    sv.add_argument("--max-bytes", type=int, default=1 << 20, help="largest request body (default %(default)s)")
+    sv.add_argument("--port", type=_number("Port"), default=8000, help="port (default %(default)s; 0: a free one)")
+    sv.add_argument("--max-bytes", type=_number("PositiveInt"), default=1 << 20, help="largest request body (default %(default)s)")
     loudness(sv)
     return p
 
@@ -265,7 +296,8 @@ def _cmd_tune(args) -> int:
 
     rundir = RunDir.open(args.out)
     config = load_config(None, args.set, saved=read_json(rundir.config),
-                         overrides={"stacker": _stacker_section(args.config)} if args.config else None)
+                         overrides={"stacker": _stacker_section(args.config)} if args.config else None,
+                         overrides_origin=f"{args.config} (its stacker section)")
     result = tune(rundir.path, config, name=args.name, apply=args.apply, progress=not args.quiet)
     _print_summary(result.record, args.out)
     _print_tune_table(result.record, result.folder)

@@ -122,3 +122,28 @@ def row_weights(battles: pd.DataFrame) -> np.ndarray:
         return np.ones(len(battles))
     w = battles["weight"].to_numpy(dtype=np.float64)
     return np.where(np.isnan(w), 1.0, w)
+
+
+def label_support_problem(battles: pd.DataFrame, n_folds: int) -> str | None:
+    """Why a training table's labels cannot support a 3-class model cross-fitted on ``n_folds`` folds,
+    or None when they can. The one rule (README, "Labels a run needs"): each of the three outcomes
+    (A wins, B wins, tie) is the target of at least ``n_folds`` battles, so that every fold can
+    validate on, and train on, all three. A battle counts for the outcome its target favours (its hard
+    label, or the largest of its soft label), as the stratified folds count it. One outcome only, an
+    outcome missing or nearly missing, fewer battles than folds: all refused here, before any fitting."""
+    targets = label_matrix(battles)
+    known = ~np.isnan(targets).any(axis=1)
+    counts = np.bincount(targets[known].argmax(axis=1), minlength=3)
+    short = [LABEL_COLUMNS[k] for k in range(3) if counts[k] < n_folds]
+    if not short:
+        return None
+    listed = f"{int(counts.sum())} battles: " + ", ".join(f"{LABEL_COLUMNS[k]} {counts[k]}" for k in range(3))
+    present = int((counts > 0).sum())
+    if present == 1:
+        what = f"every labelled battle has the same outcome ({LABEL_COLUMNS[int(counts.argmax())]})"
+    elif present == 2:
+        what = f"no battle has the outcome {LABEL_COLUMNS[int(np.flatnonzero(counts == 0)[0])]}"
+    else:
+        what = f"too few battles have the outcome {' or '.join(short)}"
+    return (f"the labels cannot support a 3-class model on {n_folds} folds: {what} ({listed}); each outcome "
+            f"needs at least n_folds={n_folds} battles, so that every fold trains and validates on all three")

@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from ensemble.calibrators import LogisticStacker, TemperatureCalibrator, WeightedAverage
 from ensemble.metrics import clip_probs, scores
-from kernel.schema import Section
+from kernel.schema import PositiveFloat, Section
 from kernel.threads import usable_cores
 
 log = logging.getLogger(__name__)
@@ -42,11 +42,11 @@ CARRY_WEIGHT = 0.05  # a stage "carries weight" in the chosen ensemble at this s
 class StackerConfig(Section):
     """The ensemble candidates and how one is chosen (the config's ``stacker`` section)."""
 
-    C_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0])  # logistic stacking strengths
+    C_grid: list[PositiveFloat] = Field(default_factory=lambda: [0.01, 0.1, 1.0], min_length=1)  # logistic stacking strengths (inverse L2), each > 0
     weighted: bool = True  # the simplex-weighted average as a candidate
     meta_features: bool = True  # logistic stacking with the cheap meta features as candidates
     exclude: list[str] = Field(default_factory=list)  # stages the ensemble never sees
-    selection_tolerance: float = 0.0  # > 0: the simplest candidate within this much CV log loss of the best
+    selection_tolerance: float = Field(0.0, ge=0)  # > 0: the simplest candidate within this much CV log loss of the best
 
 
 @dataclass(frozen=True)

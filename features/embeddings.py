@@ -26,15 +26,15 @@ from battles.text import labelled_text
 from features.base import FeatureBlock, SidedFeatures, row_cosine
 from kernel.files import write_npz
 from kernel.local_models import check_model_dir, default_device
-from kernel.schema import Section
+from kernel.schema import PositiveInt, Section
 
 log = logging.getLogger(__name__)
 
 
 class EmbeddingParams(Section):
     model: str  # local Hugging Face checkpoint directory (required)
-    max_length: int = 256  # tokens per text; longer texts are cut to their beginning
-    batch_size: int = 32  # texts per forward pass of the frozen encoder (lower it if memory runs out)
+    max_length: PositiveInt = 256  # tokens per text; longer texts are cut to their beginning
+    batch_size: PositiveInt = 32  # texts per forward pass of the frozen encoder (lower it if memory runs out)
 
 
 def _text_hash(text: str) -> str:

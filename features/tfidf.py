@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from pydantic import Field, field_validator
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.preprocessing import normalize
@@ -27,7 +28,7 @@ from battles.text import FIELDS, plain_text
 from features.base import FeatureBlock, SidedFeatures, row_cosine
 from features.parallel import map_battles, map_chunks
 from kernel.files import write_npy
-from kernel.schema import Section
+from kernel.schema import PositiveInt, Section
 
 
 def _key(text: str) -> str:
@@ -58,13 +59,20 @@ def _battle_features(rows: list, context: "TfidfBlock") -> tuple[np.ndarray, np.
 
 
 class TfidfParams(Section):
-    word_ngrams: tuple[int, int] = (1, 2)  # word n-gram range
-    char_ngrams: tuple[int, int] | None = (3, 4)  # char_wb n-gram range; null: no character n-grams
-    char_limit: int = 500  # characters of each text fed to the character n-grams
-    n_features: int = 2**18  # hashing space
-    svd_components: int = 32  # SVD coordinates per reply
-    svd_max_rows: int = 20000  # replies sampled to fit the SVD
-    chunk: int = 5000  # texts per chunk (memory stays flat)
+    word_ngrams: tuple[PositiveInt, PositiveInt] = (1, 2)  # word n-gram range
+    char_ngrams: tuple[PositiveInt, PositiveInt] | None = (3, 4)  # char_wb n-gram range; null: no character n-grams
+    char_limit: PositiveInt = 500  # characters of each text fed to the character n-grams
+    n_features: int = Field(2**18, ge=2)  # hashing space
+    svd_components: PositiveInt = 32  # SVD coordinates per reply
+    svd_max_rows: PositiveInt = 20000  # replies sampled to fit the SVD
+    chunk: PositiveInt = 5000  # texts per chunk (memory stays flat)
+
+    @field_validator("word_ngrams", "char_ngrams")
+    @classmethod
+    def _ngram_range(cls, value):
+        if value is not None and value[0] > value[1]:
+            raise ValueError(f"an n-gram range is [smallest, largest], got {list(value)}")
+        return value
 
 
 class TfidfBlock(FeatureBlock):

@@ -27,19 +27,19 @@ from battles.text import FIELDS, plain_text, words
 from features.base import FeatureBlock, SidedFeatures, row_cosine
 from features.parallel import map_chunks
 from kernel.files import write_atomic, write_json
-from kernel.schema import Section
+from kernel.schema import PositiveInt, Section
 
 log = logging.getLogger(__name__)
 
 
 class Word2VecParams(Section):
-    vector_size: int = 64  # dimensions of a word vector (and of each reply's mean-pooled vector)
-    window: int = 5  # context words on each side that a word is trained to predict
-    min_count: int = 3  # words seen fewer times in the training texts get no vector (ignored in pooling)
-    epochs: int = 5  # passes over the training texts
-    max_tokens_per_text: int = 2000  # word tokens of a text used for training and pooling
-    max_train_texts: int = 50_000  # a seeded sample of the run's distinct texts trains the vectors
-    workers: int = 1  # 1: identical vectors in every process; more: faster, not reproducible
+    vector_size: PositiveInt = 64  # dimensions of a word vector (and of each reply's mean-pooled vector)
+    window: PositiveInt = 5  # context words on each side that a word is trained to predict
+    min_count: PositiveInt = 3  # words seen fewer times in the training texts get no vector (ignored in pooling)
+    epochs: PositiveInt = 5  # passes over the training texts
+    max_tokens_per_text: PositiveInt = 2000  # word tokens of a text used for training and pooling
+    max_train_texts: PositiveInt = 50_000  # a seeded sample of the run's distinct texts trains the vectors
+    workers: PositiveInt = 1  # 1: identical vectors in every process; more: faster, not reproducible
 
 
 class _EpochBar(CallbackAny2Vec):

@@ -72,7 +72,7 @@ from flywheel.dedup import DedupConfig, find_duplicates
 from flywheel.messages import Unusable, conversation_turns, is_missing
 from kernel.context import DEFAULT_SEED
 from kernel.files import check_output_file, refused_writes, write_atomic, write_json
-from kernel.schema import Section
+from kernel.schema import Section, Seed
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class PairingParams(Section):
 
     source: str = "chatlog"
     max_pairs_per_prompt: int | None = Field(3, ge=1)  # None: every pair of models
-    seed: int = DEFAULT_SEED
+    seed: Seed = DEFAULT_SEED
     languages: list[str] | None = None  # keep only these ``language`` values; None: all
     drop_prompt_matches: bool = True  # drop pairs whose prompt is a training prompt
     n_shards: int | None = Field(None, ge=1, le=1024)  # None: one per 16 MiB of input, 16 to 256

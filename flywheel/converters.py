@@ -46,6 +46,7 @@ from battles.formats import read_frame
 from battles.io import BattleDataError, RepairReport, battles_from_frame, parse_turns, read_battles
 from battles.labels import soft_mask
 from flywheel.messages import Unusable, conversation_to_turns, conversation_turns, is_missing, parse_messages
+from kernel.schema import NonNegativeFloat, PositiveInt, Seed
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def _pair_turns(prompt, chosen, rejected, path, row: int):
     return c_users, c_replies, r_replies
 
 
-def from_preference_pairs(data, source: str, seed: int = 0, path=None,
+def from_preference_pairs(data, source: str, seed: Seed = 0, path=None,
                           columns: dict | None = None) -> tuple[pd.DataFrame, ConversionReport]:
     """Chosen/rejected preference rows (a CSV/JSONL path or a DataFrame) -> labelled battles.
 
@@ -259,8 +260,8 @@ def from_preference_pairs(data, source: str, seed: int = 0, path=None,
 # score-rated completions (UltraFeedback style)
 
 
-def from_scored_answers(data, source: str, seed: int = 0, max_pairs_per_prompt: int | None = None,
-                        keep_ties: bool = True, tie_margin: float = 0.0, path=None,
+def from_scored_answers(data, source: str, seed: Seed = 0, max_pairs_per_prompt: PositiveInt | None = None,
+                        keep_ties: bool = True, tie_margin: NonNegativeFloat = 0.0, path=None,
                         columns: dict | None = None) -> tuple[pd.DataFrame, ConversionReport]:
     """Rated single answers (several per prompt) -> pairwise battles.
 

@@ -37,11 +37,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 from datasketch import MinHash, MinHashLSH
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from battles.folds import prompt_groups
 from battles.text import normalised, plain_text
-from kernel.schema import Section
+from kernel.schema import NonNegativeInt, PositiveInt, Section, Seed
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,15 @@ FLAG_REASONS = ["exact_reply_in_target", "near_reply_in_target"]
 class DedupConfig(Section):
     """The config's ``external.dedup`` section (``false`` turns de-duplication off)."""
 
-    threshold: float = 0.8  # Jaccard similarity of word shingles from which two texts are near-duplicates
-    num_perm: int = 128  # MinHash permutations (LSH candidates are then checked on the true Jaccard)
-    shingle: int = 3  # words per shingle
-    min_words: int = 8  # shorter texts only match exactly
+    threshold: float = Field(0.8, gt=0, le=1)  # Jaccard similarity of word shingles from which two texts are near-duplicates
+    num_perm: PositiveInt = 128  # MinHash permutations (LSH candidates are then checked on the true Jaccard)
+    shingle: PositiveInt = 3  # words per shingle
+    min_words: NonNegativeInt = 8  # shorter texts only match exactly
     drop_prompt_matches: bool = True  # drop external battles whose prompt is a training prompt
     drop_reply_matches: bool = False  # drop external battles with a reply seen in the training data
     near: bool = True  # false: exact matching only (fast)
-    seed: int = 1  # MinHash seed
-    n_examples: int = 5  # example pairs kept per reason in the report
+    seed: Seed = 1  # MinHash seed
+    n_examples: NonNegativeInt = 5  # example pairs kept per reason in the report
 
 
 @dataclass

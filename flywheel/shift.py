@@ -18,6 +18,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -26,7 +27,7 @@ from sklearn.model_selection import StratifiedKFold
 from battles.folds import prompt_groups
 from battles.text import plain_text
 from kernel.context import DEFAULT_SEED
-from kernel.schema import Section
+from kernel.schema import PositiveFloat, PositiveInt, Section
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,18 @@ log = logging.getLogger(__name__)
 class ShiftConfig(Section):
     """The config's ``external.shift`` section: the adversarial classifier and the weight clipping."""
 
-    n_folds: int = 5  # cross-validation folds of the adversarial classifier
-    max_chars: int = 2000  # prompt text per battle fed to TF-IDF
-    max_features: int = 50_000  # TF-IDF vocabulary of the classifier
-    C: float = 1.0  # inverse L2 strength of its logistic regression
-    clip_min: float = 0.05  # importance weights are clipped to [clip_min, clip_max]
-    clip_max: float = 5.0  # upper clip of the importance weights
+    n_folds: int = Field(5, ge=2)  # cross-validation folds of the adversarial classifier
+    max_chars: PositiveInt = 2000  # prompt text per battle fed to TF-IDF
+    max_features: PositiveInt = 50_000  # TF-IDF vocabulary of the classifier
+    C: PositiveFloat = 1.0  # inverse L2 strength of its logistic regression
+    clip_min: PositiveFloat = 0.05  # importance weights are clipped to [clip_min, clip_max]
+    clip_max: PositiveFloat = 5.0  # upper clip of the importance weights
+
+    @model_validator(mode="after")
+    def _clip_order(self):
+        if self.clip_min > self.clip_max:
+            raise ValueError(f"clip_min {self.clip_min} must be <= clip_max {self.clip_max}")
+        return self
 
 
 def adversarial_auc(target_prompts: list[str], source_prompts: list[str],

@@ -11,16 +11,17 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import typing
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from battles.labels import row_weights
 from flywheel.dedup import DedupConfig, deduplicate
 from flywheel.shift import ShiftConfig, shift_weights
-from kernel.schema import Section
+from kernel.schema import Section, annotation_range, error_message
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,14 @@ class ExternalSource(Section):
                 close = difflib.get_close_matches(key, accepted, n=1)
                 raise ValueError(f"options: {key!r} is not an option of the {self.kind!r} converter "
                                  f"(options: {accepted}){f'; did you mean {close[0]!r}?' if close else ''}")
+        hints = typing.get_type_hints(CONVERTERS[self.kind], include_extras=True)  # types and ranges of options
+        for key, value in self.options.items():
+            if key in hints:
+                try:
+                    TypeAdapter(hints[key], config=ConfigDict(allow_inf_nan=False)).validate_python(value, strict=False)
+                except ValidationError as exc:
+                    raise ValueError(f"options.{key}: "
+                                     f"{error_message(exc.errors()[0], annotation_range(hints[key]))}") from None
         return self
 
 

@@ -34,6 +34,7 @@ from pydantic import Field
 
 from battles.labels import has_labels, label_matrix
 from kernel.local_models import check_model_dir
+from kernel.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from models.deep import quantization
 from models.deep.inputs import ChatEncoding
 from models.deep.params import DeepParams
@@ -50,14 +51,14 @@ BASE_KEYS = ("model", "quantization", "precision", "attn_implementation", "max_l
 class DecoderParams(DeepParams):
     quantization: Literal[QUANTIZATIONS] = "4bit"  # bitsandbytes, on every device it supports
     max_length: int = Field(2048, ge=64)  # tokens per battle, chat template included
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scaling (alpha / r multiplies the update)
-    lora_dropout: float = 0.05  # dropout on the LoRA input
+    lora_r: PositiveInt = 16  # LoRA rank
+    lora_alpha: PositiveInt = 32  # LoRA scaling (alpha / r multiplies the update)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)  # dropout on the LoRA input
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # layers with adapters
-    layers_to_transform: list[int] | None = None  # e.g. list(range(16, 42)): adapters only on upper layers
-    head_init_std: float = 1e-3  # the 3-class head starts near zero: uniform first predictions (loss ~ log 3)
-    learning_rate: float = 1e-4  # peak of the cosine schedule
-    weight_decay: float = 0.0  # AdamW weight decay
+    layers_to_transform: list[NonNegativeInt] | None = Field(None, min_length=1)  # e.g. list(range(16, 42)): adapters only on upper layers
+    head_init_std: NonNegativeFloat = 1e-3  # the 3-class head starts near zero: uniform first predictions (loss ~ log 3)
+    learning_rate: PositiveFloat = 1e-4  # peak of the cosine schedule
+    weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay
     train_batch_size: int = Field(2, ge=1)  # per device
     grad_accum: int = Field(8, ge=1)  # gradient accumulation steps (global batch = batch x accum x devices)
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)  # share of the steps spent warming the learning rate up

@@ -35,6 +35,7 @@ from pydantic import Field
 
 from battles.labels import CLASS_NAMES
 from kernel.local_models import check_model_dir
+from kernel.schema import NonNegativeFloat, PositiveFloat
 from models.deep.inputs import PairEncoding
 from models.deep.params import DeepParams
 from models.deep.stage import DeepStage
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 
 class EncoderParams(DeepParams):
     max_length: int = Field(512, ge=16)  # tokens per battle, special tokens included
-    learning_rate: float = 2e-5  # peak of the cosine schedule (AdamW)
-    weight_decay: float = 0.01  # AdamW weight decay
+    learning_rate: PositiveFloat = 2e-5  # peak of the cosine schedule (AdamW)
+    weight_decay: NonNegativeFloat = 0.01  # AdamW weight decay
     train_batch_size: int = Field(8, ge=1)  # per device
     grad_accum: int = Field(1, ge=1)  # gradient accumulation steps (global batch = batch x accum x devices)
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)  # share of the steps spent warming the learning rate up

@@ -19,7 +19,7 @@ from battles.labels import expand_targets, label_matrix, row_weights, swap_colum
 from features.base import SidedFeatures
 from features.cache import BlockCache
 from features.text_stats import SIDE_NAMES, TextStatsBlock
-from kernel.schema import Section
+from kernel.schema import PositiveFloat, Section
 from models.stage import Stage, StageContext
 
 _CHARS, _WORDS = SIDE_NAMES.index("chars"), SIDE_NAMES.index("words")
@@ -34,7 +34,7 @@ def length_features(stats: SidedFeatures) -> np.ndarray:
 
 
 class LengthParams(Section):
-    C: float = 1.0  # inverse L2 strength of the logistic regression
+    C: PositiveFloat = 1.0  # inverse L2 strength of the logistic regression
 
 
 class LengthLogisticStage(Stage):

@@ -9,8 +9,17 @@ The booster is saved in LightGBM's text format; block state as .npy/JSON.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import difflib
+import functools
+import io
+import json
 import logging
+import math
+import os
+import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -20,7 +29,7 @@ from kernel.threads import usable_cores  # first: importing it makes OpenMP wait
 import lightgbm as lgb  # noqa: I001 (after kernel.threads, on purpose)
 import numpy as np
 import pandas as pd
-from pydantic import Field, create_model, field_validator
+from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from scipy.special import log_softmax
 from tqdm.auto import tqdm
 
@@ -29,7 +38,8 @@ from features.assemble import FeatureMatrix
 from features.cache import battle_keys
 from features.registry import FEATURE_BLOCKS, block_class, make_block
 from kernel.files import write_text
-from kernel.schema import Section
+from kernel.schema import (NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Section,
+                           error_message, field_range)
 from models.stage import Stage, StageContext
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,51 @@ DEFAULT_LGB = {
     "min_data_in_leaf": 40, "feature_fraction": 0.5, "bagging_fraction": 0.8, "bagging_freq": 1,
     "lambda_l2": 5.0, "max_bin": 63, "verbosity": -1,
 }
+
+
+class LightGBMSettings(Section):
+    """What the tool relies on in a stage's ``lgb`` dict (main names; keys not declared here pass as they
+    are, but no number anywhere in the dict may be NaN or infinite): a 3-class objective, a positive
+    learning rate, and the ranges LightGBM itself requires of the common parameters (named here for a
+    message with the key and range; :func:`lightgbm_refusal` then asks LightGBM about the whole dict). The
+    stage's ``num_boost_round``, ``rounds_without_valid`` and ``early_stopping_rounds`` set the rounds."""
+
+    model_config = ConfigDict(extra="allow")
+
+    objective: Literal["multiclass", "multiclassova", "softmax", "multiclass_ova", "ova", "ovr"] = "multiclass"
+    num_class: Literal[3] = 3
+    learning_rate: PositiveFloat = 0.1
+    num_leaves: int = Field(31, ge=2, le=131072)
+    max_depth: int = -1
+    min_data_in_leaf: NonNegativeInt = 20
+    min_sum_hessian_in_leaf: NonNegativeFloat = 1e-3
+    feature_fraction: float = Field(1.0, gt=0, le=1)
+    feature_fraction_bynode: float = Field(1.0, gt=0, le=1)
+    bagging_fraction: float = Field(1.0, gt=0, le=1)
+    bagging_freq: NonNegativeInt = 0
+    lambda_l1: NonNegativeFloat = 0.0
+    lambda_l2: NonNegativeFloat = 0.0
+    min_gain_to_split: NonNegativeFloat = 0.0
+    max_bin: int = Field(255, ge=2)
+    num_threads: NonNegativeInt = 0
+    drop_rate: Probability = 0.1
+    path_smooth: NonNegativeFloat = 0.0
+    verbosity: int = -1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_and_owned(cls, value):
+        if isinstance(value, dict):
+            for key, v in value.items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    field = cls.model_fields.get(key)
+                    allowed = f"; allowed: {field_range(field)}" if field is not None and field_range(field) else ""
+                    raise ValueError(f"{key}: Input should be a finite number (got {v}{allowed})")
+            for key, owner in (("num_iterations", "num_boost_round and rounds_without_valid"),
+                               ("early_stopping_round", "early_stopping_rounds")):
+                if key in value:
+                    raise ValueError(f"{key!r} would override the stage's {owner}; set those (stage params) instead")
+        return value
 
 
 def lightgbm_parameter_names() -> dict[str, str]:
@@ -72,11 +127,11 @@ class LightGBMParams(Section):
     blocks: list[BlockSpec] = Field(default_factory=lambda: [  # feature blocks, in column order
         {"type": "text_stats"}, {"type": "similarity"}, {"type": "tfidf"}, {"type": "word2vec"}],
         validate_default=True)
-    num_boost_round: int = 2000  # cap on boosting rounds
-    early_stopping_rounds: int = 50  # patience on the fold's validation battles
-    rounds_without_valid: int = 300  # rounds when fitted without validation battles
+    num_boost_round: PositiveInt = 2000  # cap on boosting rounds
+    early_stopping_rounds: PositiveInt = 50  # patience on the fold's validation battles
+    rounds_without_valid: PositiveInt = 300  # rounds when fitted without validation battles
     swap_augment: bool = True  # train on every battle in both A/B orders
-    lgb: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_LGB))  # LightGBM parameters
+    lgb: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_LGB))  # LightGBM parameters, checked: a 3-class objective, learning_rate > 0, finite numbers, LightGBM's ranges (the rounds are the keys above)
 
     @field_validator("lgb", mode="before")
     @classmethod
@@ -96,7 +151,67 @@ class LightGBMParams(Section):
             out[known[key]] = v
         if "seed" in out:
             raise ValueError("'seed' comes from the run's seed; set the top-level 'seed' instead")
+        try:
+            checked = LightGBMSettings.model_validate(out)
+        except ValidationError as exc:
+            raise ValueError(_settings_error(exc)) from None
+        out = {key: getattr(checked, key) if key in LightGBMSettings.model_fields else v for key, v in out.items()}
+        refusal = lightgbm_refusal(json.dumps(out, sort_keys=True))
+        if refusal:
+            raise ValueError(f"LightGBM refuses these parameters: {refusal}")
         return out
+
+
+@contextlib.contextmanager
+def _native_output_silenced():
+    """Standard output and error discarded at the file-descriptor level (LightGBM's C++ prints its
+    "[Fatal]" line there before raising), restored afterwards."""
+    try:
+        libc = ctypes.CDLL(None)
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):  # no C library or no such descriptors: nothing to silence
+        yield
+        return
+    try:
+        os.dup2(devnull, 1), os.dup2(devnull, 2)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+# Keys whose values name columns or files of the real data: LightGBM checks them on the real data only.
+_DATA_KEYS = ("categorical_feature", "label_column", "weight_column", "group_column", "ignore_column")
+
+
+@functools.lru_cache(maxsize=256)
+def lightgbm_refusal(params_json: str) -> str | None:
+    """LightGBM's own verdict on a parameter set (its ranges, names of boosting types, metrics...): one
+    boosting round on 6 made-up rows, in milliseconds; its error message, or None when it accepts them.
+    Lists and keys about the data's columns or files are left to the real fit."""
+    params = {k: v for k, v in json.loads(params_json).items()
+              if not isinstance(v, (list, dict)) and k not in _DATA_KEYS and "filename" not in k and "model" not in k}
+    x, y = np.arange(6, dtype=np.float64).reshape(-1, 1), np.arange(6) % 3
+    try:
+        with _native_output_silenced():
+            lgb.train({**params, "verbosity": -1, "num_threads": 1}, lgb.Dataset(x, y), num_boost_round=1)
+    except lgb.basic.LightGBMError as exc:
+        return re.sub(r" at \S+, line \d+ ?\.?$", "", " ".join(str(exc).split()))
+    return None
+
+
+def _settings_error(exc: ValidationError) -> str:
+    """The first error of :class:`LightGBMSettings` in one line: the key, what is wrong, the allowed range."""
+    error = exc.errors()[0]
+    key = ".".join(str(p) for p in error["loc"])
+    field = LightGBMSettings.model_fields.get(key)
+    message = error_message(error, field_range(field) if field is not None else "")
+    return f"{key}: {message}" if key else message
 
 
 class RoundsBar:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -36,7 +37,7 @@ from ensemble.stacking import StackerConfig
 from flywheel.sources import ExternalConfig
 from kernel.context import DEFAULT_SEED
 from kernel.errors import UserError
-from kernel.schema import Section
+from kernel.schema import NUMBER_ERRORS, Section, Seed, annotation_range, error_message, field_range
 from models.stage import STAGE_TYPES, stage_class
 
 # The stages a run fits when the config names none. lgbm_full uses LightGBMParams' default blocks.
@@ -78,7 +79,7 @@ class StageSpec(Section):
 class RunConfig(Section):
     """The whole run. ``n_folds >= 3``: the stacker's nested CV chooses by an inner CV on the other folds."""
 
-    seed: int = DEFAULT_SEED  # folds, models, samples: every random choice of the run
+    seed: Seed = DEFAULT_SEED  # folds, models, samples: every random choice of the run
     n_folds: int = Field(5, ge=3)  # grouped folds by prompt
     stages: dict[str, StageSpec] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_STAGES), min_length=1,
                                          validate_default=True)  # name -> stage; a config's stages replace these
@@ -91,24 +92,29 @@ class RunConfig(Section):
             bad = [k for k in spec.folds or [] if not 0 <= k < self.n_folds]
             if bad:
                 raise ValueError(f"stages.{name}.folds: {bad} not among the run's folds 0..{self.n_folds - 1}")
+        unknown = [n for n in self.stacker.exclude if n not in self.stages]
+        if unknown:
+            raise ValueError(f"stacker.exclude: {', '.join(map(repr, unknown))} is not a stage of the config"
+                             f"{_did_you_mean(unknown[0], self.stages)} (stages: {', '.join(self.stages)})")
         return self
 
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_config(path=None, sets: Iterable[str] = (), *, saved: dict | None = None, overrides: dict | None = None,
-                edit: Callable[[dict], None] | None = None) -> RunConfig:
+                edit: Callable[[dict], None] | None = None, overrides_origin: str = "the overrides") -> RunConfig:
     """The resolved config from its layers (see the module docstring), each checked as it is laid on.
 
     ``saved``: a run's saved config (the base when resuming without a file); ``overrides``: a dict laid
-    on after the file (programmatic use, e.g. benchmarks); ``edit``: a function that changes the dict
-    after the file (a command adding its stage); ``sets``: ``key.path=JSON`` strings, in order."""
+    on after the file (programmatic use, e.g. benchmarks; ``overrides_origin`` names it in errors);
+    ``edit``: a function that changes the dict after the file (a command adding its stage); ``sets``:
+    ``key.path=JSON`` strings, in order."""
     data = RunConfig().as_dict() if saved is None else copy.deepcopy(saved)
     data = _check(data, "the saved run config" if saved is not None else "the defaults")
     if path is not None:
         data = merge(data, resolve_paths(read_config_file(path), Path(path).resolve().parent))
         data = _check(data, str(path))
     if overrides:
-        data = _check(merge(data, overrides), "the overrides")
+        data = _check(merge(data, overrides), overrides_origin)
     if edit is not None:
         edit(data)
         data = _check(data, "the command line")
@@ -242,7 +248,7 @@ def _describe(exc: ValidationError, origin: str, model: type, prefix: tuple, dat
     error = exc.errors()[0]
     loc = tuple(error["loc"])
     path = ".".join(str(p) for p in prefix + _visible(model, loc))
-    kind, message = error["type"], error["msg"]
+    kind = error["type"]
     if kind == "extra_forbidden":
         known = _keys_at(model, loc[:-1])
         return f"{origin}: unknown key {path!r}{_did_you_mean(str(loc[-1]), known)}" + (
@@ -253,9 +259,25 @@ def _describe(exc: ValidationError, origin: str, model: type, prefix: tuple, dat
                   and "type" in data["stages"][n]]
         return (f"{origin}: stage {name!r} has no 'type'{_did_you_mean(str(name), others)} "
                 f"(stages: {', '.join(others) or 'none'}; types: {', '.join(sorted(STAGE_TYPES))})")
-    if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+    message = error_message(error, _range_at(model, loc) if kind in NUMBER_ERRORS else "")
+    inner = re.match(r"([A-Za-z_]\w*(?:\.\w+)*): ", message) if kind == "value_error" else None
+    if inner:  # a section's own check names the key below it: "lgb" + "learning_rate: ..." -> "lgb.learning_rate: ..."
+        path, message = ".".join(p for p in (path, inner.group(1)) if p), message[inner.end():]
     return f"{origin}: {path}: {message}" if path else f"{origin}: {message}"
+
+
+def _range_at(model: type, loc: tuple) -> str:
+    """The range declared for the value at ``loc`` below ``model`` (a field's, or a list item's), or ''."""
+    annotation, field = model, None
+    for part in loc:
+        current = _unwrap(annotation)
+        if isinstance(current, type) and issubclass(current, Section):
+            field = current.model_fields.get(str(part))
+            annotation = field.annotation if field else None
+        else:
+            field = None
+            annotation, _ = _step(annotation, part)
+    return field_range(field) if field is not None else annotation_range(annotation)
 
 
 def _did_you_mean(word: str, choices) -> str:

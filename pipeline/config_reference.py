@@ -22,6 +22,7 @@ from features.registry import FEATURE_BLOCKS, block_class
 from flywheel.dedup import DedupConfig
 from flywheel.shift import ShiftConfig
 from flywheel.sources import ExternalConfig, ExternalSource
+from kernel.schema import allowed_range, annotation_range
 from models.stage import STAGE_TYPES, stage_class
 from pipeline.config import RunConfig, StageSpec
 
@@ -60,9 +61,13 @@ def _type_name(annotation) -> str:
     if origin is typing.Literal:
         return " / ".join(json.dumps(a) for a in args)
     if origin is typing.Annotated:
-        return _type_name(args[0])
-    if origin in (list, tuple) and args and typing.get_origin(args[0]) is typing.Annotated:
+        allowed = annotation_range(annotation)
+        return _type_name(args[0]) + (f" {allowed}" if allowed else "")
+    if origin in (list, tuple) and args and typing.get_origin(args[0]) is typing.Annotated \
+            and typing.get_origin(typing.get_args(args[0])[0]) is typing.Union:
         return "list of {type, params}"  # a discriminated union of sections (feature blocks)
+    if origin is tuple and len(args) > 1 and args[-1] is not Ellipsis:
+        return f"[{', '.join(_type_name(a) for a in args)}]"
     if origin in (list, tuple):
         return f"list of {_type_name(args[0])}" if args else "list"
     if origin is dict:
@@ -97,7 +102,11 @@ def section_table(title: str, cls, note: str = "") -> str:
     rows += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in cls.model_fields.items():
         meaning = comments.get(name, "").replace("|", "\\|")
-        rows.append(f"| `{name}` | {_type_name(field.annotation).replace('|', '/')} | `{_default(field)}` | {meaning} |")
+        kind = _type_name(field.annotation)
+        allowed = allowed_range(field.metadata)
+        if allowed:
+            kind = kind[:-len(" or null")] + f" {allowed} or null" if kind.endswith(" or null") else f"{kind} {allowed}"
+        rows.append(f"| `{name}` | {kind.replace('|', '/')} | `{_default(field)}` | {meaning} |")
     return "\n".join(rows)
 
 

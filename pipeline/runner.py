@@ -28,7 +28,7 @@ import pandas as pd
 
 from battles.folds import make_folds
 from battles.io import read_battles
-from battles.labels import hard_mask, label_index_or_missing
+from battles.labels import hard_mask, label_index_or_missing, label_support_problem
 from ensemble.coverage import StageSet, fit_over_coverage
 from ensemble.meta import meta_features
 from ensemble.record import EnsembleRecord
@@ -89,6 +89,9 @@ class Run:
             if not hard_mask(train).any():
                 raise RunError(f"{train_path}: no battle has a hard label (winner_* columns), so nothing can be "
                                "scored; add soft-labelled battles as an external source (kind 'pseudo_labels')")
+            problem = label_support_problem(train, self.config.n_folds)
+            if problem:
+                raise RunError(f"{train_path}: {problem}")
             if test_path is not None:
                 test, repairs["test"] = read_battles(test_path, require_labels=False)
         keys = DataKeys.of(train, test)

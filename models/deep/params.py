@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kernel.schema import Section
+from kernel.schema import NonNegativeFloat, Section
 from models.deep.precision import DTYPES
 
 Precision = Literal[("auto", *DTYPES)]
@@ -23,9 +23,9 @@ class DeepParams(Section):
     model: str  # local checkpoint directory (required), e.g. /models/gemma-2-9b-it or /models/deberta-v3-large
     prompt_share: float = Field(0.2, gt=0.0, lt=1.0)  # packing: the prompt's share of the text budget
     epochs: float = Field(1.0, gt=0.0)  # passes over the training rows (fractions allowed)
-    max_steps: int = -1  # > 0 caps optimizer steps (overrides epochs): short schedules, CPU smoke runs
+    max_steps: int = Field(-1, ge=-1)  # > 0 caps optimizer steps (overrides epochs): short schedules, CPU smoke runs
     predict_batch_size: int = Field(32, ge=1)  # sequences per inference batch (per device)
-    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    max_grad_norm: NonNegativeFloat = 1.0  # gradient clipping; 0 disables
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # hard labels only mix this much of the uniform target in
     precision: Precision = "auto"  # auto: bf16 where the GPU has it natively, else fp16 (loss scaling); fp32 on CPU
     save_steps: int = Field(200, ge=0)  # Trainer checkpoint (resume point) every n optimizer steps; 0 = none
