@@ -30,6 +30,7 @@ from kernel.files import write_json
 from pipeline import checks
 from pipeline.config import RunConfig
 from pipeline.crossfit import StageFit, load_stage_result
+from pipeline.manifests import record_ensemble
 from pipeline.results import EnsembleFit, StageResult
 from pipeline.rundata import DataKeys, RunData
 from pipeline.rundir import RunDir, read_folds, write_folds, write_probs
@@ -163,6 +164,7 @@ class Run:
             record = record.model_copy(update={"warnings": list(self.warnings)})
             write_probs(self.dir.oof_probs, data.train["id"].to_numpy()[chosen.rows], chosen.stacked.oof_probs)
             record.save(self.dir.ensemble)
+            record_ensemble(self.dir)  # the files it stands on, for the commands that load them
             if data.test is not None:
                 missing = [n for n in chosen.names if results[n].test_logits is None]
                 if missing:
