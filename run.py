@@ -10,6 +10,7 @@
   python run.py convert --kind scored_answers --data rated.csv --source bench --out bench.jsonl  # external -> battles
   python run.py distill --teacher runs/x --train train.csv --out runs/student      # teacher OOF probs as targets
   python run.py external-check --train train.csv --config cfg.json --out runs/check # a verdict per external source
+  python run.py export --run runs/x --out bundle/ [--wheels kit/]          # what predict needs, verified; offline kit
 
 A rerun of the same command resumes: finished folds and stages are reused. Every command that fits the
 ensemble writes runs/x/ensemble/ensemble.json (what predict uses), submission.csv (with a test set) and
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # the commands import what they use when they run (a fast --h
     from pipeline.runner import Run
 
 COMMANDS = ("all", "train", "tune", "predict", "pseudo-label", "pair-chatlogs", "convert", "distill",
-            "external-check")
+            "external-check", "export")
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 log = logging.getLogger("run")
 
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predict new battles with a finished run's models and ensemble")
     pr.add_argument("--run", required=True, help="a finished run directory")
     pr.add_argument("--test", required=True, help="battles to predict (.csv/.parquet/.jsonl; labels ignored)")
+    pr.add_argument("--base-dir", help="an exported bundle's base checkpoints live here (DIR/<name>, or DIR itself)")
     output_file(pr, "the CSV to write (id + winner_* columns)")
     loudness(pr)
     pl = sub.add_parser("pseudo-label", help="score unlabelled battles with a finished run; write soft labels "
@@ -134,6 +136,22 @@ def _parser() -> argparse.ArgumentParser:
     ec.add_argument("--config", help="JSON config whose 'external' section lists the sources")
     ec.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     loudness(ec)
+    ex = sub.add_parser("export", help="copy what prediction needs from a finished run into a verified bundle "
+                                       "(bundle.json: every file's size and SHA-256); optionally an offline install kit")
+    ex.add_argument("--run", required=True, help="a finished run directory")
+    ex.add_argument("--out", required=True, help="the bundle directory to write (new, empty, or a bundle of ours)")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it is a bundle exported earlier")
+    ex.add_argument("--include-base", action="store_true", help="copy the deep stages' base checkpoints into the "
+                                                                "bundle (default: referenced by path and hashes)")
+    ex.add_argument("--wheels", help="also write an offline install kit here: every wheel the target lacks, the "
+                                     "project's own wheel and INSTALL.txt")
+    ex.add_argument("--python-version", help="the kit's target Python, e.g. 3.11 (default: this interpreter's)")
+    ex.add_argument("--platform", action="append", help="the kit's target pip platform tag, e.g. "
+                                                        "manylinux_2_28_x86_64 (repeatable; default: this machine's)")
+    ex.add_argument("--target-has", default="torch", help="comma-separated packages the target already has, left "
+                                                          "out of the kit with their dependencies (default: "
+                                                          "%(default)s, as on a Kaggle image; '' for none)")
+    loudness(ex)
     return p
 
 
@@ -236,7 +254,7 @@ def _cmd_predict(args) -> int:
 
     out = check_output_file(args.out, args.overwrite)
     battles, _ = read_battles(args.test, require_labels=False)
-    predictor = Predictor.load(args.run, progress=not args.quiet)
+    predictor = Predictor.load(args.run, progress=not args.quiet, base_dir=args.base_dir)
     write_probs(out, battles["id"], predictor.predict_proba(battles))
     print(f"wrote {len(battles)} predictions to {out} (ensemble: {predictor.ensemble.chosen})")
     return 0
@@ -319,9 +337,30 @@ def _cmd_external_check(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from dataclasses import replace
+
+    from pipeline.export import build_kit, export_run, human_size, this_machine
+
+    summary = export_run(args.run, args.out, include_base=args.include_base, overwrite=args.overwrite)
+    print(f"wrote the bundle {summary.out}: {summary.files} files, {human_size(summary.size)}")
+    for base in summary.bases:
+        how = "copied into the bundle" if base["included"] else "referenced, not copied (attach it; --base-dir)"
+        print(f"  base checkpoint {base['name']} ({base['path']}) of {', '.join(base['stages'])}: {how}")
+    if args.wheels:
+        target = this_machine([p.strip() for p in args.target_has.split(",") if p.strip()])
+        if args.python_version:
+            target = replace(target, python_version=args.python_version)
+        if args.platform:
+            target = replace(target, platforms=tuple(args.platform))
+        print(f"install kit in {args.wheels}; install it with:\n  {build_kit(Path(args.wheels), target)}")
+    return 0
+
+
 HANDLERS = {"all": _cmd_train, "train": _cmd_train, "tune": _cmd_tune, "predict": _cmd_predict,
             "pseudo-label": _cmd_pseudo_label, "pair-chatlogs": _cmd_pair_chatlogs, "convert": _cmd_convert,
-            "distill": _cmd_distill, "external-check": _cmd_external_check}
+            "distill": _cmd_distill, "external-check": _cmd_external_check,
+            "export": _cmd_export}
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -1,0 +1,157 @@
+"""``run.py export`` (issue 19 parts 1-2): a verified bundle that predicts the run's submission after the run
+is gone, refuses any changed or missing file naming it, references (or copies) a deep stage's base checkpoint
+and finds it elsewhere with --base-dir; and the offline install kit, installed with --no-index into a fresh
+venv that already has torch, predicting from the bundle."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import run as cli
+from battles.columns import LABEL_COLUMNS
+from kernel.manifest import ManifestError
+from pipeline.bundle import BundleError
+from pipeline.predict import Predictor
+from tests.conftest import ROOT, shared_file
+
+
+def _probs(path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"id": str}).sort_values("id").reset_index(drop=True)
+
+
+def _flip(path: Path) -> bytes:
+    data = path.read_bytes()
+    changed = bytearray(data)
+    changed[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(changed))
+    return data
+
+
+@pytest.fixture(scope="module")
+def bundle(finished_run, tmp_path_factory):
+    """The finished run exported, the bundle moved to another directory, the exported copy of the run deleted."""
+    root = tmp_path_factory.mktemp("export")
+    run = root / "run"
+    shutil.copytree(finished_run, run)
+    assert cli.main(["export", "--run", str(run), "--out", str(root / "bundle"), "--quiet"]) == 0
+    shutil.move(root / "bundle", root / "elsewhere")
+    submission = _probs(run / "submission.csv")
+    shutil.rmtree(run)
+    return root / "elsewhere", submission
+
+
+def test_a_moved_bundle_predicts_the_run_submission(bundle, slice_files, tmp_path, capsys):
+    path, submission = bundle
+    record = json.loads((path / "bundle.json").read_text())
+    assert record["format_version"] == 1 and record["label_order"] == LABEL_COLUMNS
+    assert record["libraries"]["lightgbm"] and record["bases"] == []
+    assert set(record["stages"]) == set(json.loads((path / "ensemble/ensemble.json").read_text())["stages"])
+    listed = set(record["files"])
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != "bundle.json"}
+    assert listed == on_disk
+    # only what prediction needs: no logits tables, no report, no feature caches, no unused stage
+    assert not any(p.endswith(("logits.csv", ".html", "oof_probs.csv")) or "/features/" in p for p in listed)
+    assert any(p.startswith("resources/word2vec-") for p in listed)
+    assert cli.main(["predict", "--run", str(path), "--test", str(slice_files / "test.csv"),
+                     "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
+    pred = _probs(tmp_path / "p.csv")
+    assert pred["id"].tolist() == submission["id"].tolist()
+    np.testing.assert_allclose(pred[LABEL_COLUMNS].to_numpy(), submission[LABEL_COLUMNS].to_numpy(), rtol=0, atol=1e-9)
+
+
+def test_a_changed_byte_in_any_bundled_file_is_refused_naming_it(bundle, tmp_path):
+    path = tmp_path / "b"
+    shutil.copytree(bundle[0], path)
+    files = sorted(json.loads((path / "bundle.json").read_text())["files"])
+    for rel in files:
+        original = _flip(path / rel)
+        with pytest.raises(ManifestError, match=f"^{path / rel}: changed"):
+            Predictor.load(path, progress=False)
+        (path / rel).write_bytes(original)
+    (path / files[0]).unlink()
+    with pytest.raises(ManifestError, match=f"^{path / files[0]}: missing; recorded in {path / 'bundle.json'}"):
+        Predictor.load(path, progress=False)
+
+
+def test_export_refuses_an_out_it_did_not_make(finished_run, tmp_path, caplog):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    assert cli.main(["export", "--run", str(finished_run), "--out", str(foreign), "--quiet"]) == 2
+    assert "not a bundle exported by arena-stack" in caplog.text and os.listdir(foreign) == ["notes.txt"]
+    out = tmp_path / "bundle"
+    assert cli.main(["export", "--run", str(finished_run), "--out", str(out), "--quiet"]) == 0
+    assert cli.main(["export", "--run", str(finished_run), "--out", str(out), "--quiet"]) == 2
+    assert "pass --overwrite" in caplog.text
+    assert cli.main(["export", "--run", str(finished_run), "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]  # no temporary folder left
+
+
+# ----------------------------------------------------------------------------- a tiny deep stage
+@pytest.fixture(scope="module")
+def decoder_run(tmp_path_factory):
+    from tests.tiny_models import build_checkpoint
+
+    root = tmp_path_factory.mktemp("deep-export")
+    base = build_checkpoint(root / "tiny-gemma2", "gemma2")
+    frame = pd.read_csv(shared_file("arena/train_sample.csv"))
+    frame.iloc[:24].to_csv(root / "train.csv", index=False)
+    frame.iloc[24:30][["id", "prompt", "response_a", "response_b"]].to_csv(root / "test.csv", index=False)
+    params = {"max_length": 192, "max_steps": 1, "train_batch_size": 4, "grad_accum": 1, "lora_r": 4, "lora_alpha": 8,
+              "gradient_checkpointing": False, "quantization": "none"}
+    sets = [a for k, v in params.items() for a in ("--set", f"stages.decoder.params.{k}={json.dumps(v)}")]
+    assert cli.main(["train", "decoder", "--model", str(base), "--train", str(root / "train.csv"),
+                     "--test", str(root / "test.csv"), "--out", str(root / "run"), "--quiet", "--set", "n_folds=3",
+                     "--set", "stages.decoder.folds=[0]", *sets]) == 0
+    return root, base
+
+
+def test_a_deep_bundle_references_its_base_and_finds_it_with_base_dir(decoder_run, tmp_path, caplog, capsys):
+    root, base = decoder_run
+    out = tmp_path / "bundle"
+    assert cli.main(["export", "--run", str(root / "run"), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote the bundle" in printed and "referenced, not copied" in printed
+    record = json.loads((out / "bundle.json").read_text())
+    [ref] = record["bases"]
+    assert ref["path"] == str(base.resolve()) and ref["stages"] == ["decoder"] and not ref["included"]
+    assert {"config.json", "tokenizer.json"} <= set(ref["files"]) and "model.safetensors" not in ref["files"]
+    assert not any(p.endswith("model.safetensors") and not p.startswith("stages/") for p in record["files"])
+    assert record["stages"]["decoder"]["packing"] == {"max_length": 192, "prompt_share": 0.2, "swap_tta": True}
+
+    included = tmp_path / "with-base"
+    assert cli.main(["export", "--run", str(root / "run"), "--out", str(included), "--include-base", "--quiet"]) == 0
+    assert (included / "bases" / base.name / "model.safetensors").is_file()
+    assert "bases/" + base.name + "/model.safetensors" in json.loads((included / "bundle.json").read_text())["files"]
+
+    moved = tmp_path / "kaggle-input" / base.name
+    shutil.copytree(base, moved)
+    hidden = base.with_name(base.name + "-away")
+    base.rename(hidden)  # the checkpoint is not where the run was trained any more
+    try:
+        args = ["predict", "--run", str(out), "--test", str(root / "test.csv"), "--out", str(tmp_path / "p.csv"),
+                "--quiet"]
+        assert cli.main(args) == 2 and f"base checkpoint '{base.name}' of stage(s) decoder not found" in caplog.text
+        assert cli.main([*args, "--base-dir", str(tmp_path / "kaggle-input")]) == 0
+        submission = _probs(root / "run" / "submission.csv")
+        np.testing.assert_allclose(_probs(tmp_path / "p.csv")[LABEL_COLUMNS].to_numpy(),
+                                   submission[LABEL_COLUMNS].to_numpy(), rtol=0, atol=1e-6)
+        _flip(moved / "tokenizer.json")
+        with pytest.raises(ManifestError, match=f"^{moved / 'tokenizer.json'}: changed.*not the checkpoint"):
+            Predictor.load(out, progress=False, base_dir=moved)  # DIR itself may be the checkpoint
+        with pytest.raises(BundleError, match="--base-dir is for exported bundles"):
+            Predictor.load(root / "run", progress=False, base_dir=moved)
+        assert cli.main(["predict", "--run", str(included), "--test", str(root / "test.csv"),
+                         "--out", str(tmp_path / "q.csv"), "--quiet"]) == 0
+        pd.testing.assert_frame_equal(_probs(tmp_path / "q.csv"), _probs(tmp_path / "p.csv"))
+    finally:
+        hidden.rename(base)
