@@ -155,3 +155,80 @@ def test_a_deep_bundle_references_its_base_and_finds_it_with_base_dir(decoder_ru
         pd.testing.assert_frame_equal(_probs(tmp_path / "q.csv"), _probs(tmp_path / "p.csv"))
     finally:
         hidden.rename(base)
+
+
+# ----------------------------------------------------------------------------- the offline install kit
+def _installed_closure(name: str) -> set[str]:
+    """``name`` and every distribution it needs, as installed here (markers evaluated)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), [name]
+    while todo:
+        dist = todo.pop().lower()
+        if dist in seen:
+            continue
+        seen.add(dist)
+        for line in metadata.requires(dist) or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def _torch_only_site(folder: Path) -> Path:
+    """A folder that shows torch and what it needs (links into this interpreter's site-packages), nothing else:
+    what a Kaggle image's torch looks like to a fresh venv (read through a .pth file)."""
+    from importlib import metadata
+
+    folder.mkdir()
+    for name in _installed_closure("torch"):
+        dist = metadata.distribution(name)
+        site = Path(dist.locate_file(""))
+        for top in {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
+            if not (folder / top).exists() and (site / top).exists():
+                (folder / top).symlink_to(site / top)
+    return folder
+
+
+def test_the_offline_kit_installs_with_no_index_beside_torch_and_predicts_from_the_bundle(bundle, slice_files, tmp_path):
+    started = time.time()
+    kit = tmp_path / "kit"
+    out = tmp_path / "bundle-again"
+    assert cli.main(["export", "--run", str(bundle[0]), "--out", str(out), "--wheels", str(kit), "--quiet"]) == 2
+    assert cli.main(["export", "--run", str(shutil.copytree(ROOT / "tests" / "fixtures", tmp_path / "x")),
+                     "--out", str(out), "--quiet"]) == 2  # not a run
+    from pipeline.export import build_kit, this_machine
+
+    command = build_kit(kit, this_machine(["torch"]))
+    assert command == f"pip install --no-index --find-links {kit} arena-stack"
+    assert (kit / "INSTALL.txt").read_text().strip() == command
+    wheels = {p.name.split("-")[0].lower() for p in kit.glob("*.whl")}
+    assert {"arena_stack", "pandas", "lightgbm", "transformers"} <= wheels and "torch" not in wheels
+    assert not wheels & {"sympy", "networkx", "filelock"}  # torch's own dependencies: the target has them
+    built = time.time()
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    # ensurepip's old setuptools would shadow the one torch needs (the target's, read through the .pth below)
+    subprocess.run([str(py), "-m", "pip", "uninstall", "--yes", "--quiet", "setuptools"], check=True)
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    (site / "target_has_torch.pth").write_text(str(_torch_only_site(tmp_path / "kaggle-site")) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL")}
+    installing = subprocess.run([str(py), "-m", *command.split()], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert installing.returncode == 0, installing.stdout[-3000:] + installing.stderr[-3000:]
+    installed = time.time()
+    done = subprocess.run([str(py), "-m", "run", "predict", "--run", str(bundle[0]), "--test",
+                           str(slice_files / "test.csv"), "--out", str(tmp_path / "p.csv"), "--quiet"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where = subprocess.run([str(py), "-c", "import pipeline, torch; print(pipeline.__file__, torch.__file__)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert str(venv) in where.split()[0] and "kaggle-site" in where.split()[1]  # the kit's code, the target's torch
+    pred, submission = _probs(tmp_path / "p.csv"), bundle[1]
+    np.testing.assert_allclose(pred[LABEL_COLUMNS].to_numpy(), submission[LABEL_COLUMNS].to_numpy(), rtol=0, atol=1e-9)
+    print(f"kit: built {built - started:.0f} s, installed {installed - built:.0f} s, predicted "
+          f"{time.time() - installed:.0f} s")
