@@ -147,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "project's own wheel and INSTALL.txt")
     ex.add_argument("--python-version", help="the kit's target Python, e.g. 3.11 (default: this interpreter's)")
     ex.add_argument("--platform", action="append", help="the kit's target pip platform tag, e.g. "
-                                                        "manylinux_2_28_x86_64 (repeatable; default: this machine's)")
+                                                        "manylinux_2_35_x86_64 for a glibc 2.35 machine (older "
+                                                        "manylinux tags follow; repeatable; default: this machine's)")
     ex.add_argument("--target-has", default="torch", help="comma-separated packages the target already has, left "
                                                           "out of the kit with their dependencies (default: "
                                                           "%(default)s, as on a Kaggle image; '' for none)")
@@ -340,7 +341,7 @@ def _cmd_external_check(args) -> int:
 def _cmd_export(args) -> int:
     from dataclasses import replace
 
-    from pipeline.export import build_kit, export_run, human_size, this_machine
+    from pipeline.export import build_kit, export_run, human_size, platform_tags, this_machine
 
     summary = export_run(args.run, args.out, include_base=args.include_base, overwrite=args.overwrite)
     print(f"wrote the bundle {summary.out}: {summary.files} files, {human_size(summary.size)}")
@@ -352,7 +353,7 @@ def _cmd_export(args) -> int:
         if args.python_version:
             target = replace(target, python_version=args.python_version)
         if args.platform:
-            target = replace(target, platforms=tuple(args.platform))
+            target = replace(target, platforms=tuple(t for p in args.platform for t in platform_tags(p)))
         print(f"install kit in {args.wheels}; install it with:\n  {build_kit(Path(args.wheels), target)}")
     return 0
 

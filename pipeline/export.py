@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,6 +213,22 @@ class Target:
         return opts
 
 
+_LEGACY = {"manylinux2014": (2, 17), "manylinux2010": (2, 12), "manylinux1": (2, 5)}
+
+
+def platform_tags(tag: str) -> list[str]:
+    """A target's pip platform tags from its newest one: ``manylinux_2_35_x86_64`` (a glibc 2.35 machine, e.g.
+    a Kaggle image on Ubuntu 22.04) also installs every older manylinux wheel, as pip itself decides on
+    that machine; any other tag stands alone."""
+    m = re.fullmatch(r"manylinux_(\d+)_(\d+)_(\w+)", tag)
+    if m is None:
+        return [tag]
+    major, minor, arch = int(m[1]), int(m[2]), m[3]
+    tags = [f"manylinux_{major}_{y}_{arch}" for y in range(minor, 4, -1)]
+    tags += [f"{legacy}_{arch}" for legacy, (lmaj, lmin) in _LEGACY.items() if (lmaj, lmin) <= (major, minor)]
+    return tags
+
+
 def this_machine(has=KAGGLE_HAS) -> Target:
     """This interpreter's Python version and platform tags (a kit for a machine like this one)."""
     from packaging.tags import sys_tags
@@ -234,12 +251,12 @@ def _pip(args: list[str], what: str) -> str:
     return done.stdout
 
 
-def _resolve(requirements: list[str], target: Target, scratch: Path, find_links: list[Path]) -> dict[str, str]:
+def _resolve(requirements: list[str], target: Target, scratch: Path) -> dict[str, str]:
     """pip's resolution of ``requirements`` for ``target``: {normalised name: version}."""
-    report = scratch / f"report-{len(list(scratch.glob('report-*')))}.json"
-    links = [a for d in find_links for a in ("--find-links", str(d))]
+    scratch.mkdir(parents=True)
+    report = scratch / "report.json"
     _pip(["install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
-          "--target", str(scratch / "never-written"), *target.pip_options(), *links, *requirements],
+          "--target", str(scratch / "never-written"), *target.pip_options(), *requirements],
          f"resolve {' '.join(requirements)} for Python {target.python_version}")
     items = json.loads(report.read_text())["install"]
     return {_normal(i["metadata"]["name"]): i["metadata"]["version"] for i in items}
@@ -263,8 +280,10 @@ def build_kit(wheels: Path, target: Target) -> str:
         _pip(["wheel", "--no-deps", "--no-build-isolation", "--quiet", "--wheel-dir", str(own), str(PROJECT_ROOT)],
              "build the project's wheel")
         [wheel] = list(own.glob("*.whl"))
-        needed = _resolve([str(wheel)], target, scratch, [])
-        present = _resolve(list(target.has), target, scratch, []) if target.has else {}
+        with ThreadPoolExecutor(2) as pool:  # two independent resolutions, mostly waiting on the index
+            needed = pool.submit(_resolve, [str(wheel)], target, scratch / "needed")
+            present = pool.submit(_resolve, list(target.has), target, scratch / "present") if target.has else None
+            needed, present = needed.result(), present.result() if present is not None else {}
         fetch = sorted(f"{n}=={v}" for n, v in needed.items() if n not in present and n != _normal(TOOL))
         log.info("install kit: %d wheels for Python %s (the target has %s: %d packages left out)", len(fetch) + 1,
                  target.python_version, ", ".join(target.has) or "nothing", len(present))
