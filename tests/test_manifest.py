@@ -124,3 +124,17 @@ def test_a_run_from_before_manifests_loads_with_a_note(finished_run, slice_files
     assert _predict(old, slice_files, tmp_path) == 0
     notes = [r.getMessage() for r in caplog.records if "written before file manifests" in r.getMessage()]
     assert len(notes) == 1 and notes[0].startswith(str(old))
+
+
+def test_the_verification_benchmark_prints_its_table(finished_run):
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "benchmarks/manifest_speed.py", "--run", str(finished_run), "--raw-mb", "4",
+                           "--repeat", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for what in ("verify for predict", "verify every manifest", "verify the bundle", "raw SHA-256 of one 4 MB file"):
+        assert re.search(rf"^{re.escape(what)}\s+[\d.]+\s+[\d.]+\s+\d+$", proc.stdout, re.M), proc.stdout
