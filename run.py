@@ -341,8 +341,10 @@ def _cmd_external_check(args) -> int:
 def _cmd_export(args) -> int:
     from dataclasses import replace
 
-    from pipeline.export import build_kit, export_run, human_size, platform_tags, this_machine
+    from pipeline.export import build_kit, check_kit_dir, export_run, human_size, platform_tags, this_machine
 
+    if args.wheels:
+        check_kit_dir(Path(args.wheels))  # before anything is written
     summary = export_run(args.run, args.out, include_base=args.include_base, overwrite=args.overwrite)
     print(f"wrote the bundle {summary.out}: {summary.files} files, {human_size(summary.size)}")
     for base in summary.bases:

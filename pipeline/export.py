@@ -266,13 +266,20 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def check_kit_dir(wheels: Path) -> None:
+    """``--wheels``: a new or empty directory, or a kit (wheels and INSTALL.txt); anything else is refused."""
+    if wheels.exists() and not wheels.is_dir():
+        raise ExportError(f"--wheels {wheels}: is a file; give a directory for the install kit")
+    if wheels.exists() and any(not p.name.endswith(".whl") and p.name != "INSTALL.txt" for p in wheels.iterdir()):
+        raise ExportError(f"--wheels {wheels}: holds files other than wheels; give a new or empty directory (or a "
+                          "kit made by this command)")
+
+
 def build_kit(wheels: Path, target: Target) -> str:
     """Write the project's wheel, every dependency's wheel the target lacks, and ``INSTALL.txt``;
     return the install command."""
     wheels = Path(wheels)
-    if wheels.exists() and any(p for p in wheels.iterdir() if not p.name.endswith(".whl") and p.name != "INSTALL.txt"):
-        raise ExportError(f"--wheels {wheels}: holds files other than wheels; give a new or empty directory (or a "
-                          "kit made by this command)")
+    check_kit_dir(wheels)
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="arena-kit-") as scratch:
         scratch = Path(scratch)

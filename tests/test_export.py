@@ -99,6 +99,11 @@ def test_export_refuses_an_out_it_did_not_make(finished_run, tmp_path, caplog):
     assert cli.main(["export", "--run", str(shutil.copytree(ROOT / "tests" / "fixtures", tmp_path / "x")),
                      "--out", str(tmp_path / "again"), "--quiet"]) == 2
     assert "not a run directory of arena-stack" in caplog.text and not (tmp_path / "again").exists()
+    (tmp_path / "kit").mkdir()
+    (tmp_path / "kit" / "notes.txt").write_text("mine")
+    assert cli.main(["export", "--run", str(finished_run), "--out", str(tmp_path / "again"), "--wheels",
+                     str(tmp_path / "kit"), "--quiet"]) == 2
+    assert "holds files other than wheels" in caplog.text and not (tmp_path / "again").exists()
 
 
 # ----------------------------------------------------------------------------- a tiny deep stage
