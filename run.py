@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                                              "with provenance (JSONL) for training")
     pl.add_argument("--run", required=True, help="a finished run directory")
     pl.add_argument("--data", required=True, help="unlabelled battles (.csv/.parquet/.jsonl)")
+    pl.add_argument("--base-dir", help="an exported bundle's base checkpoints live here (DIR/<name>, or DIR itself)")
     output_file(pl, "pseudo-label file to write (.jsonl)",
                 "replace --out (or an unfinished <out>.partial of other inputs) instead of refusing; a rerun of the "
                 "same command resumes an interrupted job")
@@ -267,7 +268,7 @@ def _cmd_pseudo_label(args) -> int:
     from pipeline.predict import Predictor
 
     check_output_file(args.out, args.overwrite)  # before loading the run's models
-    predictor = Predictor.load(args.run, progress=False)
+    predictor = Predictor.load(args.run, progress=False, base_dir=args.base_dir)
     provenance = {"run": str(Path(args.run).resolve()), "stages": predictor.ensemble.stages,
                   "ensemble": predictor.ensemble.chosen, "ensemble_key": predictor.ensemble.key(),
                   "run_config_hash": content_key(read_json(predictor.run.config))}
