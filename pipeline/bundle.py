@@ -106,6 +106,7 @@ class Bundle:
         self.run, self.record = run, record
         self.moved = {original: str(path) for original, path in located.items() if str(path) != original}
         self._scratch: tempfile.TemporaryDirectory | None = None  # the views of remapped model folders
+        self._views = 0
 
     def model_dirs(self, directories: list[Path]) -> list[Path]:
         """The model folders to load: as bundled, or (where their saved params name a checkpoint that moved)
@@ -121,7 +122,8 @@ class Bundle:
                 continue
             if self._scratch is None:
                 self._scratch = tempfile.TemporaryDirectory(prefix="arena-bundle-")
-            view = Path(self._scratch.name) / str(len(out)) / directory.name
+            self._views += 1
+            view = Path(self._scratch.name) / str(self._views) / directory.name
             view.mkdir(parents=True)
             for entry in directory.iterdir():
                 if entry.name != STAGE_FILE:

@@ -224,7 +224,8 @@ def test_the_offline_kit_installs_with_no_index_beside_torch_and_predicts_from_t
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     (site / "target_has_torch.pth").write_text(str(_torch_only_site(tmp_path / "kaggle-site")) + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
+    env["PIP_CONFIG_FILE"] = os.devnull  # no index or find-links from a pip.conf: the kit alone
     # --no-compile: compiling the wheels' bytecode is most of an install's time here and tests nothing of the kit
     installing = subprocess.run([str(py), "-m", *command.split(), "--no-compile"], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert installing.returncode == 0, installing.stdout[-3000:] + installing.stderr[-3000:]
