@@ -241,3 +241,29 @@ def test_the_offline_kit_installs_with_no_index_beside_torch_and_predicts_from_t
     np.testing.assert_allclose(pred[LABEL_COLUMNS].to_numpy(), submission[LABEL_COLUMNS].to_numpy(), rtol=0, atol=1e-9)
     print(f"kit: built {built - started:.0f} s, installed {installed - built:.0f} s, predicted "
           f"{time.time() - installed:.0f} s")
+
+
+def test_moved_checkpoints_are_read_through_views_of_the_model_folders(tmp_path):
+    from pipeline.bundle import Bundle
+    from pipeline.rundir import RunDir
+
+    old, new = "/train/machine/gemma", str(tmp_path / "here" / "gemma")
+    folders = []
+    for stage in ("decoder", "lgbm_emb"):
+        for k in range(2):
+            d = tmp_path / stage / f"fold{k}" / "model"
+            d.mkdir(parents=True)
+            params = {"model": old} if stage == "decoder" else {"blocks": [{"params": {"model": old}}]}
+            (d / "stage.json").write_text(json.dumps({"kind": stage, "params": params}))
+            (d / "weights.bin").write_bytes(bytes([k]) * 10)
+            folders.append(d)
+    untouched = tmp_path / "other" / "model"
+    untouched.mkdir(parents=True)
+    (untouched / "stage.json").write_text(json.dumps({"kind": "lgbm", "params": {"model": "/elsewhere"}}))
+    bundle = Bundle(RunDir(tmp_path), {}, {old: Path(new), "/elsewhere": Path("/elsewhere")})
+    views = bundle.model_dirs(folders[:2]) + bundle.model_dirs([*folders[2:], untouched])  # two stages
+    assert len(set(views)) == 5 and views[-1] == untouched
+    for view, folder in zip(views, folders):
+        assert view != folder and (view / "weights.bin").read_bytes() == (folder / "weights.bin").read_bytes()
+        assert old not in (view / "stage.json").read_text() and new in (view / "stage.json").read_text()
+        assert old in (folder / "stage.json").read_text()  # the bundle's own files are not touched
