@@ -15,6 +15,7 @@
   python run.py score --run runs/x --prompt "..." --a "..." --b "..."               # explain one pair's score
   python run.py score --run runs/x --jsonl pairs.jsonl --out scored.jsonl          # one JSON line per battle
   python run.py serve --run runs/x                                                 # a local page (127.0.0.1:8000)
+  python run.py export --run runs/x --out bundle/ [--wheels kit/]          # what predict needs, verified; offline kit
 
 A rerun of the same command resumes: finished folds and stages are reused. Every command that fits the
 ensemble writes runs/x/ensemble/ensemble.json (what predict uses), submission.csv (with a test set) and
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # the commands import what they use when they run (a fast --h
     from pipeline.runner import Run
 
 COMMANDS = ("all", "train", "tune", "predict", "evaluate", "remove-stage", "pseudo-label", "pair-chatlogs", "convert",
-            "distill", "external-check", "score", "serve")
+            "distill", "external-check", "score", "serve", "export")
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
 log = logging.getLogger("run")
 
@@ -120,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predict new battles with a finished run's models and ensemble")
     pr.add_argument("--run", required=True, help="a finished run directory")
     pr.add_argument("--test", required=True, help="battles to predict (.csv/.parquet/.jsonl; labels ignored)")
+    pr.add_argument("--base-dir", help="an exported bundle's base checkpoints live here (DIR/<name>, or DIR itself)")
     output_file(pr, "the CSV to write (id + winner_* columns)")
     loudness(pr)
     ev = sub.add_parser("evaluate", help="score a finished run on labelled battles (each stage and the ensemble: log "
@@ -139,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
                                              "with provenance (JSONL) for training")
     pl.add_argument("--run", required=True, help="a finished run directory")
     pl.add_argument("--data", required=True, help="unlabelled battles (.csv/.parquet/.jsonl)")
+    pl.add_argument("--base-dir", help="an exported bundle's base checkpoints live here (DIR/<name>, or DIR itself)")
     output_file(pl, "pseudo-label file to write (.jsonl)",
                 "replace --out (or an unfinished <out>.partial of other inputs) instead of refusing; a rerun of the "
                 "same command resumes an interrupted job")
@@ -208,6 +211,23 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=_number("Port"), default=8000, help="port (default %(default)s; 0: a free one)")
     sv.add_argument("--max-bytes", type=_number("PositiveInt"), default=1 << 20, help="largest request body (default %(default)s)")
     loudness(sv)
+    ex = sub.add_parser("export", help="copy what prediction needs from a finished run into a verified bundle "
+                                       "(bundle.json: every file's size and SHA-256); optionally an offline install kit")
+    ex.add_argument("--run", required=True, help="a finished run directory")
+    ex.add_argument("--out", required=True, help="the bundle directory to write (new, empty, or a bundle of ours)")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it is a bundle exported earlier")
+    ex.add_argument("--include-base", action="store_true", help="copy the deep stages' base checkpoints into the "
+                                                                "bundle (default: referenced by path and hashes)")
+    ex.add_argument("--wheels", help="also write an offline install kit here: every wheel the target lacks, the "
+                                     "project's own wheel and INSTALL.txt")
+    ex.add_argument("--python-version", help="the kit's target Python, e.g. 3.11 (default: this interpreter's)")
+    ex.add_argument("--platform", action="append", help="the kit's target pip platform tag, e.g. "
+                                                        "manylinux_2_35_x86_64 for a glibc 2.35 machine (older "
+                                                        "manylinux tags follow; repeatable; default: this machine's)")
+    ex.add_argument("--target-has", default="torch", help="comma-separated packages the target already has, left "
+                                                          "out of the kit with their dependencies (default: "
+                                                          "%(default)s, as on a Kaggle image; '' for none)")
+    loudness(ex)
     return p
 
 
@@ -320,7 +340,7 @@ def _cmd_predict(args) -> int:
 
     out = check_output_file(args.out, args.overwrite)
     battles, _ = read_battles(args.test, require_labels=False)
-    predictor = Predictor.load(args.run, progress=not args.quiet)
+    predictor = Predictor.load(args.run, progress=not args.quiet, base_dir=args.base_dir)
     run_overlap_warning(predictor.run, battles, f"--test {args.test}")
     write_probs(out, battles["id"], predictor.predict_proba(battles))
     print(f"wrote {len(battles)} predictions to {out} (ensemble: {predictor.ensemble.chosen})")
@@ -358,7 +378,7 @@ def _cmd_pseudo_label(args) -> int:
     from pipeline.predict import Predictor
 
     check_output_file(args.out, args.overwrite)  # before loading the run's models
-    predictor = Predictor.load(args.run, progress=False)
+    predictor = Predictor.load(args.run, progress=False, base_dir=args.base_dir)
     provenance = {"run": str(Path(args.run).resolve()), "stages": predictor.ensemble.stages,
                   "ensemble": predictor.ensemble.chosen, "ensemble_key": predictor.ensemble.key(),
                   "run_config_hash": content_key(read_json(predictor.run.config))}
@@ -470,11 +490,33 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from dataclasses import replace
+
+    from pipeline.export import build_kit, check_kit_dir, export_run, human_size, platform_tags, this_machine
+
+    if args.wheels:
+        check_kit_dir(Path(args.wheels))  # before anything is written
+    summary = export_run(args.run, args.out, include_base=args.include_base, overwrite=args.overwrite)
+    print(f"wrote the bundle {summary.out}: {summary.files} files, {human_size(summary.size)}")
+    for base in summary.bases:
+        how = "copied into the bundle" if base["included"] else "referenced, not copied (attach it; --base-dir)"
+        print(f"  base checkpoint {base['name']} ({base['path']}) of {', '.join(base['stages'])}: {how}")
+    if args.wheels:
+        target = this_machine([p.strip() for p in args.target_has.split(",") if p.strip()])
+        if args.python_version:
+            target = replace(target, python_version=args.python_version)
+        if args.platform:
+            target = replace(target, platforms=tuple(t for p in args.platform for t in platform_tags(p)))
+        print(f"install kit in {args.wheels}; install it with:\n  {build_kit(Path(args.wheels), target)}")
+    return 0
+
+
 HANDLERS = {"all": _cmd_train, "train": _cmd_train, "tune": _cmd_tune, "predict": _cmd_predict, "evaluate": _cmd_evaluate,
             "remove-stage": _cmd_remove_stage,
             "pseudo-label": _cmd_pseudo_label, "pair-chatlogs": _cmd_pair_chatlogs, "convert": _cmd_convert,
             "distill": _cmd_distill, "external-check": _cmd_external_check, "score": _cmd_score,
-            "serve": _cmd_serve}
+            "serve": _cmd_serve, "export": _cmd_export}
 
 
 # ----------------------------------------------------------------------------------------------- errors

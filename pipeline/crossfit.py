@@ -48,6 +48,7 @@ from kernel.dist import is_main_process, wait_for_everyone
 from kernel.files import content_key, read_json, write_json
 from models.stage import Stage, average_logits, make_stage, predict_with_orders, stage_class
 from pipeline.config import StageSpec
+from pipeline.manifests import check_done, mark_done
 from pipeline.results import StageResult
 from pipeline.rundata import RunData
 from pipeline.rundir import (
@@ -88,6 +89,7 @@ def _done(place: FoldDir | StageDir, key: str) -> dict | None:
     if place.done.exists():
         record = read_json(place.done)
         if record.get("key") == key:
+            check_done(place, record)  # what is reused must be what was written
             return record
     return None
 
@@ -244,7 +246,7 @@ class StageFit:
                                                                                                self.context)
             logits = as_stored(stage.predict_logits(test))  # as a resumed run reads them back
         write_logits(place.test_logits, test["id"].tolist(), logits)
-        write_done(place, {**record, "test": test_key})
+        mark_done(place, {**record, "test": test_key})
         return logits
 
     # -- one model ------------------------------------------------------------------------------
@@ -269,8 +271,7 @@ class StageFit:
         work = place.partial
         self._stage.save(work.model)
         self._holds = which
-        record = {"key": self.keys[which], "stage": self.name, "fold": which, "test": None}
-        write_done(work, record)
+        record = mark_done(work, {"key": self.keys[which], "stage": self.name, "fold": which, "test": None})
         wait_for_everyone()
         place.promote()
         return record
@@ -302,19 +303,14 @@ class StageFit:
             write_logits(stage_dir.test_logits, self.data.test["id"].tolist(), result.test_logits)
         write_json(stage_dir.metrics, result.metrics)
         write_json(stage_dir.spec, self.spec.as_dict())
-        write_done(stage_dir, {"key": result.key, "stage": result.name})
-
-
-def write_done(place: FoldDir | StageDir, record: dict) -> None:
-    """The done marker of a finished model or stage, written after every other file of it: the one place
-    that writes it (a manifest of the files it vouches for belongs here)."""
-    write_json(place.done, record)
+        mark_done(stage_dir, {"key": result.key, "stage": result.name})
 
 
 def load_stage_result(stage_dir: StageDir, name: str, data: RunData) -> StageResult:
     """A stage finished earlier, read back from its files (resuming)."""
     if not stage_dir.done.exists():
         raise FileNotFoundError(f"{stage_dir.path}: stage {name!r} has not finished (no done.json); run it first")
+    check_done(stage_dir)
     train, test = data.train, data.test
     index = pd.Series(np.arange(len(train)), index=train["id"].astype(str).to_numpy())
     table = read_id_table(stage_dir.oof_logits)

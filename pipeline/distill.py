@@ -59,6 +59,7 @@ from kernel.errors import UserError
 from kernel.files import write_text
 from pipeline.config import ConfigError, RunConfig
 from pipeline.rundir import RunDir, read_folds, read_id_table, write_folds
+from pipeline.manifests import check_ensemble
 from pipeline.runner import Run
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def teacher_outputs(teacher: RunDir, train: pd.DataFrame, train_path) -> tuple[n
         if not need.exists():
             raise DistillError(f"{teacher}: the teacher has no {need.relative_to(teacher.path)}; finish the run first "
                                f"(python run.py tune --run {teacher} --apply)")
+    check_ensemble(teacher)  # the teacher's folds, OOF probabilities and ensemble as it wrote them
     ids = train["id"].astype(str).tolist()
     saved = read_folds(teacher.folds)
     if saved["id"].tolist() != ids:

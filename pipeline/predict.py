@@ -39,7 +39,9 @@ from kernel.dist import join_launch
 from kernel.files import read_json
 from models.stage import stage_class
 from pipeline.config import RunConfig, StageSpec
+from pipeline.bundle import open_bundle
 from pipeline.crossfit import planned_folds
+from pipeline.manifests import check_done, check_ensemble
 from pipeline.rundir import FoldDir, RunDir, RunDirError, as_stored, probs_frame, read_folds
 
 log = logging.getLogger(__name__)
@@ -91,18 +93,33 @@ class Predictor:
         self.ensemble = ensemble
         self.model = ensemble.calibrator()
         self.progress = progress
+        self.bundle = None  # the export bundle it was loaded from (pipeline.bundle), if any
 
     @classmethod
-    def load(cls, run_dir, progress: bool = True) -> "Predictor":
+    def load(cls, run_dir, progress: bool = True, base_dir=None) -> "Predictor":
+        """A run directory's or an export bundle's models, verified against their manifests before loading
+        (:mod:`pipeline.manifests`, :mod:`pipeline.bundle`); ``base_dir``: where a bundle's referenced base
+        checkpoints live on this machine."""
         run = RunDir.open(run_dir)
+        bundle = open_bundle(run, base_dir)  # a bundle: every file checked against bundle.json
+        if bundle is None:
+            check_ensemble(run)
         join_launch()  # under torchrun / accelerate launch: the process group the deep stages shard over
         ensemble, config, folds = check_complete(run)
         context = StageContext(resource_dir=run.resources, seed=config.seed, progress=False)
         specs = {n: config.stages[n] for n in ensemble.stages}
-        models = {n: stage_class(s.type).load_folds([m.model for m in stage_models(run, n, s, folds)], context)
-                  for n, s in specs.items()}
+        places = {n: stage_models(run, n, s, folds) for n, s in specs.items()}
+        if bundle is None:
+            for n, models in places.items():
+                for place in (run.stage(n), *models):
+                    check_done(place)
+        models = {n: stage_class(s.type).load_folds(
+                      bundle.model_dirs([m.model for m in places[n]]) if bundle else [m.model for m in places[n]],
+                      context) for n, s in specs.items()}
         log.info("predictor: %s, ensemble %s over %s", run, ensemble.chosen, ensemble.stages)
-        return cls(run, specs, models, ensemble, progress)
+        predictor = cls(run, specs, models, ensemble, progress)
+        predictor.bundle = bundle  # keeps its scratch views of remapped model folders while the models live
+        return predictor
 
     def plan(self) -> list[dict]:
         """Per stage: models averaged and forward passes per battle (two per model with swap TTA)."""

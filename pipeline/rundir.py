@@ -16,7 +16,8 @@
         full/                  model/, test_logits.csv, done.json (a stage refitted on every row)
         fold<k>.partial/       a model being fitted (its checkpoints); renamed to fold<k>/ when done
       stages/<name>.new/       a finished stage being refitted with another key (until the command succeeds)
-      ensemble/                ensemble.json (what predict uses), oof_probs.csv (nested-CV probabilities)
+      ensemble/                ensemble.json (what predict uses), oof_probs.csv (nested-CV probabilities),
+                               manifest.json (sizes and SHA-256 of what the ensemble stands on: pipeline/manifests.py)
       report.html (+ PNGs)
       submission.csv           with a test file
       distill_train.jsonl      a distilled student's training file: teacher OOF targets (pipeline/distill.py)
@@ -162,6 +163,7 @@ class RunDir(_Layout):
     FILES = {"marker": "run.json", "config": "config.json", "data_report": "data_report.json",
              "external_report": "external_report.json", "folds": "folds.csv", "timings": "timings.json",
              "resources": "resources", "ensemble": "ensemble/ensemble.json",
+             "ensemble_manifest": "ensemble/manifest.json",
              "oof_probs": "ensemble/oof_probs.csv", "report": "report.html", "submission": "submission.csv",
              "distill_train": "distill_train.jsonl", "external_check": "external_check.json",
              "external_check_table": "external_check.txt"}

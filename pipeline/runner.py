@@ -38,6 +38,7 @@ from kernel.files import jsonable, read_json, write_json
 from pipeline import checks
 from pipeline.config import RunConfig, check_paths
 from pipeline.crossfit import StageFit, load_stage_result
+from pipeline.manifests import record_ensemble
 from pipeline.results import EnsembleFit, StageResult
 from pipeline.rundata import DataKeys, RunData
 from pipeline.rundir import RunDir, read_folds, write_folds, write_probs
@@ -256,6 +257,8 @@ class Run:
             self.commit()  # everything is fitted: only now are the run's finished files replaced
             write_probs(out.oof_probs, data.train["id"].to_numpy()[chosen.rows], chosen.stacked.oof_probs)
             record.save(out.ensemble)
+            if out is self.dir:
+                record_ensemble(self.dir)  # the files it stands on, for the commands that load them
             if probs is not None:
                 write_probs(out.submission, data.test["id"], probs)
                 log.info("submission: %s (%d rows)", out.submission, len(data.test))

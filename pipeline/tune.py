@@ -50,6 +50,7 @@ from ensemble.record import EnsembleRecord
 from kernel.errors import UserError
 from kernel.files import read_json, write_bytes, write_json
 from pipeline.config import RunConfig
+from pipeline.manifests import record_ensemble
 from pipeline.rundir import RunDir, read_id_table
 from pipeline.runner import Run
 
@@ -189,5 +190,6 @@ def apply_candidate(run: Run, candidate: RunDir, fit) -> None:
         source = getattr(candidate, attr)
         if source.exists():
             write_bytes(getattr(run.dir, attr), source.read_bytes())
+    record_ensemble(run.dir)  # the run's ensemble manifest, for the files just replaced
     run.write_report(fit)
     log.info("tune: applied %s to %s", candidate.path.name, run.dir)

@@ -19,7 +19,8 @@ from battles.io import read_battles
 from battles.labels import label_index
 from ensemble.coverage import row_log_loss
 from ensemble.metrics import probs_from_logits
-from pipeline.rundir import read_folds, read_id_table, read_logits
+from pipeline.manifests import record_ensemble
+from pipeline.rundir import RunDir, read_folds, read_id_table, read_logits
 
 W = 0.7
 STUDENT = {"stages": {"len": {"type": "length_lr"}}, "stacker": {"C_grid": [0.1]}}
@@ -32,6 +33,7 @@ def teacher(finished_run, tmp_path_factory):
     shutil.copytree(finished_run, path)
     probs = read_id_table(path / "ensemble/oof_probs.csv")
     probs.iloc[40:].to_csv(path / "ensemble/oof_probs.csv", index=False, float_format="%.9g")
+    record_ensemble(RunDir(path))  # as if the teacher had written it so (its manifest records the file)
     return path
 
 

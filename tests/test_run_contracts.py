@@ -89,6 +89,7 @@ def test_a_run_directory_with_an_old_ensemble_json_predicts_its_submission(slice
     saved = json.loads((old / "ensemble/ensemble.json").read_text())
     del saved["format_version"]  # the layout before the field
     (old / "ensemble/ensemble.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
+    (old / "ensemble/manifest.json").unlink()  # nor the file manifest (pipeline/manifests.py) of later runs
     predictor = Predictor.load(old, progress=False)
     assert predictor.ensemble.format_version == 1
     test = pd.read_csv(slice_files / "test.csv", dtype={"id": str})
