@@ -221,6 +221,8 @@ ALLOWED = {
     "flywheel/chatlogs.py": "scratch shards in a temporary folder, removed with it",
     "models/decoder.py": "save_pretrained into fold<k>.partial/, renamed into place when the model is done",
     "models/encoder.py": "save_pretrained into fold<k>.partial/, renamed into place when the model is done",
+    "pipeline/bundle.py": "stage.json of a remapped model's view in this process's scratch folder (removed with it; "
+                          "every rank writes its own, which write_atomic would not)",
 }
 
 
