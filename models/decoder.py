@@ -44,12 +44,14 @@ from models.stage import FoldModels, StageContext
 log = logging.getLogger(__name__)
 
 # Settings that must agree between fold models that share one base model at prediction.
-BASE_KEYS = ("model", "quantization", "precision", "attn_implementation", "max_length", "prompt_share")
+BASE_KEYS = ("model", "quantization", "precision", "attn_implementation", "max_length", "prompt_share",
+             "system_prompt")
 
 
 class DecoderParams(DeepParams):
     quantization: Literal[QUANTIZATIONS] = "4bit"  # bitsandbytes, on every device it supports
     max_length: int = Field(2048, ge=64)  # tokens per battle, chat template included
+    system_prompt: str | None = None  # None: no system turn (a template's own default system prompt is left out)
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scaling (alpha / r multiplies the update)
     lora_dropout: float = 0.05  # dropout on the LoRA input
@@ -76,6 +78,9 @@ class DecoderStage(DeepStage):
     Encoding = ChatEncoding
     pad_with_eos = True  # self.model: the PeftModel (base + this fold's adapter), once fitted or loaded
     forward_kwargs = {"use_cache": False}  # a classifier never generates: no KV cache on any scoring pass
+
+    def encoding_options(self) -> dict:
+        return {"system_prompt": self.params.system_prompt, "stage": self.kind}
 
     def _load_base(self):
         p = self.params

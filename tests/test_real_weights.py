@@ -81,9 +81,34 @@ def test_real_tokenizer_specials_and_one_bos(smol):
     for ids in smol.encode(battles).input_ids:
         text = tok.decode(ids)
         assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
-        assert ids.count(tok.bos_token_id) == text.count("<|im_start|>") == 3  # system, user, assistant turns
+        assert ids.count(tok.bos_token_id) == text.count("<|im_start|>") == 2  # user and assistant turns only
         assert tok.pad_token_id in ids[:-1]  # the pad token is inside every battle (turn ends)
         assert text.endswith("<|im_start|>assistant\n")  # the classifier reads the generation prompt's end
+
+
+def test_no_default_system_prompt_unless_configured(smol, smollm2_dir):
+    """SmolLM2's template inserts "You are a helpful AI assistant named SmolLM ..." when the messages have
+    no system turn: the stage leaves it out (no system turn at all), and a configured system_prompt is
+    the one system turn. A max_length below the frame is one user error naming the minimum."""
+    from kernel.errors import UserError
+
+    battles = canary_battles(3, seed=6)
+    default = "You are a helpful AI assistant named SmolLM"
+    assert default in smol.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    for ids in smol.encode(battles).input_ids:
+        text = smol.tokenizer.decode(ids)
+        assert default not in text and "<|im_start|>system" not in text
+        assert text.startswith("<|im_start|>user\n")
+    asked = make_stage("decoder", {"model": str(smollm2_dir), "max_length": 160, "system_prompt": "Judge fairly."}, QUIET)
+    for ids in asked.encode(battles).input_ids:
+        text = asked.tokenizer.decode(ids)
+        assert text.startswith("<|im_start|>system\nJudge fairly.<|im_end|>\n<|im_start|>user\n")
+        assert default not in text and text.count("<|im_start|>") == 3
+    assert asked.encoding.frame_tokens > smol.encoding.frame_tokens
+    small = make_stage("decoder", {"model": str(smollm2_dir), "max_length": 64}, QUIET)
+    with pytest.raises(UserError, match=rf"^decoder: max_length=64 .* {smol.encoding.frame_tokens}-token .* at least "
+                                        rf"{smol.encoding.frame_tokens + 24}$"):
+        small.check_inputs()
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

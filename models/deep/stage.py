@@ -91,9 +91,19 @@ class DeepStage(Stage):
             return
         p = self.params
         self.tokenizer = load_tokenizer(p.model, self.kind, pad_with_eos=self.pad_with_eos)
-        self.encoding = self.Encoding(self.tokenizer, p.max_length, p.prompt_share)
+        self.encoding = self.Encoding(self.tokenizer, p.max_length, p.prompt_share, **self.encoding_options())
         self.device = default_device()
         self.precision = resolve_precision(p.precision, self.device, self.kind)
+
+    def encoding_options(self) -> dict:
+        """Keyword arguments of this stage's ``Encoding`` beyond the tokenizer, ``max_length`` and ``prompt_share``."""
+        return {}
+
+    def check_inputs(self) -> None:
+        """Load the tokenizer and build the input encoding, nothing else: a setting the inputs cannot
+        honour (``max_length`` below the frame) is one :class:`models.deep.inputs.InputFrameError` line
+        here, before any model loads or battle is encoded."""
+        self._setup()
 
     def encode(self, battles: pd.DataFrame, progress: bool = False) -> EncodedBattles:
         """The stage's model inputs for ``battles`` and the truncation record of each."""
