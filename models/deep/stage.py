@@ -13,7 +13,8 @@
   bound a batch), run on the device the model's weights are on, under autocast in the stage's
   precision; under a multi-process launch each rank scores its shard (:mod:`models.deep.batching`);
   optional swap TTA;
-- ``save`` (main process only: the weights, ``stage.json``, ``training_log.json``) and ``load``.
+- ``save`` (main process only: the weights, ``stage.json``, ``training_log.json``, and ``inputs.json``:
+  what packing cut of the training battles, which the run's ``metrics.json`` and report show) and ``load``.
 
 A subclass keeps only what differs: how its model is built for training (:meth:`DeepStage._build_model`)
 and restored from a saved directory (:meth:`DeepStage._load_model`), how it is written
@@ -46,6 +47,7 @@ from models.stage import Stage, StageContext
 log = logging.getLogger(__name__)
 
 TRAINING_LOG = "training_log.json"
+INPUTS = "inputs.json"  # what packing did to the training battles (summarize_truncation), and the frame
 
 
 def log_loss(logits, targets) -> float:
@@ -228,6 +230,17 @@ class DeepStage(Stage):
         self._save_model(directory)
         self.write_stage_json(directory)
         write_text(directory / TRAINING_LOG, json.dumps(self.log_history, indent=2, default=float))
+        if self.fit_truncation is not None:
+            write_text(directory / INPUTS, json.dumps({"max_length": self.params.max_length,
+                                                       "training_battles": self.fit_truncation}, indent=1))
+
+    @classmethod
+    def saved_figures(cls, directory) -> dict:
+        """``{"truncation": summary}`` of the battles the saved model trained on (``inputs.json``), if kept."""
+        path = Path(directory) / INPUTS
+        if not path.is_file():
+            return {}
+        return {"truncation": read_json(path)["training_battles"]}
 
     @classmethod
     def _saved_params(cls, directory: Path) -> dict:

@@ -1,0 +1,52 @@
+"""Per-run truncation figures: a deep stage keeps what packing cut of its training battles beside its
+saved weights (``inputs.json``), cross-fitting puts them in the stage's ``metrics.json`` (per fitted
+model and all folds together), and the run report shows them."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from models.decoder import DecoderStage
+from models.packing import merge_truncation, summarize_truncation, Truncation
+from pipeline.report import truncation_section
+from pipeline.results import StageResult
+from tests.test_decoder import FAST, QUIET, gemma_dir  # noqa: F401  (the session-wide tiny Gemma-2 fixture)
+
+FIELDS = ("prompt", "response_a", "response_b")
+
+
+def _record(tokens, cut, dropped) -> Truncation:
+    return Truncation(dict(zip(FIELDS, tokens)), dict(zip(FIELDS, cut)), dict(zip(FIELDS, dropped)))
+
+
+def test_merge_equals_the_summary_of_all_battles():
+    a = [_record((5, 10, 20), (False, True, False), (0, 1, 0)), _record((7, 3, 9), (True, False, False), (2, 0, 0))]
+    b = [_record((1, 30, 2), (False, True, True), (0, 0, 3))]
+    merged, whole = merge_truncation([summarize_truncation(a), summarize_truncation(b)]), summarize_truncation(a + b)
+    assert merged.keys() == whole.keys()
+    for field in FIELDS:
+        for key, value in whole[field].items():
+            assert np.isclose(merged[field][key], value), (field, key)
+
+
+def test_saved_stage_keeps_its_truncation_figures(gemma_dir, tmp_path):  # noqa: F811
+    long = "The capital of France is Paris. " * 60
+    battles = pd.DataFrame({"id": ["0", "1", "2", "3"], "prompt": [["short?"], ["q?"], ["again?"], ["x?"]],
+                            "response_a": [[long], ["ok"], [long], ["fine"]],
+                            "response_b": [["no"], ["yes"], ["maybe"], ["sure"]],
+                            "winner_model_a": [1, 0, 0, 1], "winner_model_b": [0, 1, 0, 0], "winner_tie": [0, 0, 1, 0]})
+    stage = DecoderStage({"model": str(gemma_dir), **FAST, "quantization": "none", "max_steps": 1,
+                          "max_length": 192}, QUIET).fit(battles)
+    stage.save(tmp_path / "m")
+    figures = DecoderStage.saved_figures(tmp_path / "m")
+    summary = figures["truncation"]
+    assert summary == stage.fit_truncation and summary["battles"] == 4
+    assert summary["response_a"]["share_cut"] == 0.5 and summary["response_b"]["share_cut"] == 0.0
+    assert DecoderStage.saved_figures(tmp_path) == {}  # no inputs.json: no figures
+    result = StageResult("dec", np.zeros((4, 3)), np.ones(4, bool), None,
+                         {"truncation": {"per_model": {"fold 0": summary}, "folds": summary}}, None, "k")
+    html = truncation_section({"dec": result, "other": StageResult("lgbm", np.zeros((4, 3)), np.ones(4, bool), None,
+                                                                    {}, None, "k")})
+    assert 'id="truncation"' in html and html.count("<tr>") == 4  # header + one row per field of the one deep stage
+    assert "50.0%" in html and "lgbm" not in html
+    assert truncation_section({}) == ""
