@@ -50,3 +50,22 @@ def test_saved_stage_keeps_its_truncation_figures(gemma_dir, tmp_path):  # noqa:
     assert 'id="truncation"' in html and html.count("<tr>") == 4  # header + one row per field of the one deep stage
     assert "50.0%" in html and "lgbm" not in html
     assert truncation_section({}) == ""
+
+
+def test_cpu_fit_projects_its_cost_and_warns_above_the_threshold(gemma_dir, caplog, monkeypatch):  # noqa: F811
+    import logging
+
+    from models.deep import training
+
+    monkeypatch.setattr(training.CostProjection, "WARN_MINUTES", 0.0)
+    battles = pd.DataFrame({"id": [str(i) for i in range(8)], "prompt": [["q?"]] * 8, "response_a": [["a"]] * 8,
+                            "response_b": [["b"]] * 8, "winner_model_a": [1, 0] * 4, "winner_model_b": [0, 1] * 4,
+                            "winner_tie": [0] * 8})
+    with caplog.at_level(logging.INFO, logger="models.deep.training"):
+        stage = DecoderStage({"model": str(gemma_dir), **FAST, "quantization": "none", "max_steps": 5,
+                              "train_batch_size": 2, "max_length": 192}, QUIET).fit(battles)
+    projected = [r.getMessage() for r in caplog.records if "projected" in r.getMessage()]
+    assert len(projected) == 1 and "5 optimizer steps" in projected[0] and "on cpu" in projected[0]
+    assert 0 < stage.cost.projected_minutes < 30
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "on CPU" in r.getMessage()]
+    assert len(warned) == 1 and "lower max_steps" in warned[0].getMessage()
