@@ -69,3 +69,29 @@ def test_cpu_fit_projects_its_cost_and_warns_above_the_threshold(gemma_dir, capl
     assert 0 < stage.cost.projected_minutes < 30
     warned = [r for r in caplog.records if r.levelno == logging.WARNING and "on CPU" in r.getMessage()]
     assert len(warned) == 1 and "lower max_steps" in warned[0].getMessage()
+
+
+def test_cross_fitting_puts_every_models_figures_in_metrics(tmp_path):
+    """``StageFit._truncation``: each fitted model's ``inputs.json`` (as ``DeepStage.save`` writes it) per
+    model, and the folds merged; nothing for models without one."""
+    import json
+    from types import SimpleNamespace
+
+    from pipeline.crossfit import StageFit
+    from pipeline.rundir import StageDir
+
+    a = summarize_truncation([_record((5, 10, 20), (False, True, False), (0, 1, 0))])
+    b = summarize_truncation([_record((7, 3, 9), (True, False, False), (2, 0, 0))] * 3)
+    stage_dir = StageDir(tmp_path / "dec")
+    for k, summary in ((0, a), (1, b)):
+        model = stage_dir.fold(k).model
+        model.mkdir(parents=True)
+        (model / "inputs.json").write_text(json.dumps({"max_length": 256, "training_battles": summary}))
+    stage_dir.fold(2).model.mkdir(parents=True)  # a model without the file (e.g. saved by an older version)
+    fit = SimpleNamespace(spec=SimpleNamespace(type="decoder", refit_full=False), plan=[0, 1, 2], dir=stage_dir)
+    figures = StageFit._truncation(fit)
+    assert figures["per_model"] == {"fold 0": a, "fold 1": b}
+    assert figures["folds"] == merge_truncation([a, b]) and figures["folds"]["battles"] == 4
+    assert figures["folds"]["prompt"]["share_cut"] == 0.75
+    lgbm = SimpleNamespace(spec=SimpleNamespace(type="lgbm", refit_full=False), plan=[0, 1], dir=stage_dir)
+    assert StageFit._truncation(lgbm) == {}  # LightGBM keeps no such figures
