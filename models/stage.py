@@ -136,6 +136,12 @@ class Stage:
         return meta
 
     @classmethod
+    def saved_figures(cls, directory) -> dict:
+        """Figures a saved model keeps beside its weights for the run's ``metrics.json`` (the deep stages:
+        what packing cut of the battles it trained on); none by default."""
+        return {}
+
+    @classmethod
     def load_folds(cls, directories, context: StageContext | None = None) -> "FoldModels":
         """Several saved models of this stage (one per fold, or the one refitted on all rows), ready to
         predict together. Stages whose models share a large part override this (the decoder loads its

@@ -284,11 +284,30 @@ class StageFit:
         metrics = {"stage": self.name, "type": self.spec.type, "seconds": round(seconds, 1),
                    "coverage": {"folds": self.plan, "rows": int(covered.sum()), "of": len(train),
                                 "refit_full": self.spec.refit_full}}
+        truncation = self._truncation()
+        if truncation:
+            metrics["truncation"] = truncation
         if scored.any():
             metrics["oof"] = scores(label_index(train[scored]), probs_from_logits(oof[scored]))
             log.info("stage %s: OOF log loss %.4f, accuracy %.3f on %d rows", self.name, metrics["oof"]["log_loss"],
                      metrics["oof"]["accuracy"], int(scored.sum()))
         return metrics
+
+    def _truncation(self) -> dict:
+        """What packing cut of each fitted model's training battles (``Stage.saved_figures``), per fold
+        and all folds together (:func:`models.packing.merge_truncation`); empty for stages that keep none."""
+        from models.packing import merge_truncation
+
+        cls = stage_class(self.spec.type)
+        places = {f"fold {k}": self.dir.fold(k) for k in self.plan}
+        if self.spec.refit_full:
+            places["refit on all rows"] = self.dir.full
+        per_model = {name: fig["truncation"] for name, place in places.items()
+                     if place.model.is_dir() and "truncation" in (fig := cls.saved_figures(place.model))}
+        if not per_model:
+            return {}
+        folds = [v for k, v in per_model.items() if k.startswith("fold ")]
+        return {"per_model": per_model, **({"folds": merge_truncation(folds)} if folds else {})}
 
     def _write(self, result: StageResult) -> None:
         stage_dir = self.dir

@@ -367,6 +367,29 @@ def repair_rows(repairs: dict[str, RepairReport]) -> list[dict]:
     return rows
 
 
+def truncation_section(results: dict[str, StageResult]) -> str:
+    """HTML: what packing cut of the battles each deep stage trained on (``metrics.json``'s ``truncation``,
+    all folds together): per field the mean and largest tokens kept, the share of battles cut, whole
+    turns dropped. Empty when no stage kept such figures."""
+    rows = []
+    for name, result in results.items():
+        summary = (result.metrics.get("truncation") or {}).get("folds")
+        if not summary:
+            continue
+        for field in ("prompt", "response_a", "response_b"):
+            f = summary[field]
+            rows.append({"stage": name, "battles": summary["battles"], "field": field,
+                         "mean tokens kept": round(f["mean_tokens"], 1), "largest": f["max_tokens"],
+                         "share cut": f"{f['share_cut']:.1%}", "turns dropped": f["turns_dropped"],
+                         "share losing a turn": f"{f['share_turns_dropped']:.1%}"})
+    if not rows:
+        return ""
+    return ("<h2 id=\"truncation\">What the deep stages read (truncation)</h2>\n<p class=\"note\">The training battles "
+            "of every fold together, as packed into the stage's <code>max_length</code>: tokens kept per field, the share "
+            "of battles whose field was cut, and whole turns dropped (<code>metrics.json</code> has the figures per "
+            "fitted model).</p>\n" + _table(rows, cls="truncation"))
+
+
 def write_report(run: RunDir, config: RunConfig, data: RunData, results: dict[str, StageResult],
                  fit: EnsembleFit) -> None:
     """Write ``report.html`` (and its PNGs) for a run whose ensemble has just been fitted (from memory:
@@ -492,6 +515,8 @@ nested output's log loss on the battles each model took part in (as A or B), and
 
 <h2 id="test-set">Test set</h2>
 {_table(test_rows, cls="test") if test_rows else '<p><em>no test file</em></p>'}
+
+{truncation_section(results)}
 
 <h2 id="repairs">Data repairs</h2>
 {_table(repairs, cls="repairs")}

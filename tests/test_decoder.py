@@ -19,7 +19,7 @@ from battles import label_matrix, make_folds, read_battles, swap_battles, swap_c
 from kernel.local_models import load_tokenizer
 from models.decoder import DecoderParams, DecoderStage
 from models.deep import quantization
-from models.deep.inputs import FINAL_QUESTION, ChatEncoding, encode_text, render, training_table
+from models.deep.inputs import FINAL_QUESTION, ChatEncoding, InputFrameError, encode_text, render, training_table
 from models.stage import StageContext, average_logits, make_stage, predict_with_orders
 from tests.conftest import shared_file
 from tests.tiny_models import build_checkpoint, build_tokenizer
@@ -121,7 +121,7 @@ def test_final_instruction_survives_a_huge_battle(tmp_path):
     # the record: the fields' tokens fill what the frame leaves; older turns were dropped
     assert sum(truncation.tokens.values()) <= 400 - encoder.frame_tokens
     assert truncation.turns_dropped["prompt"] >= 1 and truncation.turns_dropped["response_a"] == 2
-    with pytest.raises(ValueError, match="max_length=20"):
+    with pytest.raises(InputFrameError, match=rf"^decoder: max_length=20 .* at least {encoder.frame_tokens + 24}$"):
         ChatEncoding(tokenizer, max_length=20, prompt_share=0.2)
 
 

@@ -85,7 +85,8 @@ def test_recipe_configs_validate():
     from pipeline.config import load_config
 
     paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
-    assert {p.name for p in paths} >= {"gemma2_9b_qlora.json", "deberta_v3_large.json", "cpu_tiny.json"}
+    assert {p.name for p in paths} >= {"gemma2_9b_qlora.json", "gemma2_9b_qlora_t4.json", "deberta_v3_large.json",
+                                       "cpu_tiny.json", "cpu_minilm.json"}
     for path in paths:
         cfg = load_config(str(path))  # the schema checks every key and type (ConfigError otherwise)
         assert set(cfg.stages) == set(json.loads(path.read_text())["stages"])

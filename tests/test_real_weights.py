@@ -6,8 +6,8 @@ What tiny random models cannot show: the stage reads the right token of a real c
 pad token (``<|im_end|>``) also ends every turn inside the battle, handles a BOS token that is also
 the template's turn start (``<|im_start|>``), and learns. The learnability canary: the winner is the
 reply that ends in a marker sentence; after a short schedule the log loss on held-out canary battles must
-fall far below log 3 (1.0986), the uniform start (here for the encoder with MiniLM; the decoders did
-not learn it within a CI-sized schedule, see issue 18's note). Only the public stage API is used (``make_stage``, ``fit``, ``predict_logits``, ``save``,
+fall far below log 3 (1.0986), the uniform start (the encoder with the real MiniLM; the decoder with
+the tiny random Gemma-2: see that test for why an earlier try stayed at log 2). Only the public stage API is used (``make_stage``, ``fit``, ``predict_logits``, ``save``,
 ``load``; ``encode`` and the stage's tokenizer to look at what the model reads).
 """
 from __future__ import annotations
@@ -81,9 +81,34 @@ def test_real_tokenizer_specials_and_one_bos(smol):
     for ids in smol.encode(battles).input_ids:
         text = tok.decode(ids)
         assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
-        assert ids.count(tok.bos_token_id) == text.count("<|im_start|>") == 3  # system, user, assistant turns
+        assert ids.count(tok.bos_token_id) == text.count("<|im_start|>") == 2  # user and assistant turns only
         assert tok.pad_token_id in ids[:-1]  # the pad token is inside every battle (turn ends)
         assert text.endswith("<|im_start|>assistant\n")  # the classifier reads the generation prompt's end
+
+
+def test_no_default_system_prompt_unless_configured(smol, smollm2_dir):
+    """SmolLM2's template inserts "You are a helpful AI assistant named SmolLM ..." when the messages have
+    no system turn: the stage leaves it out (no system turn at all), and a configured system_prompt is
+    the one system turn. A max_length below the frame is one user error naming the minimum."""
+    from kernel.errors import UserError
+
+    battles = canary_battles(3, seed=6)
+    default = "You are a helpful AI assistant named SmolLM"
+    assert default in smol.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    for ids in smol.encode(battles).input_ids:
+        text = smol.tokenizer.decode(ids)
+        assert default not in text and "<|im_start|>system" not in text
+        assert text.startswith("<|im_start|>user\n")
+    asked = make_stage("decoder", {"model": str(smollm2_dir), "max_length": 160, "system_prompt": "Judge fairly."}, QUIET)
+    for ids in asked.encode(battles).input_ids:
+        text = asked.tokenizer.decode(ids)
+        assert text.startswith("<|im_start|>system\nJudge fairly.<|im_end|>\n<|im_start|>user\n")
+        assert default not in text and text.count("<|im_start|>") == 3
+    assert asked.encoding.frame_tokens > smol.encoding.frame_tokens
+    small = make_stage("decoder", {"model": str(smollm2_dir), "max_length": 64}, QUIET)
+    with pytest.raises(UserError, match=rf"^decoder: max_length=64 .* {smol.encoding.frame_tokens}-token .* at least "
+                                        rf"{smol.encoding.frame_tokens + 24}$"):
+        small.check_inputs()
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -125,3 +150,30 @@ def test_canary_learns_in_the_encoder_with_real_minilm(minilm_dir):
     # swapping A and B swaps the logits (real tokenizer, token type ids, both orders averaged)
     np.testing.assert_allclose(stage.predict_logits(swap_battles(held_out)), swap_columns(stage.predict_logits(held_out)),
                                atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the tiny random decoders
+@pytest.mark.parametrize("family", ["gemma2"])
+def test_canary_learns_in_the_decoder_with_tiny_models(family, tmp_path_factory):
+    """The decoder stage learns the marker canary (tiny random Gemma-2, 4-bit). What kept the earlier
+    try at log 2 (0.69-0.81 held out: "never a tie" learned, A vs B not): at max_length 160 the tiny
+    tokenizer's 117-token frame left 43 tokens, packing cut the end of 88-92% of the replies, and with
+    it the marker, so the label could not be learned. Here nothing is cut (asserted), and the short
+    schedule uses a learning rate fit for 24 steps (lr 1e-3, head std 1e-3: 0.78 after 30 steps; lr
+    3e-3, head std 0.02: 0.32). The tiny random Llama (2 layers, no embedding scaling) stays at log 2
+    with the marker uncut too (0.70 after 24 steps at lr 1e-2, 0.70 after 40 at 5e-3), so it is not
+    a canary here; the stage code is the same for both families."""
+    from tests.tiny_models import build_checkpoint
+
+    model_dir = build_checkpoint(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+    stage = make_stage("decoder", {"model": str(model_dir), **CANARY, "max_length": 256, "lora_r": 8, "lora_alpha": 16,
+                                   "train_batch_size": 8, "max_steps": 24, "learning_rate": 5e-3,
+                                   "head_init_std": 0.02}, QUIET)
+    train, test = canary_battles(64, seed=0), canary_battles(32, seed=1)
+    summary = stage.encode(train).truncation_summary()
+    assert all(summary[f]["share_cut"] == 0 for f in ("prompt", "response_a", "response_b"))  # the marker is there
+    stage.fit(train)
+    assert held_out_log_loss(stage, test) < TINY_CANARY_CEILING
+
+
+TINY_CANARY_CEILING = 0.55  # half of log 3: a random 2-layer model that tells A from B (log 2 = 0.69 does not)

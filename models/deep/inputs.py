@@ -21,8 +21,11 @@ chat template::
     Which response is better? Answer A, B or tie.
 
 followed by the template's generation prompt (the classifier reads the hidden state of the last
-token). The frame (template, instruction, tags, final question) is measured first and never cut;
-what is left of ``max_length`` goes to the shared packing policy. Exactly one BOS: chat templates of
+token). No system turn unless the stage's ``system_prompt`` asks for one: a template that inserts a
+default system prompt when none is given (SmolLM2, Qwen2.5, Llama-3.1's date header) gets the bare
+user turn instead (:func:`chat_frame`). The frame (template, instruction, tags, final question) is measured first and never cut;
+what is left of ``max_length`` goes to the shared packing policy; a ``max_length`` that leaves
+under :data:`MIN_TEXT_TOKENS` is one :class:`InputFrameError` line when the encoding is made. Exactly one BOS: chat templates of
 Gemma-2 and Llama-3.x already write the BOS token and their tokenizers add another one when asked for
 special tokens, so the rendered text is tokenized without special tokens, any leading BOS dropped and
 exactly one put back (when the tokenizer has one; Qwen2 has none).
@@ -40,6 +43,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from battles.labels import label_matrix, row_weights, swap_battles
+from kernel.errors import UserError
 from models.packing import PackedBattle, PackingPolicy, Truncation, pack_battle, summarize_truncation
 
 INSTRUCTION = (
@@ -87,14 +91,70 @@ def user_message(prompt: str, response_a: str, response_b: str) -> str:
     )
 
 
-def render(tokenizer, prompt: str, response_a: str, response_b: str) -> str:
-    """The full input text: the chat template when the tokenizer has one, else a plain format."""
-    content = user_message(prompt, response_a, response_b)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-    return f"{content}\nAnswer:"
+class InputFrameError(UserError, ValueError):
+    """A setting that the stage's input frame cannot honour (``max_length`` below the frame, a system
+    prompt for a template without a system turn): one line naming the stage and the key."""
+
+
+CONTENT = "@@BATTLE_CONTENT_7f3a@@"  # stands for the user message while the template's frame is measured
+
+
+def _template(tokenizer, messages: list[dict], generation: bool = True) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def _bare_user_turn(tokenizer, text_user: str) -> str | None:
+    """The template's rendering of one user turn (and the generation prompt) with nothing before it but
+    the BOS the template writes: the turn as it appears after an earlier exchange, where no template
+    inserts its default system text. None when the template cannot render that conversation."""
+    first = [{"role": "user", "content": "u0"}, {"role": "assistant", "content": "a0"}]
+    try:
+        closed = _template(tokenizer, first, generation=False)
+        conv = _template(tokenizer, [*first, {"role": "user", "content": CONTENT}])
+    except Exception:  # a template that refuses the roles or their order
+        return None
+    if not conv.startswith(closed):
+        return None
+    turn = conv[len(closed):]
+    bos = tokenizer.bos_token or ""
+    lead = bos if bos and text_user.startswith(bos) and not turn.startswith(bos) else ""
+    return lead + turn
+
+
+def chat_frame(tokenizer, system_prompt: str | None = None, stage: str = "decoder") -> tuple[str, str]:
+    """``(head, tail)``: the input text is ``head + user message + tail``.
+
+    With the tokenizer's chat template: one user turn and the generation prompt, after a system turn
+    holding ``system_prompt`` when one is given. With ``system_prompt=None`` no system text at all:
+    templates that insert a default system prompt when the messages have none (SmolLM2's "You are a
+    helpful AI assistant named SmolLM ...", Qwen2.5's, Llama-3.1's date header) get the bare user
+    turn, rendered as the template renders a later user turn. Without a chat template: a plain
+    format (``system_prompt`` first, then the message and ``Answer:``).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        head = f"{system_prompt}\n\n" if system_prompt else ""
+        return head, "\nAnswer:"
+    user = {"role": "user", "content": CONTENT}
+    if system_prompt is not None:
+        try:
+            text = _template(tokenizer, [{"role": "system", "content": system_prompt}, user])
+        except Exception as exc:
+            raise InputFrameError(f"{stage}: system_prompt is set but the model's chat template has no system turn "
+                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                                  "leave system_prompt unset (null)") from None
+    else:
+        text = _template(tokenizer, [user])
+        bare = _bare_user_turn(tokenizer, text)
+        if bare is not None and bare != text:
+            text = bare  # the template put text of its own before the user turn: left out
+    head, _, tail = text.partition(CONTENT)
+    return head, tail
+
+
+def render(tokenizer, prompt: str, response_a: str, response_b: str, system_prompt: str | None = None) -> str:
+    """The full input text (:func:`chat_frame` around :func:`user_message`)."""
+    head, tail = chat_frame(tokenizer, system_prompt)
+    return head + user_message(prompt, response_a, response_b) + tail
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -145,30 +205,39 @@ class Encoding:
 
 
 class ChatEncoding(Encoding):
-    """The decoder layout: the battle in one user message of the tokenizer's chat template."""
+    """The decoder layout: the battle in one user message of the tokenizer's chat template (after a
+    system turn only when ``system_prompt`` is given: :func:`chat_frame`)."""
 
-    def __init__(self, tokenizer, max_length: int, prompt_share: float):
+    def __init__(self, tokenizer, max_length: int, prompt_share: float, system_prompt: str | None = None,
+                 stage: str = "decoder"):
         super().__init__(tokenizer, max_length, prompt_share)
-        self.frame_tokens = len(encode_text(tokenizer, render(tokenizer, "", "", "")))
-        if self.max_length - self.frame_tokens < MIN_TEXT_TOKENS:
-            raise ValueError(
-                f"max_length={self.max_length} leaves {self.max_length - self.frame_tokens} tokens for the battle "
-                f"after the {self.frame_tokens}-token template and instructions; use at least "
-                f"{self.frame_tokens + MIN_TEXT_TOKENS}"
-            )
+        self.head, self.tail = chat_frame(tokenizer, system_prompt, stage)
+        self.frame_tokens = len(encode_text(tokenizer, self.render("", "", "")))
+        check_frame(stage, self.max_length, self.frame_tokens)
+
+    def render(self, prompt: str, response_a: str, response_b: str) -> str:
+        return self.head + user_message(prompt, response_a, response_b) + self.tail
 
     def encode_battle(self, prompt_turns, a_turns, b_turns) -> tuple[list[int], None, Truncation]:
         """Pack the texts into the budget left by the frame; shrink and retry if token merges overshoot."""
         budget = self.max_length - self.frame_tokens
         for _ in range(4):
             packed = self.pack(prompt_turns, a_turns, b_turns, budget)
-            text = render(self.tokenizer, packed.prompt, packed.response_a, packed.response_b)
-            ids = encode_text(self.tokenizer, text)
+            ids = encode_text(self.tokenizer, self.render(packed.prompt, packed.response_a, packed.response_b))
             overflow = len(ids) - self.max_length
             if overflow <= 0:
                 return ids, None, packed.truncation
             budget -= overflow
         raise ValueError(f"could not fit a battle into max_length={self.max_length} (still {overflow} tokens over)")
+
+
+def check_frame(stage: str, max_length: int, frame_tokens: int) -> None:
+    """:class:`InputFrameError` when ``max_length`` leaves under :data:`MIN_TEXT_TOKENS` tokens for the battle."""
+    if max_length - frame_tokens < MIN_TEXT_TOKENS:
+        raise InputFrameError(
+            f"{stage}: max_length={max_length} is too small for the {frame_tokens}-token input frame (chat template, "
+            f"instructions, tags, final question) plus {MIN_TEXT_TOKENS} tokens of battle; "
+            f"set max_length to at least {frame_tokens + MIN_TEXT_TOKENS}")
 
 
 class PairEncoding(Encoding):

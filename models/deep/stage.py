@@ -6,14 +6,16 @@
   (:class:`models.deep.inputs.Encoding`), device, precision;
 - ``fit``: the training rows (with the A/B-swapped copies when ``swap_augment``), the model the
   subclass builds, the Trainer (:mod:`models.deep.training`: one loss, one set of arguments, the
-  fold's checkpoint folder), callbacks, and the log history (saved as ``training_log.json``); what
+  fold's checkpoint folder), callbacks (one logs the fold's projected training time after its first
+  steps, and warns on CPU above 30 minutes), and the log history (saved as ``training_log.json``); what
   packing cut of the training battles is kept in :attr:`DeepStage.fit_truncation` and logged;
 - scoring: battles encoded, sorted by length into batches of at most ``predict_batch_size`` rows and
   ``predict_batch_tokens`` padded tokens (the encoder's default, none, leaves the row count alone to
   bound a batch), run on the device the model's weights are on, under autocast in the stage's
   precision; under a multi-process launch each rank scores its shard (:mod:`models.deep.batching`);
   optional swap TTA;
-- ``save`` (main process only: the weights, ``stage.json``, ``training_log.json``) and ``load``.
+- ``save`` (main process only: the weights, ``stage.json``, ``training_log.json``, and ``inputs.json``:
+  what packing cut of the training battles, which the run's ``metrics.json`` and report show) and ``load``.
 
 A subclass keeps only what differs: how its model is built for training (:meth:`DeepStage._build_model`)
 and restored from a saved directory (:meth:`DeepStage._load_model`), how it is written
@@ -36,6 +38,7 @@ from battles.columns import LABEL_COLUMNS, SOFT_COLUMNS
 from battles.labels import has_labels, soft_mask
 from battles.text import FIELDS
 from kernel.dist import is_main_process
+from kernel.errors import UserError
 from kernel.files import read_json, write_text
 from kernel.local_models import default_device, load_tokenizer
 from models.deep.batching import length_batches, predict_sharded
@@ -46,6 +49,7 @@ from models.stage import Stage, StageContext
 log = logging.getLogger(__name__)
 
 TRAINING_LOG = "training_log.json"
+INPUTS = "inputs.json"  # what packing did to the training battles (summarize_truncation), and the frame
 
 
 def log_loss(logits, targets) -> float:
@@ -84,6 +88,7 @@ class DeepStage(Stage):
         self.tokenizer = None
         self.log_history: list[dict] = []  # the Trainer's log of the last fit (saved as training_log.json)
         self.fit_truncation: dict | None = None  # what packing cut of the last fit's battles (summarize_truncation)
+        self.cost = None  # the last fit's CostProjection (projected_minutes)
 
     # -- set-up (in fit / load, never in __init__)
     def _setup(self) -> None:
@@ -91,9 +96,19 @@ class DeepStage(Stage):
             return
         p = self.params
         self.tokenizer = load_tokenizer(p.model, self.kind, pad_with_eos=self.pad_with_eos)
-        self.encoding = self.Encoding(self.tokenizer, p.max_length, p.prompt_share)
+        self.encoding = self.Encoding(self.tokenizer, p.max_length, p.prompt_share, **self.encoding_options())
         self.device = default_device()
         self.precision = resolve_precision(p.precision, self.device, self.kind)
+
+    def encoding_options(self) -> dict:
+        """Keyword arguments of this stage's ``Encoding`` beyond the tokenizer, ``max_length`` and ``prompt_share``."""
+        return {}
+
+    def check_inputs(self) -> None:
+        """Load the tokenizer and build the input encoding, nothing else: a setting the inputs cannot
+        honour (``max_length`` below the frame) is one :class:`models.deep.inputs.InputFrameError` line
+        here, before any model loads or battle is encoded."""
+        self._setup()
 
     def encode(self, battles: pd.DataFrame, progress: bool = False) -> EncodedBattles:
         """The stage's model inputs for ``battles`` and the truncation record of each."""
@@ -135,7 +150,7 @@ class DeepStage(Stage):
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "DeepStage":
         from transformers import DataCollatorWithPadding
 
-        from models.deep.training import PreferenceTrainer, checkpoint_folder, training_arguments
+        from models.deep.training import CostProjection, PreferenceTrainer, checkpoint_folder, training_arguments
 
         p = self.params
         if not (has_labels(train) or soft_mask(train).any()):  # before the (long) encoding pass
@@ -156,11 +171,13 @@ class DeepStage(Stage):
         self.model = self._build_model()
         args = training_arguments(p, self.precision, self.device, self.optimizer, self.context.seed,
                                   self.context.progress, **self._trainer_settings(has_eval))
+        self.cost = CostProjection(self.kind, self.device)
         with checkpoint_folder(self.context.work_dir, args) as resume:
             trainer = PreferenceTrainer(
                 model=self.model, args=args, train_dataset=train_rows, eval_dataset=valid_rows,
                 processing_class=self.tokenizer, data_collator=DataCollatorWithPadding(self.tokenizer),
-                compute_metrics=_log_loss_metric if has_eval else None, callbacks=self.training_callbacks(has_eval),
+                compute_metrics=_log_loss_metric if has_eval else None,
+                callbacks=[*self.training_callbacks(has_eval), self.cost],
                 label_smoothing=p.label_smoothing)
             trainer.train(resume_from_checkpoint=resume)
         self.model.eval()
@@ -191,6 +208,7 @@ class DeepStage(Stage):
             for idx in tqdm(batches, desc=f"{self.kind} predict", disable=not self.context.progress, leave=False):
                 batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
                 out[idx] = self.model(**batch, **self.forward_kwargs).logits.float().cpu().numpy()
+        check_finite(out, self.kind, self.precision.name)
         return out
 
     @property
@@ -221,6 +239,17 @@ class DeepStage(Stage):
         self._save_model(directory)
         self.write_stage_json(directory)
         write_text(directory / TRAINING_LOG, json.dumps(self.log_history, indent=2, default=float))
+        if self.fit_truncation is not None:
+            write_text(directory / INPUTS, json.dumps({"max_length": self.params.max_length,
+                                                       "training_battles": self.fit_truncation}, indent=1))
+
+    @classmethod
+    def saved_figures(cls, directory) -> dict:
+        """``{"truncation": summary}`` of the battles the saved model trained on (``inputs.json``), if kept."""
+        path = Path(directory) / INPUTS
+        if not path.is_file():
+            return {}
+        return {"truncation": read_json(path)["training_battles"]}
 
     @classmethod
     def _saved_params(cls, directory: Path) -> dict:
@@ -236,6 +265,22 @@ class DeepStage(Stage):
         log_path = directory / TRAINING_LOG
         stage.log_history = read_json(log_path) if log_path.exists() else []
         return stage
+
+
+class NonFiniteLogitsError(UserError, FloatingPointError):
+    """A deep stage predicted NaN or infinite logits (one line: the stage, how many battles, what to change)."""
+
+
+def check_finite(logits: np.ndarray, stage: str, precision: str) -> None:
+    """:class:`NonFiniteLogitsError` unless every logit is finite: a NaN row must not reach the ensemble."""
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        rule = ("under fp16 only the projections compute in fp16 and the residual stream stays in fp32 "
+                "(docs/deep_stages.md, 'The fp16 rule'), so a projection's own output overflowed"
+                if precision == "fp16" else "the weights or inputs hold NaN/inf")
+        raise NonFiniteLogitsError(
+            f"{stage}: {int(bad.sum())} of {len(logits)} battles got NaN/inf logits at precision {precision} "
+            f"(first row {int(np.flatnonzero(bad)[0])}); {rule}; try precision bf16 (GPUs with native bf16) or fp32")
 
 
 def _cut_line(summary: dict) -> str:

@@ -24,11 +24,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from kernel.dist import is_main_process, wait_for_everyone
@@ -89,6 +90,39 @@ class PreferenceTrainer(Trainer):
         finally:
             release_optimizer(self.optimizer, self.model)
             self.optimizer = self.lr_scheduler = None
+
+
+class CostProjection(TrainerCallback):
+    """Logs the fold's projected training time once the first optimizer steps are timed: the pace of steps
+    2..``1 + timed`` (the first step also pays for warm-up) times the steps left, plus the time spent. On
+    CPU, a warning above ``warn_minutes`` says how to shorten it (``max_steps``, ``max_length``, a GPU)."""
+
+    timed = 2  # optimizer steps timed after the first
+    WARN_MINUTES = 30.0  # on CPU, warn when a fold's training is projected to take longer
+
+    def __init__(self, stage: str, device: torch.device, warn_minutes: float | None = None):
+        self.stage, self.device = stage, device
+        self.warn_minutes = self.WARN_MINUTES if warn_minutes is None else warn_minutes
+        self.start = self.after_first = None
+        self.projected_minutes: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step = time.monotonic(), state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = state.global_step - self.first_step
+        if done == 1:
+            self.after_first = time.monotonic()
+        elif done == 1 + self.timed and self.projected_minutes is None and self.after_first is not None:
+            now = time.monotonic()
+            pace = (now - self.after_first) / self.timed
+            self.projected_minutes = ((now - self.start) + pace * max(state.max_steps - state.global_step, 0)) / 60
+            log.info("%s: projected %.1f min for this fold's training (%d optimizer steps, %.1f s per step on %s)",
+                     self.stage, self.projected_minutes, state.max_steps, pace, self.device)
+            if self.device.type == "cpu" and self.projected_minutes > self.warn_minutes:
+                log.warning("%s: this fold's training will take about %.0f min on CPU (%d steps of %.1f s); for a "
+                            "short run lower max_steps or max_length, train fewer folds, or use a GPU",
+                            self.stage, self.projected_minutes, state.max_steps, pace)
 
 
 def release_optimizer(optimizer, model) -> None:
