@@ -57,8 +57,9 @@ WRITE_SECONDS = 1.0  # writing the output: a fixed part ...
 WRITE_SECONDS_PER_ROW = 1e-4  # ... and a part per row (two small CSV files)
 BUDGET_CHUNKS = 20  # a budgeted prediction is cut into about this many chunks
 MIN_CHUNK, MAX_CHUNK = 8, 2048
+PROBE = 2  # battles in the first chunk: timed before the projection exists, so kept small
 DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
-STEP_2_NOTE = "step 2 (a shorter max_length for the longest battles) is not implemented: the plan goes from step 1 to 3"
+STEP_2_NOTE = "a shorter max_length for the longest battles: not implemented in this version, the plan goes from 1 to 3"
 
 
 class BudgetError(UserError, ValueError):
@@ -102,6 +103,11 @@ def chunk_size(n_rows: int) -> int:
     return max(MIN_CHUNK, min(MAX_CHUNK, -(-n_rows // BUDGET_CHUNKS)))
 
 
+def chunk_starts(n_rows: int) -> list[int]:
+    """Where each chunk starts: a probe of :data:`PROBE` battles, then chunks of :func:`chunk_size`."""
+    return [0, *range(min(PROBE, n_rows), n_rows, chunk_size(n_rows))] if n_rows else []
+
+
 def two_pass_stage(spec) -> bool:
     """Whether a stage scores the two A/B orders by two forward passes (step 1 applies to it): a stage
     type that keeps the base ``predict_both_orders`` (the deep stages), with ``swap_tta`` on."""
@@ -112,14 +118,16 @@ def two_pass_stage(spec) -> bool:
 # ------------------------------------------------------------------------------------------- the plan
 @dataclass
 class Costs:
-    """Measured seconds per battle of each stage: per order for a two-pass stage, else per battle."""
+    """Measured seconds per battle of each stage (per order for a two-pass stage, else per battle), from
+    its latest chunk: the first (a probe of :data:`PROBE` battles) carries warm-up costs that later
+    chunks do not."""
 
     seconds: dict = field(default_factory=dict)
     units: dict = field(default_factory=dict)
 
     def add(self, name: str, seconds: float, units: int) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-        self.units[name] = self.units.get(name, 0) + units
+        if units:
+            self.seconds[name], self.units[name] = seconds, units
 
     def known(self, names) -> bool:
         return all(self.units.get(n) for n in names)
@@ -135,8 +143,10 @@ def per_battle(costs: Costs, names, two_pass: set, fraction: float) -> float:
 
 def choose(costs: Costs, active: list, two_pass: set, remaining: int, chunk: int, available: float):
     """The plan for the next chunk: ``(fraction, active)``: the share of battles that get the second A/B
-    order in two-pass stages (step 1) and the stages still running (step 3 drops the costliest while the
-    rows after this chunk would not fit without dropping it)."""
+    order in two-pass stages (step 1) and the stages that run on it (step 3 keeps the costliest of
+    ``active`` while the chunk with it and the rows after without it still fit, else drops it and looks
+    at the next costliest). The caller passes every stage each time: a projection that improves brings
+    a dropped stage back."""
     if remaining <= 0 or remaining * per_battle(costs, active, two_pass, 1.0) <= available:
         return 1.0, list(active)
     doubled = [n for n in active if n in two_pass]
@@ -263,32 +273,34 @@ def predict_within(predictor, battles: pd.DataFrame, budget: Budget) -> BudgetRe
         log.info("budget: " + message, *args)
 
     say("%.0f s for %d battles (%.0f s left after loading; %.0f s kept free: %.0f%% of the budget and the time "
-        "to write); chunks of %d. Plan if the projection does not fit: 1. the second A/B order only on the least "
-        "confident battles of %s; 2. not implemented (%s); 3. drop the costliest stage on the rows it has not "
-        "reached, those rows get a fallback ensemble over the stages they have", budget.seconds, n, budget.left(),
-        keep, SAFETY * 100, size, "+".join(sorted(two_pass)) or "(no two-pass stage)", STEP_2_NOTE.split(": ")[0],)
+        "to write); chunks of %d, the projection re-checked after each. Plan where it does not fit: 1. the second "
+        "A/B order only on the least confident battles of %s; 2. (%s); 3. drop the costliest stage on the rows it "
+        "has not reached, those rows get a fallback ensemble over the stages they have", budget.seconds, n,
+        budget.left(), keep, SAFETY * 100, size, "+".join(sorted(two_pass)) or "(no two-pass stage)", STEP_2_NOTE)
     out = {nm: np.zeros((n, 3)) for nm in names}
     have = {nm: np.zeros(n, dtype=bool) for nm in names}
     one_order = np.zeros(n, dtype=bool)
     costs, fallbacks = Costs(), Fallbacks(predictor)
     active, fraction, last = list(names), 1.0, None
-    for start in range(0, n, size):
-        chunk = battles.iloc[start:start + size]
-        rows = np.arange(start, start + len(chunk))
+    starts = chunk_starts(n)
+    for start, end in zip(starts, [*starts[1:], n]):
+        chunk = battles.iloc[start:end]
+        rows = np.arange(start, end)
         remaining = n - start
-        if costs.known(active) and active:
+        if costs.known(names):
             available = budget.left() - keep - fallbacks.fit_seconds
-            fraction, now_active = choose(costs, active, two_pass, remaining, len(chunk), available)
+            fraction, now_active = choose(costs, names, two_pass, remaining, len(chunk), available)
             projected = remaining * per_battle(costs, now_active, two_pass, fraction)
             plan = (round(fraction, 3), tuple(now_active))
             if plan != last:
                 say("after %d battles: %.0f s left (%.0f s usable), the rest projected at %.0f s with %s on %s",
                     start, budget.left(), available, projected,
-                    "both orders" if fraction >= 1 else f"the second order on {fraction:.0%} of battles",
+                    "both orders" if fraction >= 1 or not two_pass & set(now_active) else
+                    f"the second order on {fraction:.0%} of battles",
                     "+".join(now_active) or "no stage")
-                dropped = [nm for nm in active if nm not in now_active]
+                dropped = [nm for nm in names if nm not in now_active]
                 if dropped:
-                    say("dropping %s from battle %d on (step 3)", "+".join(dropped), start)
+                    say("%s not run from battle %d on (step 3)", "+".join(dropped), start)
                 last = plan
             if (fraction < 1 or len(now_active) < len(names)) and not fallbacks.models and len(names) > 1:
                 costliest = max(names, key=lambda nm: (costs.per(nm), nm))
