@@ -290,14 +290,18 @@ def predict_within(predictor, battles: pd.DataFrame, budget: Budget) -> BudgetRe
         if costs.known(names):
             available = budget.left() - keep - fallbacks.fit_seconds
             fraction, now_active = choose(costs, names, two_pass, remaining, len(chunk), available)
-            projected = remaining * per_battle(costs, now_active, two_pass, fraction)
-            plan = (round(fraction, 3), tuple(now_active))
+            full_cost = remaining * per_battle(costs, names, two_pass, 1.0)
+            plan = (round(fraction, 2), tuple(now_active))
             if plan != last:
-                say("after %d battles: %.0f s left (%.0f s usable), the rest projected at %.0f s with %s on %s",
-                    start, budget.left(), available, projected,
-                    "both orders" if fraction >= 1 or not two_pass & set(now_active) else
-                    f"the second order on {fraction:.0%} of battles",
-                    "+".join(now_active) or "no stage")
+                if fraction >= 1 and len(now_active) == len(names):
+                    how = "the full plan fits"
+                elif len(now_active) == len(names) and fraction > 0:
+                    how = f"step 1: the second A/B order on the least confident {fraction:.0%} of battles"
+                else:
+                    how = (f"step 3: one A/B order, and {'+'.join(now_active) or 'no stage'} on the next chunk "
+                           "(the costliest runs while the rows after it would fit without it)")
+                say("after %d battles: %.0f s left, %.0f s usable; the rest in full projected at %.0f s: %s",
+                    start, budget.left(), available, full_cost, how)
                 dropped = [nm for nm in names if nm not in now_active]
                 if dropped:
                     say("%s not run from battle %d on (step 3)", "+".join(dropped), start)
