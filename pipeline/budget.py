@@ -27,7 +27,10 @@ A stage is also skipped on a chunk whenever its projected time on that chunk wou
 reserve, so the submission is always written, whole, before the budget ends. Every row's treatment
 is recorded (:func:`treatment_frame`: ``full``, ``one_order``, ``fallback:<stages>``, ``prior``,
 joined by ``;``), the plan and each change of it are logged, and :attr:`BudgetResult.summary` is the
-one line that says what was degraded. Without a budget nothing of this runs.
+one line that says what was degraded. Without a budget nothing of this runs; with a budget the full
+plan fits, the probabilities are those of :meth:`pipeline.predict.Predictor.predict_proba` (the stages'
+answers do not depend on the chunking). A budgeted prediction runs in one process (under a
+multi-process launch each rank would choose its own plan): it is refused there.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -45,6 +49,7 @@ from battles.labels import label_index_or_missing, swap_battles, swap_columns
 from ensemble.calibrators import calibrator_from_json
 from ensemble.meta import meta_features
 from ensemble.stacking import Candidate
+from kernel.dist import launched_processes
 from kernel.errors import UserError
 from models.stage import Stage, average_logits, combine_orders, stage_class
 from battles.columns import LABEL_COLUMNS
@@ -252,10 +257,8 @@ def treatment_frame(ids, treatment) -> pd.DataFrame:
     return pd.DataFrame({"id": [str(i) for i in ids], "treatment": list(treatment)})
 
 
-def treatment_path(submission) -> "Path":  # noqa: F821
+def treatment_path(submission) -> Path:
     """The treatment file written next to a submission: ``<stem>.treatment.csv``."""
-    from pathlib import Path
-
     path = Path(submission)
     return path.with_name(f"{path.stem}.treatment.csv")
 
@@ -263,6 +266,9 @@ def treatment_path(submission) -> "Path":  # noqa: F821
 def predict_within(predictor, battles: pd.DataFrame, budget: Budget) -> BudgetResult:
     """Every battle's probabilities, degraded by the plan (module docstring) so that writing them ends
     inside ``budget``."""
+    if launched_processes() > 1:
+        raise BudgetError("--budget: a budgeted prediction runs in one process (each rank would time its own shard "
+                          "and choose its own plan); run predict without a multi-process launcher")
     n, names, specs = len(battles), list(predictor.stage_names), predictor.specs
     two_pass = {nm for nm in names if two_pass_stage(specs[nm])}
     size, keep = chunk_size(n), reserve(budget, n)

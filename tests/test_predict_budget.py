@@ -139,3 +139,21 @@ def test_the_plan_degrades_in_order():
     assert choose(costs, *args, available=1.0) == (0.0, ["cheap"])
     assert choose(costs, *args, available=0.5) == (0.0, ["cheap"])  # the rest would get the prior
     assert choose(costs, *args, available=0.05) == (0.0, [])
+
+
+def test_the_fallback_keeps_the_saved_ensembles_method():
+    from types import SimpleNamespace
+
+    from ensemble.stacking import Candidate
+    from pipeline.budget import Fallbacks
+
+    def fallback(model, stages=("a", "b", "c")):
+        return Fallbacks(SimpleNamespace(ensemble=SimpleNamespace(model=model, stages=list(stages))))
+
+    logistic = fallback({"kind": "logistic", "C": 0.1, "meta": True})
+    assert logistic.candidate(["a", "b"]) == Candidate("logistic", None, 0.1, True)
+    assert fallback({"kind": "weighted"}).candidate(["a", "b"]) == Candidate("weighted")
+    assert fallback({"kind": "weighted"}).candidate(["a"]) == Candidate("temperature", None)  # one stage
+    picked = fallback({"kind": "temperature", "stages": [1, 2]})  # the average of b and c
+    assert picked.candidate(["a", "c"]) == Candidate("temperature", (1,))
+    assert picked.candidate(["a"]) == Candidate("temperature", None)
