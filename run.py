@@ -275,6 +275,9 @@ def _stacker_section(path) -> dict:
 
 
 def _cmd_predict(args) -> int:
+    import time
+
+    started = time.monotonic()  # a budget counts from here: the imports below, reading and loading included
     from battles.io import read_battles
     from kernel.files import check_output_file
     from pipeline.checks import run_overlap_warning
@@ -285,7 +288,7 @@ def _cmd_predict(args) -> int:
     if args.budget is not None:
         from pipeline.budget import Budget, parse_duration, treatment_path
 
-        budget = Budget(parse_duration(args.budget))  # counts from here: reading and loading included
+        budget = Budget(parse_duration(args.budget), started=started)
         treatment = check_output_file(treatment_path(args.out), args.overwrite)
     out = check_output_file(args.out, args.overwrite)
     battles, _ = read_battles(args.test, require_labels=False)

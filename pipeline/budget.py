@@ -1,9 +1,10 @@
 """Predicting within a time budget: ``run.py predict --budget 8h30m``.
 
 The budget counts from the start of the command (reading the battles and loading the models
-included). The predictor cuts the battles into small chunks (about :data:`BUDGET_CHUNKS` of them, so
-the projection has something to re-check), times every stage on every chunk, and after each chunk
-projects the rest of the job from the stages' measured seconds per battle. When the rest would not
+included). The predictor cuts the battles into small chunks (a probe of :data:`PROBE` battles, chunks
+doubling from there to about 1/:data:`BUDGET_CHUNKS` of the job, so the projection has something to
+re-check), times every stage on every chunk, and after each chunk projects the rest of the job from
+the stages' measured seconds per battle on the latest chunk (:class:`Costs`). When the rest would not
 fit in what is left of the budget less a reserve (:func:`reserve`: :data:`SAFETY` of the budget plus
 the time to write the output), it degrades by this ordered plan, going only as far as it must:
 
@@ -62,7 +63,7 @@ WRITE_SECONDS = 1.0  # writing the output: a fixed part ...
 WRITE_SECONDS_PER_ROW = 1e-4  # ... and a part per row (two small CSV files)
 BUDGET_CHUNKS = 20  # a budgeted prediction is cut into about this many chunks
 MIN_CHUNK, MAX_CHUNK = 8, 2048
-PROBE = 2  # battles in the first chunk: timed before the projection exists, so kept small
+PROBE = 2  # battles in the first chunk: timed before any projection exists, so kept small
 DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 STEP_2_NOTE = "a shorter max_length for the longest battles: not implemented in this version, the plan goes from 1 to 3"
 
@@ -109,8 +110,14 @@ def chunk_size(n_rows: int) -> int:
 
 
 def chunk_starts(n_rows: int) -> list[int]:
-    """Where each chunk starts: a probe of :data:`PROBE` battles, then chunks of :func:`chunk_size`."""
-    return [0, *range(min(PROBE, n_rows), n_rows, chunk_size(n_rows))] if n_rows else []
+    """Where each chunk starts: a probe of :data:`PROBE` battles, chunks doubling from there up to
+    :func:`chunk_size`, then chunks of that size."""
+    starts, size, start = [], PROBE, 0
+    while start < n_rows:
+        starts.append(start)
+        start += size
+        size = min(2 * size, chunk_size(n_rows))
+    return starts
 
 
 def two_pass_stage(spec) -> bool:
@@ -123,22 +130,29 @@ def two_pass_stage(spec) -> bool:
 # ------------------------------------------------------------------------------------------- the plan
 @dataclass
 class Costs:
-    """Measured seconds per battle of each stage (per order for a two-pass stage, else per battle), from
-    its latest chunk: the first (a probe of :data:`PROBE` battles) carries warm-up costs that later
-    chunks do not."""
+    """Measured seconds per battle of each stage (per order for a two-pass stage, else per battle): the
+    latest chunk's (the largest so far: chunks grow from a small probe, so a fixed cost per call weighs
+    less and less) for projections, and the whole run's so far for ranking the stages by cost (stable
+    from chunk to chunk)."""
 
-    seconds: dict = field(default_factory=dict)
-    units: dict = field(default_factory=dict)
+    latest: dict = field(default_factory=dict)
+    total: dict = field(default_factory=dict)
 
     def add(self, name: str, seconds: float, units: int) -> None:
         if units:
-            self.seconds[name], self.units[name] = seconds, units
+            self.latest[name] = seconds / units
+            spent, done = self.total.get(name, (0.0, 0))
+            self.total[name] = (spent + seconds, done + units)
 
     def known(self, names) -> bool:
-        return all(self.units.get(n) for n in names)
+        return all(n in self.latest for n in names)
 
     def per(self, name: str) -> float:
-        return self.seconds[name] / self.units[name]
+        return self.latest[name]
+
+    def rank(self, name: str) -> float:
+        spent, done = self.total[name]
+        return spent / done
 
 
 def per_battle(costs: Costs, names, two_pass: set, fraction: float) -> float:
@@ -161,7 +175,7 @@ def choose(costs: Costs, active: list, two_pass: set, remaining: int, chunk: int
             return min(1.0, spare / sum(costs.per(n) for n in doubled)), list(active)
     active = list(active)
     while active:
-        costliest = max(active, key=lambda n: (costs.per(n), n))
+        costliest = max(active, key=lambda n: (costs.rank(n), n))
         rest = [n for n in active if n != costliest]
         if chunk * per_battle(costs, active, two_pass, 0.0) + \
                 (remaining - chunk) * per_battle(costs, rest, two_pass, 0.0) <= available:
@@ -313,7 +327,7 @@ def predict_within(predictor, battles: pd.DataFrame, budget: Budget) -> BudgetRe
                     say("%s not run from battle %d on (step 3)", "+".join(dropped), start)
                 last = plan
             if (fraction < 1 or len(now_active) < len(names)) and not fallbacks.models and len(names) > 1:
-                costliest = max(names, key=lambda nm: (costs.per(nm), nm))
+                costliest = max(names, key=lambda nm: (costs.rank(nm), nm))
                 try:  # fitted ahead: its time is then known (and kept free for another set at the end)
                     fallbacks.model([nm for nm in names if nm != costliest])
                 except BudgetError as exc:

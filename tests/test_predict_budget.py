@@ -15,7 +15,7 @@ import run as cli  # noqa: E402
 from battles.columns import LABEL_COLUMNS  # noqa: E402
 from models.encoder import EncoderStage  # noqa: E402
 from pipeline.predict import Predictor  # noqa: E402
-from pipeline.budget import Costs, choose, parse_duration, treatment_path  # noqa: E402
+from pipeline.budget import Costs, choose, chunk_starts, parse_duration, treatment_path  # noqa: E402
 from tests.tiny_models import build_deberta  # noqa: E402
 
 SLOW = 0.1  # seconds per battle and A/B order added to the encoder's forward passes
@@ -157,3 +157,10 @@ def test_the_fallback_keeps_the_saved_ensembles_method():
     picked = fallback({"kind": "temperature", "stages": [1, 2]})  # the average of b and c
     assert picked.candidate(["a", "c"]) == Candidate("temperature", (1,))
     assert picked.candidate(["a"]) == Candidate("temperature", None)
+
+
+def test_chunks_grow_from_a_probe_and_cover_every_row():
+    assert chunk_starts(64) == [0, 2, 6, 14, 22, 30, 38, 46, 54, 62]  # 2, 4, 8, then chunks of 8
+    assert chunk_starts(1) == [0] and chunk_starts(0) == []
+    starts = chunk_starts(100_000)
+    assert starts[:4] == [0, 2, 6, 14] and np.diff(starts).max() == 2048 and starts[-1] < 100_000
