@@ -16,7 +16,8 @@ the time to write the output), it degrades by this ordered plan, going only as f
    from step 1 to step 3 (the log says so).
 3. **Dropping the costliest stage on the rows it has not reached.** The costliest stage (by measured
    seconds per battle) keeps running chunk by chunk while the rows after the chunk could still be
-   done without it; from then on it is dropped (and the next costliest, should that not be enough).
+   done without it; then it is dropped (and the next costliest, should that not be enough), until a
+   later projection has room for it again.
    Rows without every stage of the saved ensemble get a *fallback ensemble* over the stages they
    have: the saved ensemble's method (the same calibrator kind, C and meta features; a weighted
    average of one stage is its temperature scaling) fitted on the run's stored out-of-fold logits of
