@@ -164,3 +164,26 @@ def test_chunks_grow_from_a_probe_and_cover_every_row():
     assert chunk_starts(1) == [0] and chunk_starts(0) == []
     starts = chunk_starts(100_000)
     assert starts[:4] == [0, 2, 6, 14] and np.diff(starts).max() == 2048 and starts[-1] < 100_000
+
+
+def test_step_1_keeps_both_orders_only_on_the_least_confident(budget_run, plain):
+    """One A/B order on a stage's folds: all battles with the second order is the stage's answer; none is the
+    given order's average; in between, exactly the smallest-margin battles get the second order."""
+    from battles.io import read_battles
+    from pipeline.budget import one_order_logits
+
+    models = Predictor.load(budget_run / "run", progress=False).stage_models["encoder"]
+    battles = read_battles(budget_run / "test.csv", require_labels=False)[0].iloc[:12]
+    both, second = one_order_logits(models, battles, 1.0)
+    assert second.all()
+    np.testing.assert_allclose(both, models.predict_logits(battles), atol=1e-6)
+    straight, second = one_order_logits(models, battles, 0.0)
+    assert not second.any()
+    half, second = one_order_logits(models, battles, 0.5)
+    assert second.sum() == 6
+    np.testing.assert_allclose(half[~second], straight[~second], atol=1e-12)
+    np.testing.assert_allclose(half[second], both[second], atol=1e-6)
+    probs = np.sort(np.exp(straight - straight.max(axis=1, keepdims=True)), axis=1)
+    probs /= probs.sum(axis=1, keepdims=True)
+    margin = probs[:, -1] - probs[:, -2]
+    assert margin[second].max() <= margin[~second].min()
