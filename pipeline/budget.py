@@ -23,7 +23,9 @@ the time to write the output), it degrades by this ordered plan, going only as f
    average of one stage is its temperature scaling) fitted on the run's stored out-of-fold logits of
    those stages, on the labelled training rows they all cover (the labels read from the training file
    the run recorded). The fit is deterministic (the same files give the same fallback) and logged.
-   A row no stage reached (the budget ran out) gets the saved ensemble's mean out-of-fold probability.
+   A row no stage reached (the budget ran out), or whose fallback cannot be fitted (no training file,
+   no out-of-fold logits: an exported bundle keeps neither), gets the saved ensemble's mean
+   out-of-fold probability (``prior``; a third each where the run keeps none).
 
 A stage is also skipped on a chunk whenever its projected time on that chunk would eat into the
 reserve, so the submission is always written, whole, before the budget ends. Every row's treatment
@@ -239,7 +241,12 @@ class Fallbacks:
             rows = y >= 0
             logits = []
             for n in names:
-                table = read_id_table(self.predictor.run.stage(n).oof_logits).set_index("id")
+                path = self.predictor.run.stage(n).oof_logits
+                try:
+                    table = read_id_table(path).set_index("id")
+                except (OSError, ValueError) as exc:  # an exported bundle keeps no out-of-fold logits
+                    raise BudgetError(f"{path}: the stage's out-of-fold logits are needed for a fallback "
+                                      f"ensemble: {exc}") from None
                 oof = table.reindex(ids)[LOGIT_COLUMNS].to_numpy(dtype=np.float64)
                 rows &= ~np.isnan(oof).any(axis=1)
                 logits.append(oof)
@@ -254,9 +261,15 @@ class Fallbacks:
         return self.models[key]
 
     def prior(self) -> np.ndarray:
-        """The saved ensemble's mean out-of-fold probability (for rows no stage reached)."""
-        table = read_id_table(self.predictor.run.oof_probs)
-        return table[LABEL_COLUMNS].to_numpy(dtype=np.float64).mean(axis=0)
+        """The saved ensemble's mean out-of-fold probability (for rows no stage reached); a third each
+        where the run keeps none (an exported bundle)."""
+        try:
+            table = read_id_table(self.predictor.run.oof_probs)
+            prior = table[LABEL_COLUMNS].to_numpy(dtype=np.float64).mean(axis=0)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("budget: no out-of-fold probabilities to take a prior from (%s): a third each", exc)
+            return np.full(3, 1 / 3)
+        return prior / prior.sum() if np.isfinite(prior).all() and prior.sum() > 0 else np.full(3, 1 / 3)
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -339,10 +352,10 @@ def predict_within(predictor, battles: pd.DataFrame, budget: Budget) -> BudgetRe
         for nm in names:
             if nm not in active:
                 continue
-            if costs.known([nm]):  # the guard: never eat into the reserve
-                est = len(chunk) * costs.per(nm) * ((1 + fraction) if nm in two_pass else 1)
-                if est > budget.left() - keep:
-                    continue
+            # the guard: never eat into the reserve (a stage not timed yet runs while some time is left)
+            est = len(chunk) * costs.per(nm) * ((1 + fraction) if nm in two_pass else 1) if costs.known([nm]) else 0.0
+            if est > budget.left() - keep or budget.left() <= keep:
+                continue
             t0 = budget.clock()
             if nm in two_pass and fraction < 1:
                 logits, second = one_order_logits(predictor.stage_models[nm], chunk, fraction)

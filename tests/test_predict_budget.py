@@ -187,3 +187,27 @@ def test_step_1_keeps_both_orders_only_on_the_least_confident(budget_run, plain)
     probs /= probs.sum(axis=1, keepdims=True)
     margin = probs[:, -1] - probs[:, -2]
     assert margin[second].max() <= margin[~second].min()
+
+
+def test_without_the_training_file_or_oof_files_the_rows_get_the_prior(budget_run, tmp_path):
+    """A run moved away from its training file and out-of-fold tables (as an exported bundle is) still
+    writes a complete submission: the rows without every stage get the prior, said in the log."""
+    import shutil
+
+    from pipeline.budget import Budget, Fallbacks
+    from pipeline.rundir import RunDir
+
+    moved = tmp_path / "run"
+    shutil.copytree(budget_run / "run", moved)
+    for path in [*moved.glob("stages/*/oof_logits.csv"), moved / "ensemble" / "oof_probs.csv"]:
+        path.unlink()
+    predictor = Predictor.load(moved, progress=False)
+    fallbacks = Fallbacks(predictor)
+    with pytest.raises(Exception, match="out-of-fold logits are needed"):
+        fallbacks.model(["length_lr"])
+    np.testing.assert_array_equal(fallbacks.prior(), np.full(3, 1 / 3))
+    assert RunDir(moved).record()["train_path"]  # the training file is still there: the OOF tables are not
+    battles = pd.read_csv(budget_run / "test.csv", dtype=str).iloc[:6]
+    result = predictor.predict_within(battles, Budget(1e-3))  # spent at once: no stage runs
+    assert np.isfinite(result.probs).all() and np.allclose(result.probs, 1 / 3)
+    assert set(result.treatment) == {"prior"} and "degraded 6 of 6 battles (6 prior)" in result.summary
