@@ -332,7 +332,8 @@ def predict_within(predictor, battles: pd.DataFrame, budget: Budget) -> BudgetRe
                 elif len(now_active) == len(names) and fraction > 0:
                     how = f"step 1: the second A/B order on the least confident {fraction:.0%} of battles"
                 else:
-                    how = (f"step 3: one A/B order, and {'+'.join(now_active) or 'no stage'} on the next chunk "
+                    how = (f"step 3: {'one A/B order, and ' if two_pass else ''}"
+                           f"{'+'.join(now_active) or 'no stage'} on the next chunk "
                            "(the costliest runs while the rows after it would fit without it)")
                 say("after %d battles: %.0f s left, %.0f s usable; the rest in full projected at %.0f s: %s",
                     start, budget.left(), available, full_cost, how)
