@@ -66,6 +66,7 @@ WRITE_SECONDS = 1.0  # writing the output: a fixed part ...
 WRITE_SECONDS_PER_ROW = 1e-4  # ... and a part per row (two small CSV files)
 BUDGET_CHUNKS = 20  # a budgeted prediction is cut into about this many chunks
 MIN_CHUNK, MAX_CHUNK = 8, 2048
+HEADROOM = 1.5  # step 3 keeps the costliest stage for a chunk only with this margin on the chunk's projected time
 PROBE = 2  # battles in the first chunk: timed before any projection exists, so kept small
 DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
 STEP_2_NOTE = "a shorter max_length for the longest battles: not implemented in this version, the plan goes from 1 to 3"
@@ -180,7 +181,7 @@ def choose(costs: Costs, active: list, two_pass: set, remaining: int, chunk: int
     while active:
         costliest = max(active, key=lambda n: (costs.rank(n), n))
         rest = [n for n in active if n != costliest]
-        if chunk * per_battle(costs, active, two_pass, 0.0) + \
+        if HEADROOM * chunk * per_battle(costs, active, two_pass, 0.0) + \
                 (remaining - chunk) * per_battle(costs, rest, two_pass, 0.0) <= available:
             break
         active = rest

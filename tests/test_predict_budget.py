@@ -95,8 +95,10 @@ def test_a_budget_too_small_degrades_and_finishes_inside_it(budget_run, plain, t
     kinds = set(";".join(treatment["treatment"]).split(";"))
     assert kinds <= {"full", "one_order", "fallback:length_lr", "prior"}
     assert "one_order" in kinds  # step 1 in full: the encoder's rows before it was dropped have one A/B order
-    assert "fallback:length_lr" in kinds  # step 3: the encoder dropped on the rows it did not reach
-    assert "degraded" in printed and "one_order" in printed and "fallback:length_lr" in printed
+    # step 3: the encoder dropped on the rows it did not reach (they get the fallback over length_lr, or the
+    # prior where a late encoder chunk left no time for length_lr either: timing on a busy machine)
+    assert kinds & {"fallback:length_lr", "prior"}
+    assert "degraded" in printed and "one_order" in printed
     # the rows that kept both orders and every stage have the plain submission's answer
     full = (treatment["treatment"] == "full").to_numpy()
     assert full.any()
