@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--test", required=True, help="battles to predict (.csv/.parquet/.jsonl; labels ignored)")
     pr.add_argument("--base-dir", help="an exported bundle's base checkpoints live here (DIR/<name>, or DIR itself)")
     output_file(pr, "the CSV to write (id + winner_* columns)")
+    pr.add_argument("--budget", metavar="DURATION",
+                    help="finish within this wall time (e.g. 90s, 45m, 8h30m, 1.5h), counted from the start: degrade "
+                         "by the stated plan where needed; writes <out stem>.treatment.csv (each row's treatment) too")
     loudness(pr)
     ev = sub.add_parser("evaluate", help="score a finished run on labelled battles (each stage and the ensemble: log "
                                          "loss with a 90%% interval, accuracy, reliability, subgroups); writes "
@@ -332,17 +335,36 @@ def _stacker_section(path) -> dict:
 
 
 def _cmd_predict(args) -> int:
+    import time
+
+    started = time.monotonic()  # a budget counts from here: the imports below, reading and loading included
     from battles.io import read_battles
     from kernel.files import check_output_file
     from pipeline.checks import run_overlap_warning
     from pipeline.predict import Predictor
     from pipeline.rundir import write_probs
 
+    budget = None
+    if args.budget is not None:
+        from pipeline.budget import Budget, parse_duration, treatment_path
+
+        budget = Budget(parse_duration(args.budget), started=started)
+        treatment = check_output_file(treatment_path(args.out), args.overwrite)
     out = check_output_file(args.out, args.overwrite)
     battles, _ = read_battles(args.test, require_labels=False)
     predictor = Predictor.load(args.run, progress=not args.quiet, base_dir=args.base_dir)
     run_overlap_warning(predictor.run, battles, f"--test {args.test}")
-    write_probs(out, battles["id"], predictor.predict_proba(battles))
+    if budget is None:
+        write_probs(out, battles["id"], predictor.predict_proba(battles))
+    else:
+        from kernel.files import write_atomic
+        from pipeline.budget import treatment_frame
+
+        result = predictor.predict_within(battles, budget)
+        write_probs(out, battles["id"], result.probs)
+        frame = treatment_frame(battles["id"], result.treatment)
+        write_atomic(treatment, lambda p: frame.to_csv(p, index=False))
+        print(f"{result.summary}; treatments in {treatment}")
     print(f"wrote {len(battles)} predictions to {out} (ensemble: {predictor.ensemble.chosen})")
     return 0
 

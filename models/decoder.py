@@ -200,6 +200,11 @@ class _Adapter:
     def tta_from_orders(self) -> bool:
         return self.stage.tta_from_orders
 
+    def predict_one_order(self, battles: pd.DataFrame) -> np.ndarray:
+        """The given A/B order only, with this fold's adapter (a budgeted prediction's step 1)."""
+        self.stage.model.set_adapter(self.name)
+        return self.stage.predict_one_order(battles)
+
     def predict_both_orders(self, battles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Both A/B orders with this fold's adapter (what :func:`models.stage.predict_with_orders` asks for)."""
         self.stage.model.set_adapter(self.name)

@@ -161,6 +161,14 @@ class Predictor:
         battles = as_battles(data)
         return probs_frame(battles["id"], self._proba(battles))
 
+    def predict_within(self, data, budget):
+        """Probabilities for ``data`` that are ready before ``budget`` (a :class:`pipeline.budget.Budget`)
+        ends, degraded by the stated plan where the projection says they would not be: a
+        :class:`pipeline.budget.BudgetResult` (probabilities, each row's treatment, a one-line summary)."""
+        from pipeline.budget import predict_within
+
+        return predict_within(self, as_battles(data), budget)
+
     def _proba(self, battles: pd.DataFrame) -> np.ndarray:
         return self.ensemble_proba(battles, dict(zip(self.stage_names, self.stage_logits(battles))))
 
