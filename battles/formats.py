@@ -256,8 +256,9 @@ def _has_escaped_bytes(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` per non-blank line, the provenance line skipped; errors name the line."""
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` per non-blank line of a JSONL file (gzip too), the provenance line skipped;
+    a line that is not UTF-8 or not a JSON object is one error naming the file and line."""
     first = True
     with _open_binary(path) as f:
         for line_no, raw in enumerate(f, start=1):
@@ -304,7 +305,7 @@ def provenance_of(path) -> dict | None:
 
 def _jsonl_frames(path: Path, rows: int, start: int, columns) -> Iterator[tuple[int, pd.DataFrame]]:
     records, first, index = [], start, 0
-    for _, record in _jsonl_records(path):
+    for _, record in jsonl_records(path):
         index += 1
         if index <= start:
             continue
@@ -409,7 +410,7 @@ def count_rows(path) -> int:
         if kind == "parquet":
             return _parquet_file(path).metadata.num_rows
         if kind == "jsonl":
-            return sum(1 for _ in _jsonl_records(path))
+            return sum(1 for _ in jsonl_records(path))
         if kind == "json":
             return sum(len(frame) for _, frame in _json_frames(path, 1 << 16, 0, None))
         # quoted CSV cells may hold newlines: the CSV parser counts rows, reading one column

@@ -36,7 +36,7 @@ from scipy.special import softmax
 from tqdm.auto import tqdm
 
 from battles.columns import TEXT_COLUMNS
-from battles.formats import check_regular_file
+from battles.formats import check_regular_file, jsonl_records
 from battles.labels import swap_columns
 from ensemble.meta import meta_features, swap_meta
 from kernel.errors import BattleDataError, UserError
@@ -190,27 +190,13 @@ def read_score_file(path) -> pd.DataFrame:
     if not path.name.lower().endswith((".jsonl", ".ndjson")):
         raise BattleDataError(path, "score --jsonl reads a JSON-lines file (.jsonl): one battle per line")
     rows, lines = [], []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise BattleDataError(path, "not UTF-8 text", line=line_no) from None
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise BattleDataError(path, f"not a JSON object ({exc.msg} at character {exc.colno})",
-                                      line=line_no) from None
-            if not isinstance(record, dict):
-                raise BattleDataError(path, f"expected a JSON object, got {type(record).__name__}", line=line_no)
-            missing = [c for c in TEXT_COLUMNS if c not in record]
-            if missing:
-                raise BattleDataError(path, f"missing field(s) {missing}; a battle needs {list(TEXT_COLUMNS)}",
-                                      line=line_no)
-            rows.append({"id": record.get("id", str(line_no)), **{c: turns_of(record[c]) for c in TEXT_COLUMNS}})
-            lines.append(line_no)
+    for line_no, record in jsonl_records(path):
+        missing = [c for c in TEXT_COLUMNS if c not in record]
+        if missing:
+            raise BattleDataError(path, f"missing field(s) {missing}; a battle needs {list(TEXT_COLUMNS)}",
+                                  line=line_no)
+        rows.append({"id": record.get("id", str(line_no)), **{c: turns_of(record[c]) for c in TEXT_COLUMNS}})
+        lines.append(line_no)
     if not rows:
         raise BattleDataError(path, "no battles (every line is blank)")
     return _validated(pd.DataFrame(rows, columns=["id", *TEXT_COLUMNS]), path, lines)
