@@ -279,3 +279,20 @@ def test_a_bundle_fits_the_same_fallback_as_its_run(budget_run, tmp_path, monkey
     meta = meta_features(battles)
     np.testing.assert_allclose(models[1].predict_proba([out["length_lr"]], meta=meta),
                                models[0].predict_proba([out["length_lr"]], meta=meta), rtol=0, atol=1e-9)
+
+
+def test_an_export_without_the_training_file_warns_and_its_fallback_is_the_prior(budget_run, tmp_path, monkeypatch,
+                                                                                  caplog):
+    from pipeline.budget import FALLBACK_TRAIN, BudgetError, Fallbacks
+
+    def gone(run):
+        raise BudgetError(f"{run}: no training file recorded; a fallback ensemble needs its labels")
+
+    monkeypatch.setattr(Fallbacks, "read_training", staticmethod(gone))
+    assert cli.main(["export", "--run", str(budget_run / "run"), "--out", str(tmp_path / "bundle"), "--quiet"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "fallback" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith("without every stage the prior") and "\n" not in warned[0]
+    assert not (tmp_path / "bundle" / FALLBACK_TRAIN).exists()
+    fallbacks = Fallbacks(Predictor.load(tmp_path / "bundle", progress=False))
+    with pytest.raises(BudgetError, match="no training file recorded"):
+        fallbacks.model(["length_lr"])
