@@ -21,11 +21,13 @@ the time to write the output), it degrades by this ordered plan, going only as f
    Rows without every stage of the saved ensemble get a *fallback ensemble* over the stages they
    have: the saved ensemble's method (the same calibrator kind, C and meta features; a weighted
    average of one stage is its temperature scaling) fitted on the run's stored out-of-fold logits of
-   those stages, on the labelled training rows they all cover (the labels read from the training file
-   the run recorded). The fit is deterministic (the same files give the same fallback) and logged.
+   those stages, on the labelled training rows they all cover (the labels, and the meta features where
+   the saved ensemble uses them, computed from the training file the run recorded; an exported bundle
+   keeps them in :data:`FALLBACK_TRAIN` with every stage's out-of-fold logits, so a bundle fits the same
+   fallback as its run). The fit is deterministic (the same files give the same fallback) and logged.
    A row no stage reached (the budget ran out), or whose fallback cannot be fitted (no training file,
-   no out-of-fold logits: an exported bundle keeps neither), gets the saved ensemble's mean
-   out-of-fold probability (``prior``; a third each where the run keeps none).
+   no out-of-fold logits), gets the saved ensemble's mean out-of-fold probability (``prior``; a third
+   each where the run keeps none).
 
 A stage is also skipped on a chunk whenever its projected time on that chunk would eat into the
 reserve, so the submission is always written, whole, before the budget ends. Every row's treatment
@@ -51,7 +53,7 @@ from scipy.special import log_softmax, softmax
 
 from battles.labels import label_index_or_missing, swap_battles, swap_columns
 from ensemble.calibrators import calibrator_from_json
-from ensemble.meta import meta_features
+from ensemble.meta import META_NAMES, meta_features
 from ensemble.stacking import Candidate
 from kernel.dist import launched_processes
 from kernel.errors import UserError
@@ -69,6 +71,8 @@ MIN_CHUNK, MAX_CHUNK = 8, 2048
 HEADROOM = 1.5  # step 3 keeps the costliest stage for a chunk only with this margin on the chunk's projected time
 PROBE = 2  # battles in the first chunk: timed before any projection exists, so kept small
 DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+FALLBACK_TRAIN = "ensemble/fallback_train.csv"  # in a bundle: what a fallback ensemble reads of the training rows
+FALLBACK_FLOAT_FORMAT = "%.17g"  # its meta features round-trip exactly (the run computes them from the texts)
 STEP_2_NOTE = "a shorter max_length for the longest battles: not implemented in this version, the plan goes from 1 to 3"
 
 
@@ -189,6 +193,38 @@ def choose(costs: Costs, active: list, two_pass: set, remaining: int, chunk: int
 
 
 # ------------------------------------------------------------------------------------------- fallback
+def uses_meta(record) -> bool:
+    """Whether the saved ensemble (an :class:`ensemble.record.EnsembleRecord`) reads meta features."""
+    return record.model.get("kind") == "logistic" and bool(record.model.get("meta", False))
+
+
+def fallback_train(train: pd.DataFrame, meta: bool) -> pd.DataFrame:
+    """What a fallback ensemble reads of the training battles: ``id`` and ``label`` (the hard class index)
+    of every row with a hard label, in the file's order, and with ``meta`` their meta features
+    (:data:`ensemble.meta.META_NAMES`: numbers, no text)."""
+    y = label_index_or_missing(train)
+    keep = y >= 0
+    frame = pd.DataFrame({"id": train["id"].astype(str).to_numpy()[keep], "label": y[keep]})
+    if meta:
+        frame[META_NAMES] = meta_features(train[keep])
+    return frame
+
+
+def write_fallback_train(run, ensemble, folder: Path) -> bool:
+    """Write :data:`FALLBACK_TRAIN` of ``run`` under ``folder`` (an export bundle being made), from the training
+    file the run recorded; False (logged) where that file cannot be read: the bundle's fallback is the prior."""
+    try:
+        train = Fallbacks.read_training(run)
+    except BudgetError as exc:
+        log.warning("export: %s; a budgeted prediction from the bundle gives the rows without every stage the "
+                    "prior", exc)
+        return False
+    target = folder / FALLBACK_TRAIN
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fallback_train(train, uses_meta(ensemble)).to_csv(target, index=False, float_format=FALLBACK_FLOAT_FORMAT)
+    return True
+
+
 class Fallbacks:
     """Ensembles over subsets of the saved ensemble's stages, fitted on demand from the run's stored
     out-of-fold logits with the saved ensemble's method (module docstring), and the last-resort prior."""
@@ -214,22 +250,38 @@ class Fallbacks:
                 return Candidate("temperature", tuple(kept))
         return Candidate("temperature", None)
 
-    def training(self):
+    @staticmethod
+    def read_training(run) -> pd.DataFrame:
         """The run's training battles (labels and texts) from the file it recorded."""
+        from battles.io import read_battles
+
+        path = run.record().get("train_path")
+        if not path:
+            raise BudgetError(f"{run}: no training file recorded; a fallback ensemble needs its labels")
+        try:
+            return read_battles(path, require_labels=True)[0]
+        except (OSError, ValueError) as exc:
+            raise BudgetError(f"{path}: the run's training file is needed for a fallback ensemble (its labels): "
+                              f"{exc}") from None
+
+    def training(self) -> pd.DataFrame:
+        """:func:`fallback_train` of the run's training rows: a bundle's :data:`FALLBACK_TRAIN`, else computed
+        from the training file the run recorded."""
         if self._error is not None:
             raise BudgetError(self._error)
         if self._train is None:
-            from battles.io import read_battles
-
-            path = self.predictor.run.record().get("train_path")
-            if not path:
-                self._error = f"{self.predictor.run}: no training file recorded; a fallback ensemble needs its labels"
-                raise BudgetError(self._error)
+            bundled = self.predictor.run.path / FALLBACK_TRAIN
             try:
-                self._train, _ = read_battles(path, require_labels=True)
-            except (OSError, ValueError) as exc:
-                self._error = f"{path}: the run's training file is needed for a fallback ensemble (its labels): {exc}"
-                raise BudgetError(self._error) from None
+                if bundled.exists():
+                    try:
+                        self._train = read_id_table(bundled)
+                    except (OSError, ValueError) as exc:
+                        raise BudgetError(f"{bundled}: unreadable ({exc})") from None
+                else:
+                    self._train = fallback_train(self.read_training(self.predictor.run), uses_meta(self.record))
+            except BudgetError as exc:
+                self._error = str(exc)
+                raise
         return self._train
 
     def model(self, names: list):
@@ -238,7 +290,7 @@ class Fallbacks:
             started = time.monotonic()
             train = self.training()
             ids = train["id"].astype(str).to_numpy()
-            y = label_index_or_missing(train)
+            y = train["label"].to_numpy(dtype=np.int64)
             rows = y >= 0
             logits = []
             for n in names:
@@ -254,7 +306,12 @@ class Fallbacks:
             if not rows.any():
                 raise BudgetError(f"no labelled training row has out-of-fold logits of every stage of {names}")
             candidate = self.candidate(names)
-            meta = meta_features(train[rows]) if candidate.meta else None
+            meta = None
+            if candidate.meta:
+                if not set(META_NAMES) <= set(train.columns):
+                    raise BudgetError(f"{self.predictor.run.path / FALLBACK_TRAIN}: no meta feature columns "
+                                      f"{META_NAMES}; the saved ensemble uses them")
+                meta = train[META_NAMES].to_numpy(dtype=np.float64)[rows]
             self.models[key] = candidate.build().fit([x[rows] for x in logits], y[rows], meta=meta)
             self.fit_seconds = max(self.fit_seconds, time.monotonic() - started)
             log.info("budget: fallback ensemble over %s: %s fitted on %d labelled rows' out-of-fold logits (%.1f s)",

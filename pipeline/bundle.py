@@ -1,7 +1,8 @@
 """An export bundle, as prediction reads it: verified before anything is loaded, its base checkpoints found.
 
 ``run.py export`` (:mod:`pipeline.export`) writes a bundle: a run directory holding only what prediction
-needs, plus ``bundle.json`` (the bundle manifest):
+needs (a budgeted prediction's fallback ensemble included: :mod:`pipeline.budget`), plus ``bundle.json``
+(the bundle manifest):
 
     {"tool": "arena-stack", "format_version": 1, "version", "created", "exported_from",
      "python", "libraries": {package: version},          # the versions the run was exported with

@@ -6,7 +6,10 @@
 
 The bundle is a run directory holding only what :class:`pipeline.predict.Predictor` reads (the run's
 marker and config, its folds, the saved ensemble, each ensemble stage's ``done.json`` and the model
-folders of its fold plan, the label-free state models reference under ``resources/``) and its manifest
+folders of its fold plan, the label-free state models reference under ``resources/``), what a budgeted
+prediction's fallback ensemble fits on (:mod:`pipeline.budget`: each ensemble stage's ``oof_logits.csv``,
+the ensemble's ``oof_probs.csv`` for the prior, and ``ensemble/fallback_train.csv``: the training rows'
+ids, hard labels and, where the ensemble uses them, meta features; no text) and its manifest
 ``bundle.json`` (:mod:`pipeline.bundle`: format version, every file's size and SHA-256, library
 versions, label order, packing settings, base checkpoints). The run is verified against its own
 manifests before anything is copied, and the bundle is written to a temporary sibling folder and
@@ -42,6 +45,7 @@ from kernel.errors import UserError
 from kernel.files import read_json, write_json, write_text
 from kernel.manifest import describe, describe_folder, total_size
 from models.stage import STAGE_FILE, stage_class
+from pipeline.budget import write_fallback_train
 from pipeline.bundle import BASES_FOLDER, BUNDLE_FILE, FORMAT_VERSION, base_files, is_bundle, library_versions, \
     read_record
 from pipeline.manifests import RESOURCE_CACHES, check_done, check_ensemble
@@ -139,11 +143,11 @@ def export_run(run_path, out, include_base: bool = False, overwrite: bool = Fals
     check_ensemble(run)
     ensemble, config, folds = check_complete(run)
     places = {n: stage_models(run, n, config.stages[n], folds) for n in ensemble.stages}
-    copy = [run.marker, run.config, run.folds, run.ensemble]
+    copy = [run.marker, run.config, run.folds, run.ensemble, run.oof_probs]
     for name, models in places.items():
         for place in (run.stage(name), *models):
             check_done(place)
-        copy += [run.stage(name).done, run.stage(name).spec]
+        copy += [run.stage(name).done, run.stage(name).spec, run.stage(name).oof_logits]
         copy += [m.done for m in models]
         copy += [p for m in models for p in sorted(m.model.rglob("*")) if p.is_file()]
     if run.resources.is_dir():
@@ -162,6 +166,7 @@ def export_run(run_path, out, include_base: bool = False, overwrite: bool = Fals
                 shutil.copy2(path, target)
         for base in bases if include_base else []:
             shutil.copytree(base["path"], tmp / BASES_FOLDER / base["name"])
+        write_fallback_train(run, ensemble, tmp)
         record = {
             "tool": TOOL, "format_version": FORMAT_VERSION, "version": tool_version(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -58,8 +58,12 @@ def test_a_moved_bundle_predicts_the_run_submission(bundle, slice_files, tmp_pat
     listed = set(record["files"])
     on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != "bundle.json"}
     assert listed == on_disk
-    # only what prediction needs: no logits tables, no report, no feature caches, no unused stage
-    assert not any(p.endswith(("logits.csv", ".html", "oof_probs.csv")) or "/features/" in p for p in listed)
+    # only what prediction needs (and a budgeted prediction's fallback ensemble: the ensemble stages' out-of-fold
+    # logits, the ensemble's out-of-fold probabilities, the training rows' labels): no other logits tables, no
+    # report, no feature caches, no unused stage
+    fallback = {f"stages/{n}/oof_logits.csv" for n in record["stages"]}
+    assert fallback | {"ensemble/oof_probs.csv", "ensemble/fallback_train.csv"} <= listed
+    assert not any(p.endswith(("logits.csv", ".html")) and p not in fallback or "/features/" in p for p in listed)
     assert any(p.startswith("resources/word2vec-") for p in listed)
     assert cli.main(["predict", "--run", str(path), "--test", str(slice_files / "test.csv"),
                      "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0

@@ -192,8 +192,8 @@ def test_step_1_keeps_both_orders_only_on_the_least_confident(budget_run, plain)
 
 
 def test_without_the_training_file_or_oof_files_the_rows_get_the_prior(budget_run, tmp_path):
-    """A run moved away from its training file and out-of-fold tables (as an exported bundle is) still
-    writes a complete submission: the rows without every stage get the prior, said in the log."""
+    """A run whose out-of-fold tables are gone after it was loaded (its manifest refuses loading without them)
+    still writes a complete submission: the rows without every stage get the prior, said in the log."""
     import shutil
 
     from pipeline.budget import Budget, Fallbacks
@@ -201,9 +201,9 @@ def test_without_the_training_file_or_oof_files_the_rows_get_the_prior(budget_ru
 
     moved = tmp_path / "run"
     shutil.copytree(budget_run / "run", moved)
+    predictor = Predictor.load(moved, progress=False)
     for path in [*moved.glob("stages/*/oof_logits.csv"), moved / "ensemble" / "oof_probs.csv"]:
         path.unlink()
-    predictor = Predictor.load(moved, progress=False)
     fallbacks = Fallbacks(predictor)
     with pytest.raises(Exception, match="out-of-fold logits are needed"):
         fallbacks.model(["length_lr"])
@@ -213,3 +213,86 @@ def test_without_the_training_file_or_oof_files_the_rows_get_the_prior(budget_ru
     result = predictor.predict_within(battles, Budget(1e-3))  # spent at once: no stage runs
     assert np.isfinite(result.probs).all() and np.allclose(result.probs, 1 / 3)
     assert set(result.treatment) == {"prior"} and "degraded 6 of 6 battles (6 prior)" in result.summary
+
+
+def test_a_bundle_fits_the_same_fallback_as_its_run(budget_run, tmp_path, monkeypatch):
+    """An exported bundle keeps what the fallback ensemble fits on (each stage's out-of-fold logits and the
+    training rows' labels, no text): moved away from the run and its training file, its fallback rows and
+    prior are the run's, to 1e-9; with an ensemble on meta features too (their values round-trip exactly)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from battles.io import read_battles
+    from ensemble.meta import META_NAMES, meta_features
+    from pipeline.budget import FALLBACK_TRAIN, Budget, Fallbacks, _combine, write_fallback_train
+    from pipeline.rundir import RunDir
+
+    run = budget_run / "run"
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "bundle"), "--quiet"]) == 0
+    bundle = tmp_path / "elsewhere"
+    shutil.move(tmp_path / "bundle", bundle)
+    record = json.loads((bundle / "bundle.json").read_text())
+    for name in ("stages/length_lr/oof_logits.csv", "stages/encoder/oof_logits.csv", FALLBACK_TRAIN):
+        assert name in record["files"]  # listed with its hash: verified when the bundle is loaded
+    table = pd.read_csv(bundle / FALLBACK_TRAIN, dtype={"id": str})
+    assert {"prompt", "response_a", "response_b"}.isdisjoint(table.columns)
+    train = pd.read_csv(budget_run / "train.csv", dtype={"id": str})
+    assert set(table["id"]) <= set(train["id"]) and len(table) > 0
+
+    from_run = Predictor.load(run, progress=False)
+    from_bundle = Predictor.load(bundle, progress=False)
+    assert from_bundle.bundle is not None
+
+    def unreachable(_run):  # the bundle must not need the run's training file
+        raise AssertionError("the training file was read")
+
+    battles = read_battles(budget_run / "test.csv", require_labels=False)[0].iloc[:10]
+    out = {n: from_run.stage_models[n].predict_logits(battles) for n in ("length_lr", "encoder")}
+    names = list(from_run.ensemble.stages)
+    have = {n: np.ones(len(battles), bool) for n in names}
+    have["encoder"][5:] = False  # the encoder dropped on the last five rows: they get the fallback
+    results = []
+    for predictor in (from_run, from_bundle):
+        with monkeypatch.context() as patch:
+            if predictor is from_bundle:
+                patch.setattr(Fallbacks, "read_training", staticmethod(unreachable))
+            results.append(_combine(predictor, battles, names, out, have, np.zeros(len(battles), bool),
+                                    Fallbacks(predictor), Budget(60), [], lambda *a: None))
+    assert results[0].treatment == results[1].treatment and results[1].treatment[5:] == ["fallback:length_lr"] * 5
+    np.testing.assert_allclose(results[1].probs, results[0].probs, rtol=0, atol=1e-9)
+    prior = Fallbacks(from_bundle).prior()  # the bundle keeps the ensemble's out-of-fold probabilities too
+    np.testing.assert_allclose(prior, Fallbacks(from_run).prior(), rtol=0, atol=1e-12)
+    assert not np.allclose(prior, 1 / 3)
+
+    # a saved ensemble on meta features: the bundle's table carries their values and fits the same model
+    meta_record = SimpleNamespace(model={"kind": "logistic", "C": 0.1, "meta": True}, stages=names)
+    assert write_fallback_train(RunDir(run), meta_record, bundle)
+    assert set(META_NAMES) <= set(pd.read_csv(bundle / FALLBACK_TRAIN).columns)
+    models = []
+    for path in (run, bundle):
+        with monkeypatch.context() as patch:
+            if path == bundle:
+                patch.setattr(Fallbacks, "read_training", staticmethod(unreachable))
+            fallbacks = Fallbacks(SimpleNamespace(run=RunDir(path), ensemble=meta_record))
+            models.append(fallbacks.model(["length_lr"]))
+    assert all(m.meta for m in models)
+    meta = meta_features(battles)
+    np.testing.assert_allclose(models[1].predict_proba([out["length_lr"]], meta=meta),
+                               models[0].predict_proba([out["length_lr"]], meta=meta), rtol=0, atol=1e-9)
+
+
+def test_an_export_without_the_training_file_warns_and_its_fallback_is_the_prior(budget_run, tmp_path, monkeypatch,
+                                                                                  caplog):
+    from pipeline.budget import FALLBACK_TRAIN, BudgetError, Fallbacks
+
+    def gone(run):
+        raise BudgetError(f"{run}: no training file recorded; a fallback ensemble needs its labels")
+
+    monkeypatch.setattr(Fallbacks, "read_training", staticmethod(gone))
+    assert cli.main(["export", "--run", str(budget_run / "run"), "--out", str(tmp_path / "bundle"), "--quiet"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "fallback" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith("without every stage the prior") and "\n" not in warned[0]
+    assert not (tmp_path / "bundle" / FALLBACK_TRAIN).exists()
+    fallbacks = Fallbacks(Predictor.load(tmp_path / "bundle", progress=False))
+    with pytest.raises(BudgetError, match="no training file recorded"):
+        fallbacks.model(["length_lr"])
