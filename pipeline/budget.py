@@ -57,6 +57,7 @@ from ensemble.meta import META_NAMES, meta_features
 from ensemble.stacking import Candidate
 from kernel.dist import launched_processes
 from kernel.errors import UserError
+from kernel.files import write_atomic
 from models.stage import Stage, average_logits, combine_orders, stage_class
 from battles.columns import LABEL_COLUMNS
 from pipeline.rundir import LOGIT_COLUMNS, as_stored, read_id_table
@@ -221,7 +222,8 @@ def write_fallback_train(run, ensemble, folder: Path) -> bool:
         return False
     target = folder / FALLBACK_TRAIN
     target.parent.mkdir(parents=True, exist_ok=True)
-    fallback_train(train, uses_meta(ensemble)).to_csv(target, index=False, float_format=FALLBACK_FLOAT_FORMAT)
+    table = fallback_train(train, uses_meta(ensemble))
+    write_atomic(target, lambda p: table.to_csv(p, index=False, float_format=FALLBACK_FLOAT_FORMAT))
     return True
 
 
