@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 
 import numpy as np
@@ -54,14 +55,16 @@ def test_rerun_resumes_without_refitting(finished_run, slice_files, monkeypatch)
     assert lost.exists()
 
 
-def test_train_one_stage_and_restack(finished_run, slice_files):
+def test_train_one_stage_and_restack(finished_run, slice_files, tmp_path):
     out = slice_files / "single"
     code = cli.main(["train", "length_lr", "--train", str(slice_files / "train.csv"), "--out", str(out),
                      "--config", str(slice_files / "config.json"), "--quiet"])
     assert code == 0
     assert (out / "stages/length_lr/done.json").exists() and not (out / "stages/lgbm").exists()
-    assert cli.main(["tune", "--run", str(finished_run), "--quiet"]) == 0
-    summary = json.loads((finished_run / "ensemble/ensemble.json").read_text())
+    run = tmp_path / "run"  # tune writes its candidate into the run: a copy, the shared run stays as it was
+    shutil.copytree(finished_run, run)
+    assert cli.main(["tune", "--run", str(run), "--quiet"]) == 0
+    summary = json.loads((run / "ensemble/ensemble.json").read_text())
     assert set(summary["stages_raw"]) == {"length_lr", "lgbm"}
 
 
