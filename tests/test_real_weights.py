@@ -141,8 +141,10 @@ def test_save_load_gives_identical_logits(smol, tmp_path):
 
 # ----------------------------------------------------------------------------- the real MiniLM encoder
 def test_canary_learns_in_the_encoder_with_real_minilm(minilm_dir):
+    # lr 3e-4: 0.11 held out after 40 steps; at 1e-4 the seeded run ends at 0.49 (it passed before only when
+    # earlier tests had left the global RNG in a lucky state: the head was not drawn from the stage's seed)
     stage = make_stage("encoder", {"model": minilm_dir, "max_length": 96, "train_batch_size": 16, "max_steps": 40,
-                                   "learning_rate": 1e-4, "warmup_ratio": 0.0, "save_steps": 0, "logging_steps": 5,
+                                   "learning_rate": 3e-4, "warmup_ratio": 0.0, "save_steps": 0, "logging_steps": 5,
                                    "early_stopping_patience": 0}, QUIET)
     stage.fit(canary_battles(96, seed=0))
     held_out = canary_battles(24, seed=1)
