@@ -11,13 +11,11 @@ fallback is named in the test id), then frees space and checks that the rerun en
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import gzip
 import json
 import os
 import shutil
-import signal
 import subprocess
 import uuid
 import zipfile
@@ -43,21 +41,9 @@ from kernel.files import (
     write_npz,
 )
 from tests.conftest import FAST_LGBM
+from tests.cli_helpers import no_hang  # noqa: E402
 
 
-@contextlib.contextmanager
-def no_hang(seconds: int = 20):
-    """Fail (instead of waiting forever) when the block does not end in time."""
-    def stop(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _refused(path, match: str) -> BattleDataError:

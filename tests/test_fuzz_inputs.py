@@ -13,12 +13,10 @@ exception and never a hang.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import io
 import json
-import signal
 import tempfile
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from battles.formats import count_rows
 from battles.io import BattleDataError, read_battles
 from battles.stream import iter_battle_chunks
 from tests.conftest import shared_file
+from tests.cli_helpers import no_hang  # noqa: E402
 
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=30)
 WORDS = st.lists(st.sampled_from(["why", "sky", "blue", "café", "write", "poem", "code", "π", "ok"]), min_size=1,
@@ -208,18 +207,6 @@ def damage(draw, data: bytes, text: bool) -> bytes:
     return bytes(data)
 
 
-@contextlib.contextmanager
-def no_hang(seconds: int = 20):
-    def stop(*_):
-        raise TimeoutError(f"still reading after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @settings(max_examples=300, deadline=5000)

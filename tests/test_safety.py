@@ -12,8 +12,8 @@ import os
 import pandas as pd
 import pytest
 
-import run as cli
 from battles.io import BattleDataError, read_battles
+from tests.cli_helpers import logged_errors, run_quiet, snapshot  # noqa: E402
 
 LIGHT = {"n_folds": 3, "stages": {"length_lr": {"type": "length_lr"}}, "stacker": {"C_grid": [0.1]}}
 
@@ -25,17 +25,7 @@ def light(slice_files, tmp_path):
     return {"train": str(slice_files / "train.csv"), "test": str(slice_files / "test.csv"), "config": str(path)}
 
 
-def _main(*args) -> int:
-    return cli.main([*map(str, args), "--quiet"])
-
-
-def _snapshot(folder) -> dict:
-    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _errors(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+_main, _snapshot, _errors = run_quiet, snapshot, logged_errors
 
 
 # -- data loss ----------------------------------------------------------------------------------

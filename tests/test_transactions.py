@@ -17,28 +17,17 @@ import sys
 
 import pytest
 
-import run as cli
 from kernel.lock import LOCK_NAME, DirLockedError, lock_dir
 from pipeline.rundir import RunDir, RunDirError, replace_dir, settle_dir
 from tests.conftest import FAST_LGBM, ROOT
+from tests.cli_helpers import logged_errors, run_quiet, snapshot  # noqa: E402
 
 CONFIG = {"n_folds": 3, "stacker": {"C_grid": [0.1]}, "stages": {
     "lgbm_stats": {"type": "lgbm", "params": {**FAST_LGBM, "blocks": [{"type": "text_stats"}]}},
     "length_lr": {"type": "length_lr"}}}
 
 
-def _main(*args) -> int:
-    return cli.main([*map(str, args), "--quiet"])
-
-
-def _snapshot(folder) -> dict:
-    """Every file under ``folder``: its bytes and modification time."""
-    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _errors(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+_main, _snapshot, _errors = run_quiet, snapshot, logged_errors
 
 
 @pytest.fixture(scope="module")
