@@ -51,8 +51,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import log_softmax, softmax
 
-from battles.labels import label_index_or_missing, swap_battles, swap_columns
-from ensemble.calibrators import calibrator_from_json
+from battles.labels import label_index_or_missing, swap_battles
 from ensemble.meta import META_NAMES, meta_features
 from ensemble.stacking import Candidate
 from kernel.dist import launched_processes
@@ -427,7 +426,10 @@ def predict_within(predictor, battles: pd.DataFrame, budget: Budget) -> BudgetRe
                 costs.add(nm, budget.clock() - t0, len(chunk) * (2 if nm in two_pass else 1))
             out[nm][rows] = as_stored(logits)
             have[nm][rows] = True
-    return _combine(predictor, battles, names, out, have, one_order, fallbacks, budget, plan_log, say)
+    probs, treatment = combine(predictor, battles, Scored(names, out, have, one_order), fallbacks)
+    summary = summarize(treatment, budget)
+    say("%s; %.1f s used before writing", summary, budget.elapsed())
+    return BudgetResult(probs, treatment, summary, plan_log)
 
 
 def one_order_logits(models, battles: pd.DataFrame, fraction: float):
@@ -447,8 +449,21 @@ def one_order_logits(models, battles: pd.DataFrame, fraction: float):
     return logits, second
 
 
-def _combine(predictor, battles, names, out, have, one_order, fallbacks, budget, plan_log, say) -> BudgetResult:
-    """The saved ensemble on rows with every stage, a fallback ensemble on the others."""
+@dataclass(frozen=True)
+class Scored:
+    """What the chunks produced: per stage its logits (``out``) and which rows it reached (``have``), and the
+    rows whose two-order stages scored one order only."""
+
+    names: list
+    out: dict
+    have: dict
+    one_order: np.ndarray
+
+
+def combine(predictor, battles, scored: Scored, fallbacks) -> tuple[np.ndarray, list]:
+    """The saved ensemble on rows with every stage, a fallback ensemble on the others: (probabilities,
+    each row's treatment)."""
+    names, out, have, one_order = scored.names, scored.out, scored.have, scored.one_order
     n = len(battles)
     probs = np.zeros((n, 3))
     treatment = np.array(["full"] * n, dtype=object)
@@ -477,10 +492,15 @@ def _combine(predictor, battles, names, out, have, one_order, fallbacks, budget,
         if not kept:
             probs[rows] = fallbacks.prior()
         treatment[rows] = [f"{t};{tag}" if t != "full" else tag for t in treatment[rows]]
-    counts = pd.Series(treatment).value_counts()
+    return probs, treatment.tolist()
+
+
+def summarize(treatment: list, budget: Budget) -> str:
+    """One line: how many battles got which treatment."""
+    n = len(treatment)
+    counts = pd.Series(treatment, dtype=object).value_counts()
     degraded = {k: int(v) for k, v in counts.items() if k != "full"}
     summary = (f"budget {budget.seconds:.0f} s: all {n} battles predicted in full" if not degraded else
                f"budget {budget.seconds:.0f} s: degraded {sum(degraded.values())} of {n} battles (" +
                ", ".join(f"{v} {k}" for k, v in sorted(degraded.items())) + f"); {counts.get('full', 0)} in full")
-    say("%s; %.1f s used before writing", summary, budget.elapsed())
-    return BudgetResult(probs, treatment.tolist(), summary, plan_log)
+    return summary

@@ -224,7 +224,7 @@ def test_a_bundle_fits_the_same_fallback_as_its_run(budget_run, tmp_path, monkey
 
     from battles.io import read_battles
     from ensemble.meta import META_NAMES, meta_features
-    from pipeline.budget import FALLBACK_TRAIN, Budget, Fallbacks, _combine, write_fallback_train
+    from pipeline.budget import FALLBACK_TRAIN, Fallbacks, Scored, combine, write_fallback_train
     from pipeline.rundir import RunDir
 
     run = budget_run / "run"
@@ -256,10 +256,11 @@ def test_a_bundle_fits_the_same_fallback_as_its_run(budget_run, tmp_path, monkey
         with monkeypatch.context() as patch:
             if predictor is from_bundle:
                 patch.setattr(Fallbacks, "read_training", staticmethod(unreachable))
-            results.append(_combine(predictor, battles, names, out, have, np.zeros(len(battles), bool),
-                                    Fallbacks(predictor), Budget(60), [], lambda *a: None))
-    assert results[0].treatment == results[1].treatment and results[1].treatment[5:] == ["fallback:length_lr"] * 5
-    np.testing.assert_allclose(results[1].probs, results[0].probs, rtol=0, atol=1e-9)
+            results.append(combine(predictor, battles, Scored(names, out, have, np.zeros(len(battles), bool)),
+                                   Fallbacks(predictor)))
+    (run_probs, run_treatment), (bundle_probs, bundle_treatment) = results
+    assert run_treatment == bundle_treatment and bundle_treatment[5:] == ["fallback:length_lr"] * 5
+    np.testing.assert_allclose(bundle_probs, run_probs, rtol=0, atol=1e-9)
     prior = Fallbacks(from_bundle).prior()  # the bundle keeps the ensemble's out-of-fold probabilities too
     np.testing.assert_allclose(prior, Fallbacks(from_run).prior(), rtol=0, atol=1e-12)
     assert not np.allclose(prior, 1 / 3)

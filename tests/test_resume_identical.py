@@ -30,7 +30,8 @@ CONFIG = {"n_folds": 3, "stacker": {"C_grid": [0.1]}, "stages": {
 # run.py with a pause after every finished model (PAUSE=model) or after its test logits (PAUSE=test), so the
 # test can stop it between two steps
 SLOW_RUN = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, whatever the test process ignores
 import pipeline.crossfit as crossfit
 import run
 name = {"model": "_finish", "test": "_test_logits"}[os.environ["PAUSE"]]
