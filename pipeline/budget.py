@@ -253,17 +253,15 @@ class Fallbacks:
 
     @staticmethod
     def read_training(run) -> pd.DataFrame:
-        """The run's training battles (labels and texts) from the file it recorded."""
-        from battles.io import read_battles
+        """The run's training battles (labels and texts) from the file it recorded, as the run read it
+        (:func:`pipeline.checks.run_training_battles`: a file gone or changed since the run is not used)."""
+        from pipeline.checks import run_training_battles
 
-        path = run.record().get("train_path")
-        if not path:
-            raise BudgetError(f"{run}: no training file recorded; a fallback ensemble needs its labels")
-        try:
-            return read_battles(path, require_labels=True)[0]
-        except (OSError, ValueError) as exc:
-            raise BudgetError(f"{path}: the run's training file is needed for a fallback ensemble (its labels): "
-                              f"{exc}") from None
+        train = run_training_battles(run)
+        if train is None:
+            raise BudgetError(f"{run}: the run's training file ({run.record().get('train_path')}) is gone or changed "
+                              "since the run; a fallback ensemble needs its labels")
+        return train
 
     def training(self) -> pd.DataFrame:
         """:func:`fallback_train` of the run's training rows: a bundle's :data:`FALLBACK_TRAIN`, else computed
