@@ -137,11 +137,10 @@ def explain(predictor: Predictor, data) -> list[Explanation]:
     for start in range(0, len(battles), CHUNK):
         chunk = battles.iloc[start:start + CHUNK]
         parts = {n: _stage_parts(predictor, n, chunk) for n in predictor.stage_names}
-        logits = [parts[n][0] for n in predictor.stage_names]
-        meta = meta_features(chunk) if predictor.ensemble.meta_features else None
-        probs = predictor.model.predict_proba(logits, meta=meta)
+        probs = predictor.ensemble_proba(chunk, {n: parts[n][0] for n in predictor.stage_names})
         ensemble_orders = None
         if all(parts[n][1] is not None for n in predictor.stage_names):
+            meta = meta_features(chunk) if predictor.ensemble.meta_features else None
             straight = predictor.model.predict_proba([parts[n][1][0] for n in predictor.stage_names], meta=meta)
             swapped_meta = swap_meta(meta) if meta is not None else None
             swapped = predictor.model.predict_proba([parts[n][1][1] for n in predictor.stage_names], meta=swapped_meta)
