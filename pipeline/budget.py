@@ -318,8 +318,8 @@ class Fallbacks:
         return self.models[key]
 
     def prior(self) -> np.ndarray:
-        """The saved ensemble's mean out-of-fold probability (for rows no stage reached); a third each
-        where the run keeps none (an exported bundle)."""
+        """The saved ensemble's mean out-of-fold probability (for rows no stage reached; a bundle carries
+        ``oof_probs.csv`` too); a third each where there is none (a bundle exported before it did)."""
         try:
             table = read_id_table(self.predictor.run.oof_probs)
             prior = table[LABEL_COLUMNS].to_numpy(dtype=np.float64).mean(axis=0)
