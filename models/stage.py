@@ -67,6 +67,12 @@ class Stage:
         self.params = validated(self.Params, params)
         self.context = context or StageContext()
 
+    def check_inputs(self) -> None:
+        """Check the settings against what the stage reads, before any data is read or model loaded: a
+        setting it cannot honour is one :class:`kernel.errors.UserError` line. A run calls this for every
+        stage it is about to fit, before its first write. Default: nothing to check (the deep stages load
+        their tokenizer and measure the input frame against ``max_length``)."""
+
     def prepare(self, battles: pd.DataFrame) -> None:
         """Fit label-free resources on every text of the run (train and test). Optional."""
 

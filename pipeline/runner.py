@@ -35,6 +35,7 @@ from ensemble.record import EnsembleRecord
 from kernel.context import StageContext
 from kernel.errors import UserError
 from kernel.files import jsonable, read_json, write_json
+from models.stage import make_stage
 from pipeline import checks
 from pipeline.config import RunConfig, check_paths
 from pipeline.crossfit import StageFit, load_stage_result
@@ -195,6 +196,11 @@ class Run:
                     check_model_dir(path, name)
                 except (ValueError, OSError) as exc:
                     raise RunError(f"{where}: {exc}; nothing was written") from None
+            stage_spec = self.config.stages[name]
+            try:  # the settings against what the stage reads (a deep stage: max_length against its input frame)
+                make_stage(stage_spec.type, stage_spec.params, self.context).check_inputs()
+            except (UserError, ValueError) as exc:  # ValueError: e.g. a precision this machine cannot run
+                raise RunError(f"stages.{name}.params: {exc}; nothing was written") from None
 
     # -- the transaction ------------------------------------------------------------------------
     def _write(self, write) -> None:

@@ -254,3 +254,17 @@ def test_model_paths_are_checked_only_for_stages_that_will_be_fitted(tmp_path):
     stage.spec.write_text(json.dumps({**config.stages["dec"].as_dict(), "folds": [0]}))
     with pytest.raises(RunError):
         run.check_stage_models(["dec"])
+
+
+def test_a_max_length_below_the_input_frame_is_refused_before_any_write(run, tmp_path, caplog):
+    """The decoder's input frame (template + instructions) is measured with its tokenizer before the first
+    write: a max_length it cannot fit is one line naming the stage and the minimum, and no file changes."""
+    from tests.tiny_models import build_checkpoint
+
+    model = build_checkpoint(tmp_path / "tiny-gemma2", "gemma2")
+    before = _snapshot(run)
+    assert _main("train", "decoder", "--model", model, "--out", run, "--set", "stages.decoder.params.max_length=100") == 2
+    assert _snapshot(run) == before
+    [error] = _errors(caplog)
+    assert re.match(r"^stages\.decoder\.params: decoder: max_length=100 is too small for the \d+-token input frame.*"
+                    r"at least \d+; nothing was written$", error), error
