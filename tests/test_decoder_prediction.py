@@ -109,11 +109,17 @@ def test_recent_encodings_key_on_the_texts_and_hand_out_fresh_lists(gemma_dir): 
     other.at[4, "response_b"] = [battles.at[4, "response_b"][0] + "!"]
     keys = {battles_fingerprint(b) for b in (battles, moved, other, swap_battles(battles), battles.iloc[:4])}
     assert len(keys) == 5
-    # two kept (both orders); a third set pushes out the oldest
-    memo.encode(swap_battles(battles))
-    memo.encode(other)
-    memo.encode(battles)
-    assert memo.encoded_battles == 5 + 5 + 5 + 5
+    # four kept: cross-fitting's fold k scores its validation battles, then the test battles, in both
+    # orders; the next fold's validation battles push out fold k's, and the test battles are kept
+    memo = RecentEncodings(stage.encoding)
+    test = toy_battles(3, seed=9)
+    for k in range(3):
+        valid = toy_battles(4, seed=10 + k)
+        for order in (valid, swap_battles(valid), test, swap_battles(test)):
+            memo.encode(order)
+    assert memo.encoded_battles == 3 * 2 * 4 + 2 * 3
+    memo.encode(toy_battles(4, seed=10))  # fold 0's validation battles were pushed out
+    assert memo.encoded_battles == 3 * 2 * 4 + 2 * 3 + 4
 
 
 # ----------------------------------------------------------------------------- 2. the token budget bounds a batch

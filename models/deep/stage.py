@@ -9,11 +9,13 @@
   fold's checkpoint folder), callbacks (one logs the fold's projected training time after its first
   steps, and warns on CPU above 30 minutes), and the log history (saved as ``training_log.json``); what
   packing cut of the training battles is kept in :attr:`DeepStage.fit_truncation` and logged;
-- scoring: battles encoded, sorted by length into batches of at most ``predict_batch_size`` rows and
-  ``predict_batch_tokens`` padded tokens (the encoder's default, none, leaves the row count alone to
-  bound a batch), run on the device the model's weights are on, under autocast in the stage's
-  precision; under a multi-process launch each rank scores its shard (:mod:`models.deep.batching`);
-  optional swap TTA;
+- scoring: battles encoded once per A/B order however many models of one stage object score them
+  (the decoder's fold adapters, the folds cross-fitting refits: :class:`models.deep.inputs.RecentEncodings`),
+  sorted by length into batches of at most ``predict_batch_size`` rows and ``predict_batch_tokens``
+  padded tokens (:func:`batch_budget`: the encoder's defaults bound a batch by rows, the decoder's by
+  tokens), run on the device the model's weights are on, under autocast in the stage's precision;
+  under a multi-process launch each rank scores its shard (:mod:`models.deep.batching`); optional
+  swap TTA;
 - ``save`` (main process only: the weights, ``stage.json``, ``training_log.json``, and ``inputs.json``:
   what packing cut of the training battles, which the run's ``metrics.json`` and report show) and ``load``.
 
@@ -97,7 +99,7 @@ class DeepStage(Stage):
         p = self.params
         self.tokenizer = load_tokenizer(p.model, self.kind, pad_with_eos=self.pad_with_eos)
         self.encoding = self.Encoding(self.tokenizer, p.max_length, p.prompt_share, **self.encoding_options())
-        self.recent_encodings = RecentEncodings(self.encoding)  # the prediction path's: each battle set once
+        self.recent_encodings = RecentEncodings(self.encoding)  # prediction encodes each battle set once
         self.device = default_device()
         self.precision = resolve_precision(p.precision, self.device, self.kind)
 
