@@ -209,7 +209,7 @@ class Encoding:
 def battles_fingerprint(battles: pd.DataFrame) -> bytes:
     """A digest of the battles' texts (every turn of ``prompt``, ``response_a``, ``response_b``, in row
     order, each length-prefixed so no two different tables share it): what :class:`RecentEncodings`
-    keys on. About a millisecond per hundred battles, a small share of encoding them."""
+    keys on. About 2 ms per hundred real battles, against ~1.2 s to encode them for a decoder."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(len(battles).to_bytes(8, "little"))
     for column in ("prompt", "response_a", "response_b"):
@@ -256,16 +256,23 @@ class RecentEncodings:
 
 
 def _compact(encoded: EncodedBattles) -> tuple:
-    lengths = np.array(encoded.lengths, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    flat = lambda rows: np.concatenate([np.zeros(0, np.int32), *(np.asarray(r, dtype=np.int32) for r in rows)])  # noqa: E731
+    """``(row offsets, token ids, token type ids or None, truncation records)``, the ids in one int32 array."""
+    offsets = np.concatenate([[0], np.cumsum(np.array(encoded.lengths, dtype=np.int64))])
+
+    def flat(rows):
+        return np.concatenate([np.zeros(0, np.int32), *(np.asarray(r, dtype=np.int32) for r in rows)])
+
     types = None if encoded.token_type_ids is None else flat(encoded.token_type_ids)
     return offsets, flat(encoded.input_ids), types, tuple(encoded.truncation)
 
 
 def _expand(kept: tuple) -> EncodedBattles:
+    """The :class:`EncodedBattles` that :func:`_compact` kept, in fresh lists."""
     offsets, ids, types, truncation = kept
-    rows = lambda flat: [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]  # noqa: E731
+
+    def rows(flat):
+        return [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+
     return EncodedBattles(rows(ids), list(truncation), None if types is None else rows(types))
 
 
