@@ -68,6 +68,7 @@ class DecoderParams(DeepParams):
     gradient_checkpointing: bool = True  # recompute activations in the backward pass (less memory)
     swap_augment: bool = False  # train on each battle in both A/B orders
     predict_batch_tokens: int = Field(16384, ge=64)  # padded tokens per inference batch
+    predict_batch_size: int | None = Field(None, ge=1)  # rows per inference batch (per device); None: no cap, tokens bound it
     attn_implementation: str | None = None  # None: transformers' choice (Gemma-2: eager, keeps soft-capping)
     evaluate_valid: bool = False  # log the valid log loss after fit (an extra pass over valid)
 

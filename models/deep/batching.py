@@ -1,7 +1,7 @@
 """Inference batches and multi-process sharding, for both deep stages.
 
-- :func:`length_batches`: rows sorted by length into batches of at most ``max_size`` rows and
-  ``max_tokens`` padded tokens (longest first, so running out of memory shows at once).
+- :func:`length_batches`: rows sorted by length into batches of at most ``max_size`` rows (None: no
+  row cap) and ``max_tokens`` padded tokens (longest first, so running out of memory shows at once).
 - :func:`predict_sharded`: under a multi-process launch (``torchrun`` / ``accelerate launch``: DDP)
   every rank scores its own token-balanced shard of the rows and the shards are gathered back in row
   order on every rank, so the caller sees the full array everywhere; in one process it is a plain call.
@@ -16,14 +16,17 @@ import pandas as pd
 from kernel.dist import process_group
 
 
-def length_batches(lengths, max_tokens: int, max_size: int) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length, longest first, each padded size <= ``max_tokens``."""
+def length_batches(lengths, max_tokens: int, max_size: int | None = None) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length, longest first, each padded size <= ``max_tokens``
+    and at most ``max_size`` rows (None: as many as the token budget holds); a row longer than
+    ``max_tokens`` goes alone."""
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
     batches, current = [], []
     for i in order:
         longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1 > max_size or (len(current) + 1) * longest > max_tokens):
+        too_many = max_size is not None and len(current) + 1 > max_size
+        if current and (too_many or (len(current) + 1) * longest > max_tokens):
             batches.append(np.array(current))
             current = []
         current.append(i)

@@ -36,6 +36,8 @@ A/B-swapped copy of every battle when swap augmentation is on.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,6 +204,76 @@ class Encoding:
             types.append(row_types)
             records.append(record)
         return EncodedBattles(ids, records, types if self.uses_token_types else None)
+
+
+def battles_fingerprint(battles: pd.DataFrame) -> bytes:
+    """A digest of the battles' texts (every turn of ``prompt``, ``response_a``, ``response_b``, in row
+    order, each length-prefixed so no two different tables share it): what :class:`RecentEncodings`
+    keys on. About 2 ms per hundred real battles, against ~1.2 s to encode them for a decoder."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(len(battles).to_bytes(8, "little"))
+    for column in ("prompt", "response_a", "response_b"):
+        for turns in battles[column]:
+            digest.update(len(turns).to_bytes(8, "little"))
+            for text in turns:
+                data = text.encode("utf-8", "surrogatepass")
+                digest.update(len(data).to_bytes(8, "little"))
+                digest.update(data)
+    return digest.digest()
+
+
+class RecentEncodings:
+    """The prediction path's encoding: an :class:`Encoding` that keeps its last ``size`` results, keyed
+    by :func:`battles_fingerprint`, so the same battles are encoded once however many models score them.
+
+    The one rule for reuse at prediction: a stage's fold models share one tokenizer, ``max_length`` and
+    packing (the decoder's fold adapters share one stage and so one of these), and each scores the same
+    battles in the given and in the swapped order, so every battle set is encoded once per order, not
+    once per model and order. Four results are kept: cross-fitting refits one stage object per fold and
+    scores the fold's validation battles and then the test battles, each in both orders, so the test
+    battles are encoded once for all folds too. Results are kept compactly (one int32 array of token
+    ids per encoding: 25k battles of ~700 tokens take 70 MB) and every call returns fresh lists:
+    identical to encoding anew, and nothing a caller changes reaches the next caller. Training rows
+    are not encoded through here."""
+
+    def __init__(self, encoding: Encoding, size: int = 4):
+        self.encoding = encoding
+        self.size = int(size)
+        self._kept: OrderedDict[bytes, tuple] = OrderedDict()
+        self.encoded_battles = 0  # battles actually encoded (not taken from the kept results)
+
+    def encode(self, battles: pd.DataFrame, progress: bool = False) -> EncodedBattles:
+        key = battles_fingerprint(battles)
+        kept = self._kept.pop(key, None)
+        if kept is None:
+            encoded = self.encoding.encode(battles, progress)
+            self.encoded_battles += len(encoded)
+            kept = _compact(encoded)
+        self._kept[key] = kept
+        while len(self._kept) > self.size:
+            self._kept.popitem(last=False)
+        return _expand(kept)
+
+
+def _compact(encoded: EncodedBattles) -> tuple:
+    """``(row offsets, token ids, token type ids or None, truncation records)``, the ids in one int32 array."""
+    offsets = np.concatenate([[0], np.cumsum(np.array(encoded.lengths, dtype=np.int64))])
+
+    def flat(rows):
+        return np.concatenate([np.zeros(0, np.int32), *(np.asarray(r, dtype=np.int32) for r in rows)])
+
+    types = None if encoded.token_type_ids is None else flat(encoded.token_type_ids)
+    return offsets, flat(encoded.input_ids), types, tuple(encoded.truncation)
+
+
+def _expand(kept: tuple) -> EncodedBattles:
+    """The :class:`EncodedBattles` that :func:`_compact` kept, in fresh lists."""
+    offsets, ids, types, truncation = kept
+
+    def rows(flat):
+        return [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+
+    return EncodedBattles(rows(ids), list(truncation), None if types is None else rows(types))
 
 
 class ChatEncoding(Encoding):

@@ -217,17 +217,16 @@ def add_lora(model, params, seed: int):
     return model
 
 
-def _is_adapter(name: str) -> bool:
-    return "lora_" in name or "modules_to_save" in name
-
-
 def inference_layout(model, compute_dtype: torch.dtype) -> None:
     """One parameter layout for prediction, whether the model was just trained or just loaded.
 
-    Adapters (LoRA, the trained head) in fp32; every other floating weight in the compute dtype
-    (k-bit preparation upcast norms and embeddings to fp32 for training; a freshly loaded base has
-    them in the compute dtype); quantised weights untouched. Inference then runs under autocast in the
-    compute dtype, so predictions right after training equal those after reloading.
+    Every floating weight in the compute dtype, the adapters (LoRA, the trained head) included: they
+    train in fp32, but inference runs under autocast in the compute dtype, which casts each adapter
+    weight to it at every matmul anyway, so holding them in it changes no logit and halves their memory
+    (fold adapters at r=64 on Gemma-2-9B: 0.86 GB each in fp32, five on a 16 GB T4). Quantised weights
+    are untouched. This is the one place the layout is set, after training and after loading, so the
+    predictions right after training equal those after reloading; what ``save`` writes after training
+    is this layout (adapters in the compute dtype: fp32 on CPU, where nothing changes).
     """
     try:
         import bitsandbytes as bnb
@@ -238,9 +237,8 @@ def inference_layout(model, compute_dtype: torch.dtype) -> None:
     for name, p in model.named_parameters():
         if isinstance(p, packed) or not p.is_floating_point():
             continue
-        dtype = torch.float32 if _is_adapter(name) else compute_dtype
-        if p.dtype != dtype:
-            p.data = p.data.to(dtype)
+        if p.dtype != compute_dtype:
+            p.data = p.data.to(compute_dtype)
 
 
 def optimizer_name(device: torch.device) -> str:

@@ -9,11 +9,13 @@
   fold's checkpoint folder), callbacks (one logs the fold's projected training time after its first
   steps, and warns on CPU above 30 minutes), and the log history (saved as ``training_log.json``); what
   packing cut of the training battles is kept in :attr:`DeepStage.fit_truncation` and logged;
-- scoring: battles encoded, sorted by length into batches of at most ``predict_batch_size`` rows and
-  ``predict_batch_tokens`` padded tokens (the encoder's default, none, leaves the row count alone to
-  bound a batch), run on the device the model's weights are on, under autocast in the stage's
-  precision; under a multi-process launch each rank scores its shard (:mod:`models.deep.batching`);
-  optional swap TTA;
+- scoring: battles encoded once per A/B order however many models of one stage object score them
+  (the decoder's fold adapters, the folds cross-fitting refits: :class:`models.deep.inputs.RecentEncodings`),
+  sorted by length into batches of at most ``predict_batch_size`` rows and ``predict_batch_tokens``
+  padded tokens (:func:`batch_budget`: the encoder's defaults bound a batch by rows, the decoder's by
+  tokens), run on the device the model's weights are on, under autocast in the stage's precision;
+  under a multi-process launch each rank scores its shard (:mod:`models.deep.batching`); optional
+  swap TTA;
 - ``save`` (main process only: the weights, ``stage.json``, ``training_log.json``, and ``inputs.json``:
   what packing cut of the training battles, which the run's ``metrics.json`` and report show) and ``load``.
 
@@ -42,7 +44,7 @@ from kernel.errors import UserError
 from kernel.files import read_json, write_text
 from kernel.local_models import default_device, load_tokenizer
 from models.deep.batching import length_batches, predict_sharded
-from models.deep.inputs import EncodedBattles, training_rows, training_table
+from models.deep.inputs import EncodedBattles, RecentEncodings, training_rows, training_table
 from models.deep.precision import resolve_precision
 from models.stage import Stage, StageContext
 
@@ -97,6 +99,7 @@ class DeepStage(Stage):
         p = self.params
         self.tokenizer = load_tokenizer(p.model, self.kind, pad_with_eos=self.pad_with_eos)
         self.encoding = self.Encoding(self.tokenizer, p.max_length, p.prompt_share, **self.encoding_options())
+        self.recent_encodings = RecentEncodings(self.encoding)  # prediction encodes each battle set once
         self.device = default_device()
         self.precision = resolve_precision(p.precision, self.device, self.kind)
 
@@ -111,9 +114,11 @@ class DeepStage(Stage):
         self._setup()
 
     def encode(self, battles: pd.DataFrame, progress: bool = False) -> EncodedBattles:
-        """The stage's model inputs for ``battles`` and the truncation record of each."""
+        """The stage's model inputs for ``battles`` and the truncation record of each, as prediction
+        encodes them: the same battles (in the same A/B order) are encoded once however many fold
+        models or calls ask (:class:`models.deep.inputs.RecentEncodings`)."""
         self._setup()
-        return self.encoding.encode(battles, progress)
+        return self.recent_encodings.encode(battles, progress)
 
     # -- what a subclass provides
     def _build_model(self):
@@ -197,10 +202,9 @@ class DeepStage(Stage):
         from transformers import DataCollatorWithPadding
 
         p = self.params
-        encoded = self.encoding.encode(battles)
+        encoded = self.encode(battles)
         features = encoded.features()
-        max_tokens = p.predict_batch_tokens or p.predict_batch_size * p.max_length  # None: rows alone bound a batch
-        batches = length_batches(encoded.lengths, int(max_tokens), int(p.predict_batch_size))
+        batches = length_batches(encoded.lengths, *batch_budget(p))
         collate = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
         device = model_device(self.model)
         out = np.zeros((len(features), 3), dtype=np.float32)
@@ -265,6 +269,15 @@ class DeepStage(Stage):
         log_path = directory / TRAINING_LOG
         stage.log_history = read_json(log_path) if log_path.exists() else []
         return stage
+
+
+def batch_budget(params) -> tuple[int, int | None]:
+    """``(max_tokens, max_rows)`` of one inference batch: ``predict_batch_tokens`` padded tokens (None:
+    ``predict_batch_size`` rows of ``max_length``) and ``predict_batch_size`` rows (None: no row cap, the
+    token budget alone bounds a batch, so short battles fill it)."""
+    rows = params.predict_batch_size
+    tokens = params.predict_batch_tokens or (rows or 1) * params.max_length
+    return int(tokens), (None if rows is None else int(rows))
 
 
 class NonFiniteLogitsError(UserError, FloatingPointError):

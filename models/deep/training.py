@@ -201,7 +201,8 @@ def training_arguments(params, precision: Precision, device: torch.device, optim
     p = params
     kwargs = dict(
         use_cpu=device.type == "cpu", per_device_train_batch_size=int(p.train_batch_size),
-        per_device_eval_batch_size=int(p.predict_batch_size), gradient_accumulation_steps=int(p.grad_accum),
+        per_device_eval_batch_size=int(p.predict_batch_size or p.train_batch_size),  # None: the decoder's token budget
+        gradient_accumulation_steps=int(p.grad_accum),
         learning_rate=float(p.learning_rate), weight_decay=float(p.weight_decay), num_train_epochs=float(p.epochs),
         max_steps=int(p.max_steps), lr_scheduler_type="cosine", warmup_steps=float(p.warmup_ratio),  # < 1: a ratio
         max_grad_norm=float(p.max_grad_norm), optim=optim, logging_steps=int(p.logging_steps),
