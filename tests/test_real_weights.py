@@ -6,8 +6,8 @@ What tiny random models cannot show: the stage reads the right token of a real c
 pad token (``<|im_end|>``) also ends every turn inside the battle, handles a BOS token that is also
 the template's turn start (``<|im_start|>``), and learns. The learnability canary: the winner is the
 reply that ends in a marker sentence; after a short schedule the log loss on held-out canary battles must
-fall far below log 3 (1.0986), the uniform start (the encoder with the real MiniLM; the decoder with
-the tiny random Gemma-2: see that test for why an earlier try stayed at log 2). Only the public stage API is used (``make_stage``, ``fit``, ``predict_logits``, ``save``,
+fall far below log 3 (1.0986), the uniform start: the decoder with the real SmolLM2 (unquantised: see
+that test) and with the tiny random Gemma-2 and Llama in 4-bit, the encoder with the real MiniLM. Only the public stage API is used (``make_stage``, ``fit``, ``predict_logits``, ``save``,
 ``load``; ``encode`` and the stage's tokenizer to look at what the model reads).
 """
 from __future__ import annotations
@@ -137,6 +137,31 @@ def test_save_load_gives_identical_logits(smol, tmp_path):
     smol.save(tmp_path / "smol")
     reloaded = stage_class("decoder").load(tmp_path / "smol", QUIET)
     np.testing.assert_allclose(reloaded.predict_logits(battles), logits, atol=1e-5)
+
+
+def test_canary_learns_in_the_decoder_with_real_smollm2(smollm2_dir):
+    """The decoder stage learns the marker canary with the real SmolLM2: held out far below log 3 and
+    below log 2 (A told from B, not only "never a tie"). LoRA on the upper half of the layers (15-29 of
+    30): a logistic probe on the frozen base's last-token state finds the canary in the middle layers
+    (layers 10-25: 0.04-0.007 held out) but weakly in the last one (0.16), so the adapters must carry it
+    up; with adapters on the upper layers only, backward stops at layer 15 (~1.6 s per step of 8 here).
+    Measured while choosing this schedule (24 held-out battles): all 30 layers at lr 1e-4 / 3e-4 / 1e-3 /
+    2e-3 for 16-30 steps stayed at 0.62-0.81; upper layers at lr 1e-3 were 0.67 after 24 steps and
+    0.001 after 64 (the loss breaks through after ~35 steps). The base is unquantised here: bitsandbytes'
+    4-bit matmul on CPU is 5-10x slower than bf16 without the hub-only ``kernels`` package (64 steps
+    would take ~15 min); the 4-bit path is what the other SmolLM2 tests and the tiny 4-bit canaries run."""
+    from benchmarks.real_weights import cpu_has_native_bf16
+
+    stage = make_stage("decoder", {"model": str(smollm2_dir), **CANARY, "quantization": "none",
+                                   "precision": "bf16" if cpu_has_native_bf16() else "fp32", "max_length": 128,
+                                   "lora_r": 8, "lora_alpha": 16, "layers_to_transform": list(range(15, 30)),
+                                   "train_batch_size": 8, "max_steps": 64, "learning_rate": 1e-3,
+                                   "swap_augment": False, "head_init_std": 1e-3, "logging_steps": 8}, QUIET)
+    train, test = canary_battles(264, seed=0), canary_battles(24, seed=1)
+    summary = stage.encode(train).truncation_summary()
+    assert all(summary[f]["share_cut"] == 0 for f in ("prompt", "response_a", "response_b"))  # the marker is there
+    stage.fit(train)
+    assert held_out_log_loss(stage, test) < CANARY_CEILING
 
 
 # ----------------------------------------------------------------------------- the real MiniLM encoder
