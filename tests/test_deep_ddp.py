@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,35 +33,20 @@ PARAMS = {"quantization": "4bit", "max_length": 160, "max_steps": 1, "grad_accum
           "save_steps": 0}
 
 
-def _start(args: list[str], processes: int) -> subprocess.Popen:
+def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
     # "--": torchrun would take run.py's --run for an abbreviation of its own --run-path
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--"] \
         if processes > 1 else [sys.executable]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(launcher + ["run.py", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.run(launcher + ["run.py", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=480)
 
 
-def _both(one_args: list[str], two_args: list[str]) -> tuple[subprocess.CompletedProcess, ...]:
-    """The one-process and the two-process command, launched together (each process has one thread, and
-    the test process only waits): their completed processes, in that order."""
-    started = [_start(one_args, 1), _start(two_args, 2)]
-    try:
-        deadline = time.monotonic() + 480
-        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in started]
-        return tuple(subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(started, outputs))
-    finally:
-        for p in started:  # a timeout leaves nothing running
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-
-
-def _train_args(tmp_path, model_dir, out: str, batch: int) -> list[str]:
+def _run(tmp_path, model_dir, out: str, processes: int, batch: int) -> subprocess.CompletedProcess:
     params = {**PARAMS, "train_batch_size": batch}
     sets = [a for k, v in params.items() for a in ("--set", f"stages.decoder.params.{k}={json.dumps(v)}")]
-    return ["train", "decoder", "--model", str(model_dir), "--train", str(tmp_path / "train.csv"),
-            "--test", str(tmp_path / "test.csv"), "--out", str(tmp_path / out), "--quiet", "--set", "n_folds=3", *sets]
+    return _launch(["train", "decoder", "--model", str(model_dir), "--train", str(tmp_path / "train.csv"),
+                    "--test", str(tmp_path / "test.csv"), "--out", str(tmp_path / out), "--quiet", "--set",
+                    "n_folds=3", *sets], processes)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +56,9 @@ def runs(tmp_path_factory, gemma_dir):  # noqa: F811
     frame = pd.read_csv(shared_file("arena/train_sample.csv"))
     frame.iloc[:40].to_csv(tmp_path / "train.csv", index=False)
     frame.iloc[40:47][["id", "prompt", "response_a", "response_b"]].to_csv(tmp_path / "test.csv", index=False)
-    one, two = _both(_train_args(tmp_path, gemma_dir, "one", 32), _train_args(tmp_path, gemma_dir, "two", 16))
+    one = _run(tmp_path, gemma_dir, "one", 1, 32)
     assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(tmp_path, gemma_dir, "two", 2, 16)
     assert two.returncode == 0, two.stderr[-4000:]
     return tmp_path
 
@@ -99,9 +84,10 @@ def test_two_process_predict_shards_and_matches_one_process(runs):
     one-process ones (and the run's own submission)."""
     tmp_path = runs
     common = ["predict", "--run", str(tmp_path / "one"), "--test", str(tmp_path / "test.csv"), "--quiet"]
-    one, two = _both([*common, "--out", str(tmp_path / "preds1.csv")], [*common, "--out", str(tmp_path / "preds2.csv")])
+    one = _launch([*common, "--out", str(tmp_path / "preds1.csv")], 1)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "joined the launch's process group" not in one.stderr
+    two = _launch([*common, "--out", str(tmp_path / "preds2.csv")], 2)
     assert two.returncode == 0, two.stderr[-4000:]
     assert all(f"rank {r} of 2 (gloo)" in two.stderr for r in (0, 1)), two.stderr[-3000:]
     a, b = pd.read_csv(tmp_path / "preds1.csv"), pd.read_csv(tmp_path / "preds2.csv")
