@@ -51,7 +51,8 @@ def parse_args(argv=None):
     ap.add_argument("--learning-rate", type=float, default=2e-4)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--train-rows", type=int,
-                    help="use only the first n training battles of the fold (the CPU stages then prepare on the rows used)")
+                    help="use only the first n training battles of the fold (the CPU stages then prepare on the "
+                         "rows used)")
     ap.add_argument("--valid-rows", type=int, help="score only the first n battles of the fold")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                     help="default: bf16 where the CPU has it natively, else fp32")

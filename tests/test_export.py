@@ -232,8 +232,8 @@ def test_the_offline_kit_installs_with_no_index_beside_torch_and_predicts_from_t
     env["PIP_CONFIG_FILE"] = os.devnull  # no index or find-links from a pip.conf: the kit alone
     # --no-compile: compiling the wheels' bytecode is most of an install's time here and tests nothing of the kit
     pip, args = command.split(maxsplit=1)
-    installing = subprocess.run([sys.executable, "-m", pip, "--python", str(py), *args.split(), "--no-compile"], env=env,
-                                cwd=tmp_path, capture_output=True, text=True)
+    installing = subprocess.run([sys.executable, "-m", pip, "--python", str(py), *args.split(), "--no-compile"],
+                                env=env, cwd=tmp_path, capture_output=True, text=True)
     assert installing.returncode == 0, installing.stdout[-3000:] + installing.stderr[-3000:]
     installed = time.time()
     done = subprocess.run([str(py), "-m", "run", "predict", "--run", str(bundle[0]), "--test",

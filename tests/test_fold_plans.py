@@ -104,7 +104,8 @@ def test_a_new_test_file_is_predicted_without_refitting(plan_files, arena_frame)
     assert _ids(out / "submission.csv") == _ids(other)
 
 
-def test_tiny_decoder_one_fold_and_refit_beside_five_fold_lightgbm(plan_files, gemma_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_tiny_decoder_one_fold_and_refit_beside_five_fold_lightgbm(plan_files, gemma_dir,  # noqa: F811
+                                                                   tmp_path, monkeypatch):
     """The issue's done-means on CPU: decoder folds [0] + refit_full next to 5-fold LightGBM; ensemble,
     report with coverage and intervals, submission; predict reproduces it loading one decoder model."""
     from battles.columns import LABEL_COLUMNS
