@@ -54,26 +54,45 @@ json.dump({"steps": steps, "global_step": stage.log_history[-1]["step"], "logits
 """
 
 
-def _child(tmp_path, work, model_dir, kill_at, out):
+def _start(tmp_path, work, model_dir, kill_at, out) -> subprocess.Popen:
     script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    if not script.exists():  # written once: a child may be starting from it while the next is launched
+        script.write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(script), str(work), str(model_dir), str(kill_at), str(out)], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen([sys.executable, str(script), str(work), str(model_dir), str(kill_at), str(out)], env=env,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(child: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = child.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+def _child(tmp_path, work, model_dir, kill_at, out):
+    return _wait(_start(tmp_path, work, model_dir, kill_at, out))
 
 
 def test_killed_fold_resumes_from_its_checkpoint(tmp_path, gemma_dir):  # noqa: F811
     work = tmp_path / "fold0"
-    killed = _child(tmp_path, work, gemma_dir, 3, tmp_path / "killed.json")
-    assert killed.returncode != 0 and "KeyboardInterrupt" in killed.stderr
-    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["checkpoint-2"]
-    resumed = _child(tmp_path, work, gemma_dir, -1, tmp_path / "resumed.json")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming the fold's training from" in resumed.stderr
-    result = json.loads((tmp_path / "resumed.json").read_text())
-    assert result["steps"] == [3, 4, 5, 6] and result["global_step"] == 6  # continued, not restarted
-    assert not result["checkpoints_left"]  # cleaned when the fold finished
-    straight = _child(tmp_path, tmp_path / "other", gemma_dir, -1, tmp_path / "straight.json")
+    # the uninterrupted reference runs beside the killed and resumed children (one thread each; the
+    # test process only waits), in its own work directory
+    straight_child = _start(tmp_path, tmp_path / "other", gemma_dir, -1, tmp_path / "straight.json")
+    try:
+        killed = _child(tmp_path, work, gemma_dir, 3, tmp_path / "killed.json")
+        assert killed.returncode != 0 and "KeyboardInterrupt" in killed.stderr
+        assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["checkpoint-2"]
+        resumed = _child(tmp_path, work, gemma_dir, -1, tmp_path / "resumed.json")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming the fold's training from" in resumed.stderr
+        result = json.loads((tmp_path / "resumed.json").read_text())
+        assert result["steps"] == [3, 4, 5, 6] and result["global_step"] == 6  # continued, not restarted
+        assert not result["checkpoints_left"]  # cleaned when the fold finished
+    finally:  # a failed assertion above leaves no child behind
+        straight = _wait(straight_child)
     assert straight.returncode == 0, straight.stderr[-3000:]
     reference = json.loads((tmp_path / "straight.json").read_text())
     assert reference["steps"] == [1, 2, 3, 4, 5, 6]

@@ -221,17 +221,19 @@ def test_the_offline_kit_installs_with_no_index_beside_torch_and_predicts_from_t
     built = time.time()
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # no ensurepip (its pip and old setuptools: the setuptools would shadow the one torch needs, the target's,
+    # read through the .pth below); the kit's command is run by this interpreter's pip for the venv (--python)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
-    # ensurepip's old setuptools would shadow the one torch needs (the target's, read through the .pth below)
-    subprocess.run([str(py), "-m", "pip", "uninstall", "--yes", "--quiet", "setuptools"], check=True)
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     (site / "target_has_torch.pth").write_text(str(_torch_only_site(tmp_path / "kaggle-site")) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "PYTHONPATH"}
     env["PIP_CONFIG_FILE"] = os.devnull  # no index or find-links from a pip.conf: the kit alone
     # --no-compile: compiling the wheels' bytecode is most of an install's time here and tests nothing of the kit
-    installing = subprocess.run([str(py), "-m", *command.split(), "--no-compile"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    pip, args = command.split(maxsplit=1)
+    installing = subprocess.run([sys.executable, "-m", pip, "--python", str(py), *args.split(), "--no-compile"],
+                                env=env, cwd=tmp_path, capture_output=True, text=True)
     assert installing.returncode == 0, installing.stdout[-3000:] + installing.stderr[-3000:]
     installed = time.time()
     done = subprocess.run([str(py), "-m", "run", "predict", "--run", str(bundle[0]), "--test",

@@ -15,6 +15,7 @@ import pytest
 
 import run as cli
 from tests.conftest import FAST_LGBM
+from tests.test_decoder import gemma_dir  # noqa: F401  (the session-wide tiny Gemma-2 fixture)
 
 STATS = {"type": "lgbm", "params": {**FAST_LGBM, "blocks": [{"type": "text_stats"}, {"type": "similarity"}]}}
 
@@ -103,14 +104,14 @@ def test_a_new_test_file_is_predicted_without_refitting(plan_files, arena_frame)
     assert _ids(out / "submission.csv") == _ids(other)
 
 
-def test_tiny_decoder_one_fold_and_refit_beside_five_fold_lightgbm(plan_files, tmp_path, monkeypatch):
+def test_tiny_decoder_one_fold_and_refit_beside_five_fold_lightgbm(plan_files, gemma_dir,  # noqa: F811
+                                                                   tmp_path, monkeypatch):
     """The issue's done-means on CPU: decoder folds [0] + refit_full next to 5-fold LightGBM; ensemble,
     report with coverage and intervals, submission; predict reproduces it loading one decoder model."""
     from battles.columns import LABEL_COLUMNS
     from models.deep import quantization
-    from tests.tiny_models import build_checkpoint
 
-    model = build_checkpoint(tmp_path / "tiny-gemma2", "gemma2")
+    model = gemma_dir  # the session's tiny Gemma-2 (read only here)
     decoder = {"type": "decoder", "folds": [0], "refit_full": True,
                "params": {"model": str(model), "quantization": "4bit", "max_length": 192, "max_steps": 2,
                           "train_batch_size": 4, "grad_accum": 1, "lora_r": 4, "lora_alpha": 8,
