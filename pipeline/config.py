@@ -15,7 +15,7 @@ user's ``--config`` file, then what a command adds (``train decoder --model ...`
 ``--set key=value`` in order. Unknown keys and wrong types are errors that name the layer and the key
 path and suggest the closest known key. Paths in a config file (:func:`path_keys`: a stage's
 checkpoint ``model``, a feature block's ``model``, an external source's ``path``) resolve from the
-file's folder, not the working directory, and are saved absolute; :func:`check_paths` refuses a
+file's folder, not the working directory, and are saved absolute; :func:`check_source_paths` refuses a
 missing one naming its key before a run writes anything. What a run saves (``config.json``) and hashes into its
 resume keys is the *resolved* config: every default written out, so changing a default in code
 invalidates the finished stages it affects.
@@ -179,15 +179,12 @@ def resolve_paths(data: dict, folder: Path) -> dict:
     return out
 
 
-def check_paths(config: RunConfig, stages: Iterable[str] | None = None) -> None:
-    """Refuse (naming the key) a path of ``stages`` (default: all) or of an external source that does not
-    exist; called before a run writes anything."""
-    data = config.as_dict()
-    wanted = set(config.stages) if stages is None else set(stages)
-    for key, value in path_keys(data):
-        if key[0] == "stages" and key[1] not in wanted:
-            continue
-        if not Path(value).exists():
+def check_source_paths(config: RunConfig) -> None:
+    """Refuse (naming the key) an external source's path that does not exist; called before a run writes
+    anything. (The stages' checkpoint paths are checked by ``pipeline.runner.Run.check_stage_models``, for
+    the stages about to be fitted.)"""
+    for key, value in path_keys(config.as_dict()):
+        if key[0] != "stages" and not Path(value).exists():
             where = ".".join(str(k) for k in key)
             raise ConfigError(f"{where}: {value} does not exist (a relative path in a config file resolves from "
                               "the file's folder; on the command line, from the working directory)")

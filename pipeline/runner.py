@@ -37,7 +37,7 @@ from kernel.errors import UserError
 from kernel.files import jsonable, read_json, write_json
 from models.stage import make_stage
 from pipeline import checks
-from pipeline.config import RunConfig, check_paths
+from pipeline.config import RunConfig, check_source_paths, path_keys
 from pipeline.crossfit import StageFit, load_stage_result
 from pipeline.manifests import record_ensemble
 from pipeline.results import EnsembleFit, StageResult
@@ -175,23 +175,13 @@ class Run:
         blocks included) exist and hold a ``config.json``: refused here, before anything is written."""
         from kernel.local_models import check_model_dir
 
-        def paths(value, where):
-            if isinstance(value, dict):
-                for key, item in value.items():
-                    if key == "model" and isinstance(item, str):
-                        yield f"{where}.model", item
-                    else:
-                        yield from paths(item, f"{where}.{key}")
-            elif isinstance(value, list):
-                for i, item in enumerate(value):
-                    yield from paths(item, f"{where}[{i}]")
-
         for name in names:
             spec, stage_dir = self.config.stages[name].as_dict(), self.dir.stage(name)
             if stage_dir.done.exists() and stage_dir.spec.exists() and read_json(stage_dir.spec) == json.loads(
                     json.dumps(spec, default=jsonable)):
                 continue  # finished with these very params: it is reused, its checkpoint is not read
-            for where, path in paths(spec.get("params", {}), f"stages.{name}.params"):
+            for key, path in path_keys({"stages": {name: spec}}):
+                where = ".".join(str(k) for k in key)
                 try:
                     check_model_dir(path, name)
                 except (ValueError, OSError) as exc:
@@ -302,7 +292,7 @@ def run_all(run: Run, stages: list[str] | None = None) -> EnsembleRecord:
     every finished stage and the report: the default command and ``train STAGE``."""
     names = list(run.config.stages if stages is None else stages)
     run.check_stage_models(names)  # before anything is written: the stages' checkpoints,
-    check_paths(run.config, [])  # and the external sources' paths
+    check_source_paths(run.config)  # and the external sources' paths
     try:
         run.load_data()
         for name in names:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import run as cli
-from pipeline.config import ConfigError, check_paths, load_config
+from pipeline.config import ConfigError, check_source_paths, load_config
 
 
 def _config(folder, model="ckpt", source="extra.csv"):
@@ -32,12 +32,14 @@ def test_relative_paths_resolve_from_the_config_folder(tmp_path, monkeypatch):
 
 
 def test_a_missing_path_names_its_key(tmp_path):
+    from pipeline.runner import Run, RunError
+
     config = load_config(str(_config(tmp_path)))
-    with pytest.raises(ConfigError, match=r"^stages\.enc\.params\.model: .*ckpt does not exist"):
-        check_paths(config, ["enc"])
+    with pytest.raises(RunError, match=r"^stages\.enc\.params\.model: .*directory not found: .*ckpt; nothing was written"):
+        Run(tmp_path / "run", config).check_stage_models(["enc"])
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(ConfigError, match=r"^external\.sources\.0\.path: .*extra\.csv does not exist"):
-        check_paths(config, ["length_lr"])  # only the stages to fit are checked, the sources always
+        check_source_paths(config)  # the sources always; the stages' checkpoints only for the stages to fit
 
 
 def test_run_refuses_before_writing(tmp_path, slice_files, caplog):

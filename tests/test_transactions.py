@@ -136,7 +136,7 @@ def test_a_bad_model_path_in_a_feature_block_is_refused_before_any_write(run, tm
     assert _main("train", "lgbm_stats", "--out", run, "--set", f"stages.lgbm_stats.params.blocks={blocks}") == 2
     assert _snapshot(run) == before
     [error] = _errors(caplog)
-    assert "stages.lgbm_stats.params.blocks[0].params.model" in error and str(tmp_path / "nope") in error
+    assert "stages.lgbm_stats.params.blocks.0.params.model" in error and str(tmp_path / "nope") in error
 
 
 # -- one writer at a time -------------------------------------------------------------------------
