@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from features.base import FeatureBlock
-from features.cache import BlockCache, battle_keys
+from battles.keys import battle_keys
+from features.cache import BlockCache
 
 
 class FeatureMatrix:

@@ -19,7 +19,6 @@ spot (prediction on new battles) and kept in memory only.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -27,32 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from battles.keys import BattleKey, battle_keys, texts_digest
 from features.base import FeatureBlock, SidedFeatures
 from kernel.files import content_key, write_json, write_npy
 
 log = logging.getLogger(__name__)
-
-BattleKey = tuple  # (prompt turns, reply A turns, reply B turns), each a tuple of strings
-
-
-def battle_keys(battles: pd.DataFrame) -> list[BattleKey]:
-    """Content keys of battles: exact (compared by value, not by a digest), cheap (string hashes are cached)."""
-    return [(tuple(p), tuple(a), tuple(b))
-            for p, a, b in zip(battles["prompt"], battles["response_a"], battles["response_b"])]
-
-
-def texts_digest(keys: list[BattleKey]) -> str:
-    """A stable digest of the battles' texts, in order (the on-disk cache key's data part)."""
-    h = hashlib.blake2b(digest_size=16)
-    for battle in keys:
-        for turns in battle:
-            h.update(len(turns).to_bytes(4, "little"))
-            for t in turns:
-                data = t.encode("utf-8", "surrogatepass")
-                h.update(len(data).to_bytes(8, "little"))
-                h.update(data)
-    return h.hexdigest()
-
 
 class BlockCache:
     """The features of one fold-independent block for every battle it has seen (see module doc)."""
