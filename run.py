@@ -551,7 +551,12 @@ def main(argv=None) -> int:
     from kernel.errors import UserError
 
     try:
-        return HANDLERS[args.command](args)
+        code = HANDLERS[args.command](args)
+        if code == 0:
+            from kernel.dist import finish_launch
+
+            finish_launch()  # under torchrun: no rank leaves the process group while another still works
+        return code
     except _Interrupted as exc:
         log.error("interrupted. %s", exc.note)
         return EXIT_INTERRUPTED

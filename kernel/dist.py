@@ -11,7 +11,8 @@ process group exists only once something sets it up (the Trainer does, for train
 - :func:`wait_for_everyone`: a barrier, a no-op in one process (and without torch ever imported);
 - :func:`join_launch`: set up the process group from the launcher's environment where nothing has yet
   (training gets it from the Trainer; ``run.py predict`` calls this before loading models, so its
-  prediction is sharded across the ranks too).
+  prediction is sharded across the ranks too); :func:`finish_launch`: every rank waits for the others,
+  then that group is taken down (``run.py`` calls it after a command succeeded).
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+_joined: list = []  # the accelerate state of a process group join_launch set up (at most one)
+
+
 def join_launch() -> tuple[int, int]:
     """Under a multi-process launch, the running process group, set up here if nothing has yet;
     ``(rank, world_size)`` as :func:`process_group` gives it, ``(0, 1)`` in one process.
@@ -78,6 +82,22 @@ def join_launch() -> tuple[int, int]:
 
         state = PartialState(cpu=not torch.cuda.is_available())
         atexit.register(state.destroy_process_group)
+        _joined.append(state)
         logging.getLogger(__name__).info("joined the launch's process group: rank %d of %d (%s)",
                                          state.process_index, state.num_processes, state.backend)
     return process_group()
+
+
+def finish_launch() -> None:
+    """At the end of a command that succeeded: every rank waits for the others (the main process may
+    still be writing the outputs), then the process group :func:`join_launch` set up is taken down.
+    A rank that leaves while its peers are still in the group can abort gloo's threads at exit
+    ("terminate called without an active exception", exit -6). A no-op without such a group (one
+    process, or the Trainer's group during training). A failed command skips this: its rank must not
+    wait for peers that may never arrive; the group then goes down at exit as before."""
+    if not _joined or _group() is None:
+        return
+    state = _joined.pop()
+    state.wait_for_everyone()
+    atexit.unregister(state.destroy_process_group)
+    state.destroy_process_group()
