@@ -217,3 +217,32 @@ def test_package_model_path_names_a_checkpoint_inside_an_installed_package(minil
     with pytest.raises(FileNotFoundError, match=r"encoder model 'package:no_such_pkg/model': no installed Python "
                                                 r"package 'no_such_pkg'"):
         check_model_dir("package:no_such_pkg/model", "encoder")
+
+
+def test_fold_models_share_one_encoding_at_prediction(tmp_path, tiny_model, monkeypatch):
+    """``load_folds`` (what ``run.py predict`` uses): the encoder's fold models read their inputs alike,
+    so a battle set is encoded once per A/B order for all of them, not once per fold and order; the
+    answer is the one each fold gives alone, averaged."""
+    from models.stage import FoldModels
+
+    params = {"model": str(tiny_model), **TINY_PARAMS, "max_steps": 1}
+    dirs = []
+    for k in range(3):
+        make_stage("encoder", params, QUIET).fit(synthetic_battles(16, seed=k)).save(tmp_path / f"fold{k}")
+        dirs.append(tmp_path / f"fold{k}")
+    battles = synthetic_battles(9, seed=7)
+    alone = FoldModels([EncoderStage.load(d, QUIET) for d in dirs]).predict_logits(battles)  # each its own encoding
+    encoded = []
+    real = PairEncoding.encode_battle
+    monkeypatch.setattr(PairEncoding, "encode_battle", lambda self, *a: encoded.append(1) or real(self, *a))
+    folds = EncoderStage.load_folds(dirs, QUIET)
+    np.testing.assert_array_equal(folds.predict_logits(battles), alone)
+    assert len(encoded) == 2 * len(battles)  # both orders, once for the three folds
+    # a fold that reads its inputs otherwise keeps its own encoding
+    first, second = EncoderStage.load(dirs[0], QUIET), EncoderStage.load(dirs[1], QUIET)
+    assert second.reads_inputs_like(first)
+    second.tokenizer.add_tokens(["zzzq"])  # another tokenizer
+    assert not second.reads_inputs_like(first)
+    third = EncoderStage.load(dirs[2], QUIET)
+    third.params = third.params.model_copy(update={"max_length": 48})
+    assert not third.reads_inputs_like(first)

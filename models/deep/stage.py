@@ -46,7 +46,7 @@ from kernel.local_models import default_device, load_tokenizer
 from models.deep.batching import length_batches, predict_sharded
 from models.deep.inputs import EncodedBattles, RecentEncodings, training_rows, training_table
 from models.deep.precision import resolve_precision
-from models.stage import Stage, StageContext
+from models.stage import FoldModels, Stage, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,36 @@ class DeepStage(Stage):
         log_path = directory / TRAINING_LOG
         stage.log_history = read_json(log_path) if log_path.exists() else []
         return stage
+
+    @classmethod
+    def load_folds(cls, directories, context: StageContext | None = None) -> FoldModels:
+        """Each fold's saved model; folds that read their inputs alike (the same tokenizer, ``max_length``,
+        packing and frame: :meth:`reads_inputs_like`) share one :class:`models.deep.inputs.RecentEncodings`,
+        so each battle set is encoded once per A/B order for all of them (the decoder overrides this:
+        one stage object for every fold's adapter)."""
+        folds = super().load_folds(directories, context)
+        first = folds.models[0]
+        for other in folds.models[1:]:
+            if other.reads_inputs_like(first):
+                other.recent_encodings = first.recent_encodings
+        return folds
+
+    def reads_inputs_like(self, other: "DeepStage") -> bool:
+        """Whether ``other`` encodes every battle as this stage does: the same stage type, ``max_length``,
+        ``prompt_share`` and encoding options, and a tokenizer that is the same in everything (a saved
+        encoder fold carries its own copy of the tokenizer: compared by its full serialisation)."""
+        def settings(stage):
+            p = stage.params
+            return stage.kind, p.max_length, p.prompt_share, sorted(stage.encoding_options().items())
+
+        a, b = self.tokenizer, other.tokenizer
+        same = type(a) is type(b) and (a.padding_side, a.truncation_side, getattr(a, "chat_template", None)) == (
+            b.padding_side, b.truncation_side, getattr(b, "chat_template", None))
+        if same and hasattr(a, "backend_tokenizer") and hasattr(b, "backend_tokenizer"):
+            same = a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+        else:
+            same = same and a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
+        return same and settings(self) == settings(other)
 
 
 def batch_budget(params) -> tuple[int, int | None]:
