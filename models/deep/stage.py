@@ -272,33 +272,26 @@ class DeepStage(Stage):
 
     @classmethod
     def load_folds(cls, directories, context: StageContext | None = None) -> FoldModels:
-        """Each fold's saved model; folds that read their inputs alike (the same tokenizer, ``max_length``,
-        packing and frame: :meth:`reads_inputs_like`) share one :class:`models.deep.inputs.RecentEncodings`,
-        so each battle set is encoded once per A/B order for all of them (the decoder overrides this:
-        one stage object for every fold's adapter)."""
+        """Each fold's saved model; folds that read their inputs alike (equal :meth:`input_signature`)
+        share one :class:`models.deep.inputs.RecentEncodings`, so each battle set is encoded once per
+        A/B order for all of them (the decoder overrides this: one stage object for every fold's adapter)."""
         folds = super().load_folds(directories, context)
         first = folds.models[0]
+        signature = first.input_signature()
         for other in folds.models[1:]:
-            if other.reads_inputs_like(first):
+            if other.input_signature() == signature:
                 other.recent_encodings = first.recent_encodings
         return folds
 
-    def reads_inputs_like(self, other: "DeepStage") -> bool:
-        """Whether ``other`` encodes every battle as this stage does: the same stage type, ``max_length``,
-        ``prompt_share`` and encoding options, and a tokenizer that is the same in everything (a saved
-        encoder fold carries its own copy of the tokenizer: compared by its full serialisation)."""
-        def settings(stage):
-            p = stage.params
-            return stage.kind, p.max_length, p.prompt_share, sorted(stage.encoding_options().items())
-
-        a, b = self.tokenizer, other.tokenizer
-        same = type(a) is type(b) and (a.padding_side, a.truncation_side, getattr(a, "chat_template", None)) == (
-            b.padding_side, b.truncation_side, getattr(b, "chat_template", None))
-        if same and hasattr(a, "backend_tokenizer") and hasattr(b, "backend_tokenizer"):
-            same = a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
-        else:
-            same = same and a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
-        return same and settings(self) == settings(other)
+    def input_signature(self) -> tuple:
+        """What encoding a battle depends on: the stage type, ``max_length``, ``prompt_share``, the
+        encoding options and the tokenizer, the whole of it (a saved encoder fold carries its own copy:
+        compared by its full serialisation). Two stages with equal signatures encode every battle alike."""
+        p, tok = self.params, self.tokenizer
+        vocabulary = (tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer")
+                      else (sorted(tok.get_vocab().items()), tuple(tok.all_special_tokens)))
+        return (self.kind, p.max_length, p.prompt_share, sorted(self.encoding_options().items()), type(tok).__name__,
+                tok.padding_side, tok.truncation_side, getattr(tok, "chat_template", None), vocabulary)
 
 
 def batch_budget(params) -> tuple[int, int | None]:
