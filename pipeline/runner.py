@@ -176,7 +176,8 @@ class Run:
         from kernel.local_models import check_model_dir
 
         for name in names:
-            spec, stage_dir = self.config.stages[name].as_dict(), self.dir.stage(name)
+            stage_spec, stage_dir = self.config.stages[name], self.dir.stage(name)
+            spec = stage_spec.as_dict()
             if stage_dir.done.exists() and stage_dir.spec.exists() and read_json(stage_dir.spec) == json.loads(
                     json.dumps(spec, default=jsonable)):
                 continue  # finished with these very params: it is reused, its checkpoint is not read
@@ -186,7 +187,6 @@ class Run:
                     check_model_dir(path, name)
                 except (ValueError, OSError) as exc:
                     raise RunError(f"{where}: {exc}; nothing was written") from None
-            stage_spec = self.config.stages[name]
             try:  # the settings against what the stage reads (a deep stage: max_length against its input frame)
                 make_stage(stage_spec.type, stage_spec.params, self.context).check_inputs()
             except (UserError, ValueError) as exc:  # ValueError: e.g. a precision this machine cannot run

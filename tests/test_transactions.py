@@ -21,6 +21,7 @@ from kernel.lock import LOCK_NAME, DirLockedError, lock_dir
 from pipeline.rundir import RunDir, RunDirError, replace_dir, settle_dir
 from tests.conftest import FAST_LGBM, ROOT
 from tests.cli_helpers import logged_errors, run_quiet, snapshot  # noqa: E402
+from tests.test_decoder import gemma_dir  # noqa: F401  (the session-wide tiny Gemma-2 fixture, read only)
 
 CONFIG = {"n_folds": 3, "stacker": {"C_grid": [0.1]}, "stages": {
     "lgbm_stats": {"type": "lgbm", "params": {**FAST_LGBM, "blocks": [{"type": "text_stats"}]}},
@@ -256,14 +257,11 @@ def test_model_paths_are_checked_only_for_stages_that_will_be_fitted(tmp_path):
         run.check_stage_models(["dec"])
 
 
-def test_a_max_length_below_the_input_frame_is_refused_before_any_write(run, tmp_path, caplog):
+def test_a_max_length_below_the_input_frame_is_refused_before_any_write(run, gemma_dir, caplog):  # noqa: F811
     """The decoder's input frame (template + instructions) is measured with its tokenizer before the first
     write: a max_length it cannot fit is one line naming the stage and the minimum, and no file changes."""
-    from tests.tiny_models import build_checkpoint
-
-    model = build_checkpoint(tmp_path / "tiny-gemma2", "gemma2")
     before = _snapshot(run)
-    assert _main("train", "decoder", "--model", model, "--out", run, "--set", "stages.decoder.params.max_length=100") == 2
+    assert _main("train", "decoder", "--model", gemma_dir, "--out", run, "--set", "stages.decoder.params.max_length=100") == 2
     assert _snapshot(run) == before
     [error] = _errors(caplog)
     assert re.match(r"^stages\.decoder\.params: decoder: max_length=100 is too small for the \d+-token input frame.*"

@@ -230,7 +230,7 @@ class RecentEncodings:
     def __init__(self, encoding: Encoding, size: int = 4):
         self.encoding = encoding
         self.size = int(size)
-        self._kept: OrderedDict[bytes, tuple] = OrderedDict()
+        self._kept: OrderedDict[str, tuple] = OrderedDict()
         self.encoded_battles = 0  # battles actually encoded (not taken from the kept results)
 
     def encode(self, battles: pd.DataFrame, progress: bool = False) -> EncodedBattles:

@@ -234,7 +234,7 @@ def inference_layout(model, compute_dtype: torch.dtype) -> None:
         packed = (bnb.nn.Params4bit, bnb.nn.Int8Params)
     except Exception:
         packed = ()
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if isinstance(p, packed) or not p.is_floating_point():
             continue
         if p.dtype != compute_dtype:
