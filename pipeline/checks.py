@@ -75,9 +75,10 @@ def data_warnings(data: RunData, seed: int) -> list[str]:
     return out
 
 
-def battle_keys(battles) -> np.ndarray:
-    """One text key per battle: a hash of the normalised prompt and the two replies, the replies in
-    sorted order (a battle and its swapped copy share a key)."""
+def overlap_keys(battles) -> np.ndarray:
+    """One text key per battle for the overlap check: a hash of the normalised prompt and the two replies,
+    the replies in sorted order (a battle and its swapped copy share a key; unlike the exact content
+    keys of :mod:`battles.keys`, case and spacing are folded)."""
     keys = []
     for p, a, b in zip(battles["prompt"], battles["response_a"], battles["response_b"]):
         replies = sorted((normalised(plain_text(a)), normalised(plain_text(b))))
@@ -87,8 +88,8 @@ def battle_keys(battles) -> np.ndarray:
 
 
 def overlapping(train, other) -> np.ndarray:
-    """(len(other),) bool: the battles of ``other`` that repeat a training battle (:func:`battle_keys`)."""
-    return np.isin(battle_keys(other), battle_keys(train))
+    """(len(other),) bool: the battles of ``other`` that repeat a training battle (:func:`overlap_keys`)."""
+    return np.isin(overlap_keys(other), overlap_keys(train))
 
 
 def overlap_warning(train, other, what: str, n: int | None = None) -> str | None:
